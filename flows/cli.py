@@ -1,0 +1,172 @@
+"""`esmm`: the command line. One subcommand per pipeline step (the `dvc.yaml` stages), the
+Prefect retraining flow, the data generator and data versioning.
+
+Heavy imports (TensorFlow, TFDV, MLflow, Prefect) happen inside the commands that need them,
+so `esmm --help` and light commands start fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from tasks.config import ConfigError, Params, load_params
+
+app = typer.Typer(
+    help="ESMM conversion-rate pipeline on Ali-CCP-format data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Raw-data versioning with DVC.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (one section per step).")
+
+
+def _params(path: Path) -> Params:
+    try:
+        return load_params(path)
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """Errors that carry a message for the user rather than a traceback."""
+    from tasks.data import DataVersionError
+    from tasks.ingest import IngestError
+    from tasks.validate import DataValidationError
+
+    return (ConfigError, IngestError, DataValidationError, DataVersionError, FileNotFoundError)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(None, "--out", help="Output folder [default: paths.raw_dir]."),
+    train: int = typer.Option(None, "--train", help="Train impressions [default: synth.train]."),
+    test: int = typer.Option(None, "--test", help="Test impressions [default: synth.test]."),
+    seed: int = typer.Option(None, "--seed", help="Random seed [default: synth.seed]."),
+    params: Path = PARAMS,
+) -> None:
+    """Generate seeded Ali-CCP-format raw data with ground truth and oracle AUCs."""
+    from tasks.synth import synthesize_ali_ccp
+
+    p = _params(params)
+    summary = synthesize_ali_ccp(
+        out or Path(p.paths.raw_dir),
+        train or p.synth.train,
+        test or p.synth.test,
+        p.synth.seed if seed is None else seed,
+    )
+    typer.echo(f"wrote {summary.out_dir}")
+    for split, auc in summary.oracle.items():
+        if isinstance(auc, dict):
+            typer.echo(f"  oracle {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in auc.items() if k.endswith("auc") or k.endswith("clicked")))
+
+
+@data_app.command("pull")
+def data_pull(params: Path = PARAMS) -> None:
+    """Make the raw data named by data.dvc present: as is, `dvc pull`, or regenerated."""
+    from tasks.data import ensure_raw_data
+
+    p = _params(params)
+    raw_dir = Path(p.paths.raw_dir)
+    version = _run(lambda: ensure_raw_data(Path.cwd(), raw_dir, p.synth))
+    typer.echo(f"raw data {raw_dir} is at data version {version}")
+
+
+@app.command()
+def ingest(params: Path = PARAMS) -> None:
+    """Parse raw files into split Parquet tables, vocabularies and a quarantine report."""
+    from tasks import steps
+
+    report = _run(lambda: steps.ingest(_params(params)))
+    typer.echo(report.summary())
+
+
+@app.command()
+def validate(params: Path = PARAMS) -> None:
+    """TFDV statistics and schema checks; exits non-zero on anomalies, naming each feature."""
+    from tasks import steps
+
+    typer.echo(_run(lambda: steps.validate(_params(params))).summary())
+
+
+@app.command()
+def train(params: Path = PARAMS) -> None:
+    """Train ESMM on the ingested train split (early stopping on the validation split)."""
+    from tasks import steps
+
+    result = _run(lambda: steps.train(_params(params)))
+    typer.echo(f"saved {result.model_path} after {result.epochs_run} epochs")
+
+
+@app.command()
+def evaluate(params: Path = PARAMS) -> None:
+    """Masked AUCs and loglosses on the test split; writes metrics.json with the gate verdict."""
+    from tasks import steps
+
+    evaluation = _run(lambda: steps.evaluate(_params(params)))
+    typer.echo(format_metrics(evaluation.metrics, evaluation.oracle))
+    typer.echo("gate: " + ("passed" if evaluation.verdict.passed else "FAILED\n  " + "\n  ".join(evaluation.verdict.reasons)))
+
+
+@app.command()
+def register(params: Path = PARAMS) -> None:
+    """Register the evaluated model in MLflow: `challenger`, and `champion` if the gate passed."""
+    from tasks import steps
+
+    reg = _run(lambda: steps.register(_params(params)))
+    typer.echo(f"registered {reg.model_name} version {reg.version} ({', '.join(reg.aliases)}), data version {reg.data_version}")
+
+
+@app.command()
+def retrain(params: Path = PARAMS) -> None:
+    """Run the Prefect retraining flow end to end and print its summary."""
+    p = _params(params)
+    from flows.retrain import retrain as retrain_flow
+
+    summary = _run(lambda: retrain_flow(params_path=str(params)))
+    typer.echo("")
+    typer.echo(f"data version      {summary.data_version}")
+    typer.echo(f"ingested          {summary.rows_written:,} rows written, {summary.rows_quarantined:,} quarantined")
+    typer.echo(f"validation        {summary.validation}")
+    typer.echo(format_metrics(summary.metrics, summary.oracle))
+    typer.echo("gate              " + ("passed" if summary.gate_passed else "FAILED: " + "; ".join(summary.gate_reasons)))
+    typer.echo(f"registered        {summary.model_name} version {summary.model_version} as {', '.join(summary.aliases)}")
+    typer.echo(f"MLflow UI         mlflow ui --backend-store-uri {p.register_.tracking_uri}  (then open http://127.0.0.1:5000)")
+
+
+def format_metrics(metrics: dict[str, float], oracle: dict[str, float] | None) -> str:
+    """The three AUCs side by side with the oracle's, as a small table."""
+    rows = [f"{'metric':<18}{'model':>8}{'oracle':>8}{'gap':>8}"]
+    for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
+        value = metrics[name]
+        best = (oracle or {}).get(name)
+        gap = f"{best - value:>8.4f}" if best is not None else f"{'':>8}"
+        shown = "n/a" if best is None else f"{best:.4f}"
+        rows.append(f"{name:<18}{value:>8.4f}{shown:>8}{gap}")
+    return "\n".join(rows)
+
+
+def _run(step):
+    """Run a step; expected failures print one clear message and exit 1."""
+    try:
+        return step()
+    except _expected_errors() as err:
+        _fail(str(err))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The retraining flow: ingest -> validate -> train -> evaluate -> register.
+
+A thin recipe: every step is a plain function in `tasks.steps`, wrapped here as a Prefect task.
+Retries are for I/O against external services only (the model registry), never for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from tasks import steps
+from tasks.config import load_params
+from tasks.data import data_version
+from tasks.layout import Layout
+
+ingest = task(steps.ingest, name="ingest", cache_policy=NO_CACHE)
+validate = task(steps.validate, name="validate", cache_policy=NO_CACHE)
+train = task(steps.train, name="train", cache_policy=NO_CACHE)
+evaluate = task(steps.evaluate, name="evaluate", cache_policy=NO_CACHE)
+register = task(steps.register, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    data_version: str
+    rows_written: int
+    rows_quarantined: int
+    validation: str
+    metrics: dict[str, float]
+    oracle: dict[str, float] | None
+    gate_passed: bool
+    gate_reasons: list[str]
+    model_name: str
+    model_version: str
+    aliases: list[str]
+    tracking_uri: str
+
+    def to_markdown(self) -> str:
+        lines = [
+            f"**data version** `{self.data_version}`: {self.rows_written:,} impressions/contexts written, "
+            f"{self.rows_quarantined:,} lines quarantined",
+            f"**validation** {self.validation}",
+            "",
+            "| metric | model | oracle |",
+            "|---|---|---|",
+        ]
+        for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
+            oracle = f"{self.oracle[name]:.4f}" if self.oracle and name in self.oracle else "n/a"
+            lines.append(f"| {name} | {self.metrics[name]:.4f} | {oracle} |")
+        verdict = "passed" if self.gate_passed else "FAILED: " + "; ".join(self.gate_reasons)
+        lines += [
+            "",
+            f"**gate** {verdict}",
+            f"**registered** `{self.model_name}` version {self.model_version}, aliases {', '.join(self.aliases)}",
+        ]
+        return "\n".join(lines)
+
+
+@flow(name="esmm-retrain", log_prints=True)
+def retrain(params_path: str = "params.yaml") -> RunSummary:
+    """Retrain ESMM on the current raw data version and register the result."""
+    params = load_params(params_path)
+    layout = Layout.from_config(params.paths)
+
+    # Ingest: raw Ali-CCP text -> split Parquet tables and id vocabularies.
+    report = ingest(params)
+    # Validate: TFDV statistics against the schema; anomalies stop the flow here.
+    validation = validate(params)
+    # Train: ESMM with shared embeddings and the weighted CTR + CTCVR loss.
+    train(params, verbose=2)
+    # Evaluate: masked AUCs on the test split and the gate verdict.
+    evaluation = evaluate(params)
+    # Register: a new model version, `challenger`, and `champion` if the gate passed.
+    registration = register(params)
+
+    summary = RunSummary(
+        data_version=data_version(layout.raw_dir.parent / f"{layout.raw_dir.name}.dvc"),
+        rows_written=report.rows_written,
+        rows_quarantined=report.rows_quarantined,
+        validation=validation.summary(),
+        metrics=evaluation.metrics,
+        oracle=evaluation.oracle,
+        gate_passed=evaluation.verdict.passed,
+        gate_reasons=evaluation.verdict.reasons,
+        model_name=registration.model_name,
+        model_version=registration.version,
+        aliases=registration.aliases,
+        tracking_uri=registration.tracking_uri,
+    )
+    create_markdown_artifact(summary.to_markdown(), key="esmm-retrain-summary", description="ESMM retraining run")
+    return summary
+
+
+

@@ -1,0 +1,125 @@
+"""The project's one typed configuration, loaded from `params.yaml`.
+
+Each pipeline step reads its own section. Unknown or mistyped keys fail loudly with the
+key's dotted path, never fall back to a default. Loading has no side effects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class PathsConfig(_Section):
+    raw_dir: str = "data"  # raw Ali-CCP files, tracked by data.dvc
+    artifacts_dir: str = "artifacts"  # every stage output lives here, outside data/
+
+
+class SynthConfig(_Section):
+    train: int = Field(100_000, gt=0)  # impressions in the train split
+    test: int = Field(30_000, gt=0)  # impressions in the test split
+    seed: int = 2018
+    profile: Literal["default"] = "default"
+
+
+class IngestConfig(_Section):
+    valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of train contexts, by hash of the key
+    min_count: int = Field(2, ge=1)  # ids seen fewer times in train map to the OOV bucket
+    chunk_bytes: int = Field(64 << 20, gt=0)  # bytes of raw text parsed per chunk
+    max_quarantine_fraction: float = Field(0.01, ge=0.0, le=1.0)  # fail above this share
+
+
+class ValidateConfig(_Section):
+    schema_dir: str = "schema"  # impressions.pbtxt and common.pbtxt; inferred when absent
+    beam_runner: str = "DirectRunner"
+    # Extra Beam flags, e.g. ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
+    beam_options: list[str] = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+
+
+class TowerConfig(_Section):
+    units: list[int] = [128, 64]
+    activation: str = "relu"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batch_norm: bool = False
+    l2: float = Field(0.0, ge=0.0)
+
+
+class ModelConfig(_Section):
+    embedding_dim: int = Field(12, gt=0)
+    pooling: Literal["mean", "sum"] = "mean"  # how weighted multi-valued fields are pooled
+    ctr_tower: TowerConfig = TowerConfig()
+    cvr_tower: TowerConfig = TowerConfig()
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(1024, gt=0)
+    epochs: int = Field(2, gt=0)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    ctr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctr in the ESMM loss
+    ctcvr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctcvr in the ESMM loss
+    seed: int = 42
+
+
+class EvaluateConfig(_Section):
+    # Gate floors: the candidate is refused when a metric is below its floor.
+    min_ctr_auc: float = Field(0.55, ge=0.0, le=1.0)
+    min_ctcvr_auc: float = Field(0.55, ge=0.0, le=1.0)
+    min_cvr_auc_clicked: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class RegisterConfig(_Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "esmm"
+    model_name: str = "esmm"
+
+
+class Params(_Section):
+    paths: PathsConfig = PathsConfig()
+    synth: SynthConfig = SynthConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_is_default(cls, value: object) -> object:
+        # An empty section in YAML (`train:`) means "all defaults".
+        return {} if value is None else value
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used, with the offending keys named."""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate `params.yaml`.
+
+    Raises:
+        ConfigError: the file is missing, is not a mapping, or has unknown or invalid keys;
+            the message names each key by its dotted path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            reason = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append(f"  {key}: {reason}")
+        raise ConfigError(f"{path}: invalid parameters\n" + "\n".join(problems)) from None

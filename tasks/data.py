@@ -1,0 +1,72 @@
+"""Raw-data versioning with DVC: the data version of a run, and making the raw data present.
+
+The data version is the md5 that `data.dvc` records for the raw folder. On a fresh clone
+there is no remote to pull from, so the default data set is regenerated: generation is
+deterministic, so it reproduces exactly the version `data.dvc` names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tasks.config import SynthConfig
+
+
+class DataVersionError(RuntimeError):
+    """The raw data is missing or does not match the version recorded in its .dvc file."""
+
+
+def data_version(dvc_file: Path) -> str:
+    """The md5 recorded in a `.dvc` file for its (single) output."""
+    dvc_file = Path(dvc_file)
+    if not dvc_file.is_file():
+        raise DataVersionError(f"{dvc_file}: not found; version the raw data with `dvc add`")
+    outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+    if len(outs) != 1 or "md5" not in outs[0]:
+        raise DataVersionError(f"{dvc_file}: expected one output with an md5, found {outs!r}")
+    return str(outs[0]["md5"])
+
+
+def _is_current(repo, dvc_file: Path) -> bool:
+    return not repo.status(targets=[str(dvc_file)])
+
+
+def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> str:
+    """Make the raw data named by `<raw_dir>.dvc` present; return its data version.
+
+    Tries, in order: the working tree as it is, `dvc pull` from the default remote, and
+    regeneration with the seeded generator (then caches and pushes it to the remote).
+
+    Raises:
+        DataVersionError: none of these yields the recorded version.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    from tasks.synth import synthesize_ali_ccp
+
+    dvc_file = Path(repo_root) / f"{Path(raw_dir).name}.dvc"
+    version = data_version(dvc_file)
+    repo = Repo(str(repo_root))
+    if raw_dir.exists() and _is_current(repo, dvc_file):
+        return version
+    try:
+        repo.pull(targets=[str(dvc_file)])
+        if _is_current(repo, dvc_file):
+            return version
+    except DvcException:
+        pass  # no remote, or the remote lacks this version: regenerate below
+    synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed)
+    if not _is_current(repo, dvc_file):
+        raise DataVersionError(
+            f"{raw_dir}: regenerated data (synth {synth.train}/{synth.test}, seed {synth.seed}) does not "
+            f"match {dvc_file} ({version}); if the data changed on purpose, run `dvc add {raw_dir.name}`"
+        )
+    repo.commit(str(dvc_file), force=True)
+    try:
+        repo.push(targets=[str(dvc_file)])
+    except DvcException as err:  # a missing remote must not stop a local run
+        print(f"note: could not push {dvc_file} to the DVC remote: {err}")
+    return version

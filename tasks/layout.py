@@ -1,0 +1,58 @@
+"""Where each step reads and writes: one place, shared by the CLI, the flow and dvc.yaml."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import PathsConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    raw_dir: Path
+    artifacts: Path
+
+    @classmethod
+    def from_config(cls, paths: PathsConfig, root: Path | None = None) -> Layout:
+        root = root or Path.cwd()
+        return cls(root / paths.raw_dir, root / paths.artifacts_dir)
+
+    @property
+    def ingest_dir(self) -> Path:
+        return self.artifacts / "ingest"
+
+    @property
+    def vocab_path(self) -> Path:
+        return self.ingest_dir / "vocab.parquet"
+
+    def split_dir(self, split: str) -> Path:
+        return self.ingest_dir / split
+
+    @property
+    def validate_dir(self) -> Path:
+        return self.artifacts / "validate"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.artifacts / "train"
+
+    @property
+    def model_path(self) -> Path:
+        return self.train_dir / "model.keras"
+
+    @property
+    def evaluate_dir(self) -> Path:
+        return self.artifacts / "evaluate"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.evaluate_dir / "metrics.json"
+
+    @property
+    def register_dir(self) -> Path:
+        return self.artifacts / "register"
+
+    @property
+    def oracle_path(self) -> Path:
+        return self.raw_dir / "oracle.json"

@@ -1,0 +1,97 @@
+"""The retraining flow end to end under a real (temporary) Prefect server and a real
+SQLite MLflow registry, and the same stages through `dvc repro` in a temporary git repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import yaml
+
+from conftest import make_project, run
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def prefect_harness(tmp_path_factory):
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_registers_model_with_aliases_metrics_and_data_version(tmp_path, small_raw, prefect_harness, monkeypatch):
+    """One flow run: a new registered version, `challenger` (+ `champion` on a passed gate),
+    the three AUCs logged, and the data.dvc md5 as its data-version tag."""
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from tasks.data import data_version
+
+    project = make_project(tmp_path / "project", small_raw)
+    monkeypatch.chdir(project)
+    summary = retrain(params_path="params.yaml")
+
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    version = client.get_model_version_by_alias("esmm", "challenger")
+    assert version.version == summary.model_version == "1"
+    assert summary.gate_passed
+    assert client.get_model_version_by_alias("esmm", "champion").version == "1"
+    expected_version = data_version(project / "data.dvc")
+    assert summary.data_version == expected_version
+    assert version.tags["data_version"] == expected_version
+    run_data = client.get_run(version.run_id).data
+    for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
+        assert run_data.metrics[name] == pytest.approx(summary.metrics[name])
+    assert run_data.tags["data_version"] == expected_version
+    assert run_data.params["train.epochs"] == "1"
+
+
+def test_failed_gate_registers_challenger_only(tmp_path, small_raw, prefect_harness, monkeypatch):
+    """A model below a floor is registered as `challenger` but never becomes `champion`."""
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+
+    project = make_project(tmp_path / "project", small_raw, {"evaluate": {"min_ctr_auc": 0.999}})
+    monkeypatch.chdir(project)
+    summary = retrain(params_path="params.yaml")
+    assert not summary.gate_passed and "ctr_auc" in summary.gate_reasons[0]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert client.get_model_version_by_alias("esmm", "challenger").version == "1"
+    assert "champion" not in client.get_registered_model("esmm").aliases
+
+
+def _repro(project) -> str:
+    return run([sys.executable, "-m", "dvc", "repro"], project).stdout
+
+
+def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
+    """`dvc repro` runs all stages; a second run does nothing; a training parameter change
+    reruns training and what follows it, never ingestion or validation."""
+    project = make_project(tmp_path / "project", small_raw)
+    first = _repro(project)
+    for stage in ("ingest", "validate", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first
+    metrics = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
+    assert {"ctr_auc", "ctcvr_auc", "cvr_auc_clicked", "gate_passed"} <= set(metrics)
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
+    assert "ctr_auc" in shown
+
+    assert "Running stage" not in _repro(project)
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["learning_rate"] = 0.002
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _repro(project)
+    for stage in ("train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in third
+    for stage in ("ingest", "validate"):
+        assert f"Running stage '{stage}'" not in third
+    registration = json.loads((project / "artifacts" / "register" / "registration.json").read_text())
+    assert registration["version"] == "2"

@@ -1,0 +1,219 @@
+"""Ingestion: every field and weight kept, every bad line quarantined with its reason."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from models.features import ALL_FIELDS, COMMON_FIELDS, SKELETON_FIELDS, ids_key, wts_key
+from tasks import ingest as ing
+from tasks.config import IngestConfig
+
+KEY_A, KEY_B, KEY_UNKNOWN = "a" * 32, "b" * 32, "c" * 32
+LENIENT = IngestConfig(valid_fraction=0.0, min_count=1, max_quarantine_fraction=1.0)
+
+
+def _features(entries) -> str:
+    return "\x01".join(f"{f}\x02{i}\x03{v}" for f, i, v in entries)
+
+
+def _write_raw(folder: Path, skeleton_lines: list[str], common_lines: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "test"):
+        (folder / f"sample_skeleton_{split}.csv").write_text("".join(skeleton_lines))
+        (folder / f"common_features_{split}.csv").write_text("".join(common_lines))
+    return folder
+
+
+COMMON = [
+    f"{KEY_A},3,{_features([('101', 1, 1.0), ('109_14', 5, 1.5), ('109_14', 6, 0.7)])}\n",
+    f"{KEY_B},2,{_features([('101', 2, 1.0), ('999', 7, 1.0)])}\n",
+]
+GOOD = [
+    f"1,0,0,{KEY_A},2,{_features([('205', 100, 1.0), ('210', 200, 1.0)])}\n",
+    f"2,1,1,{KEY_A},3,{_features([('205', 101, 1.0), ('210', 200, 1.0), ('508', 300, 2.5)])}\n",
+    f"3,1,0,{KEY_B},0,\n",
+]
+BAD = {  # line text -> expected reason
+    f"4,0,1,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": ing.R_CONV_NO_CLICK,
+    f"5,2,0,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": ing.R_LABEL,
+    f"6,x,0,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": ing.R_LABEL,
+    f"7,1,0,{KEY_UNKNOWN},1,{_features([('205', 100, 1.0)])}\n": ing.R_UNKNOWN_KEY,
+    f"8,1,0,{KEY_A},5,{_features([('205', 100, 1.0)])}\n": ing.R_FEATURE_NUM,
+    "9,1,0\n": ing.R_COLUMNS,
+    f"10;1;0;{KEY_A};1;{_features([('205', 100, 1.0)])}\n": ing.R_COLUMNS,
+    f"11,1,0,{KEY_A},1,205\x02abc\x031.0\n": ing.R_ENTRY,
+    "\n": ing.R_EMPTY,
+}
+
+
+def _read_quarantine(out: Path) -> list[dict]:
+    with open(out / "quarantine.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_every_defect_is_quarantined_with_reason_and_line(tmp_path):
+    """Each bad line lands in quarantine.csv with its file, line number and reason; good lines survive."""
+    lines = [GOOD[0], *BAD.keys(), GOOD[1], GOOD[2]]
+    raw = _write_raw(tmp_path / "raw", lines, COMMON)
+    report = ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+
+    rows = [r for r in _read_quarantine(tmp_path / "out") if r["file"] == "sample_skeleton_train.csv"]
+    got = {int(r["line"]): r["reason"] for r in rows}
+    expected = {i + 2: reason for i, reason in enumerate(BAD.values())}  # after GOOD[0] on line 1
+    assert got == expected
+    train = pq.read_table(tmp_path / "out" / "train" / "impressions.parquet")
+    assert train["sample_id"].to_pylist() == ["1", "2", "3"]
+    skeleton = next(f for f in report.files if f.path.endswith("sample_skeleton_train.csv"))
+    assert skeleton.rows_read == len(lines)
+    assert skeleton.rows_written == 3
+    assert skeleton.rows_quarantined == len(BAD)
+
+
+def test_rows_read_equals_written_plus_quarantined(tmp_path):
+    """The accounting identity holds for every file and in the JSON report."""
+    raw = _write_raw(tmp_path / "raw", [*GOOD, *BAD.keys()], COMMON)
+    report = ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    for f in report.files:
+        assert f.rows_read == f.rows_written + f.rows_quarantined
+        assert f.rows_quarantined == sum(f.quarantined_by_reason.values())
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["rows_read"] == saved["rows_written"] + saved["rows_quarantined"] > 0
+
+
+def test_all_entries_and_weights_kept(tmp_path):
+    """Multi-valued fields keep every entry with its weight; absent fields are empty lists."""
+    raw = _write_raw(tmp_path / "raw", GOOD, COMMON)
+    ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    imp = pq.read_table(tmp_path / "out" / "train" / "impressions.parquet").to_pylist()
+    assert imp[1][ids_key("210")] == [200] and imp[1][ids_key("508")] == [300]
+    assert imp[1][wts_key("508")] == [2.5]
+    assert imp[2][ids_key("205")] == [] and imp[2]["click"] == 1
+    common = {r["common_feature_index"]: r for r in pq.read_table(tmp_path / "out" / "train" / "common.parquet").to_pylist()}
+    assert common[KEY_A][ids_key("109_14")] == [5, 6]
+    assert common[KEY_A][wts_key("109_14")] == pytest.approx([1.5, 0.7])
+
+
+def test_unknown_field_is_counted_not_silently_lost(tmp_path):
+    raw = _write_raw(tmp_path / "raw", GOOD, COMMON)
+    report = ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    common = next(f for f in report.files if f.path.endswith("common_features_train.csv"))
+    assert common.unknown_fields == {"999": 1}
+
+
+def test_crlf_lines_are_accepted_and_counted(tmp_path):
+    """CRLF endings are accepted (the \\r is stripped) and counted in the report."""
+    raw = _write_raw(tmp_path / "raw", [g.replace("\n", "\r\n") for g in GOOD], COMMON)
+    report = ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    skeleton = next(f for f in report.files if f.path.endswith("sample_skeleton_train.csv"))
+    assert skeleton.rows_written == 3 and skeleton.crlf_lines == 3
+
+
+def test_invalid_utf8_is_quarantined(tmp_path):
+    raw = _write_raw(tmp_path / "raw", GOOD, COMMON)
+    with open(raw / "sample_skeleton_train.csv", "ab") as fh:
+        fh.write(b"12,0,0," + KEY_A.encode() + b",1,205\x02\xff\xfe\x031.0\n")
+    ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    rows = _read_quarantine(tmp_path / "out")
+    assert {"file": "sample_skeleton_train.csv", "line": "4", "sample_id": "", "reason": ing.R_UTF8} in rows
+
+
+def test_small_chunks_give_the_same_result(tmp_path):
+    """Chunking is invisible: a tiny chunk size yields the same tables and line numbers."""
+    lines = [*GOOD, *BAD.keys(), *GOOD]
+    raw = _write_raw(tmp_path / "raw", lines, COMMON)
+    ing.ingest_ali_ccp(raw, tmp_path / "big", LENIENT)
+    ing.ingest_ali_ccp(raw, tmp_path / "small", LENIENT.model_copy(update={"chunk_bytes": 40}))
+    for split in ("train", "test"):
+        assert pq.read_table(tmp_path / "big" / split / "impressions.parquet").equals(
+            pq.read_table(tmp_path / "small" / split / "impressions.parquet")
+        )
+    assert _read_quarantine(tmp_path / "big") == _read_quarantine(tmp_path / "small")
+
+
+def test_gzip_input(tmp_path):
+    raw = _write_raw(tmp_path / "raw", GOOD, COMMON)
+    for path in list(raw.iterdir()):
+        with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        path.unlink()
+    report = ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    assert report.split_rows["train"] == 3
+
+
+def test_missing_raw_file_names_it(tmp_path):
+    raw = _write_raw(tmp_path / "raw", GOOD, COMMON)
+    (raw / "common_features_test.csv").unlink()
+    with pytest.raises(ing.IngestError, match="common_features_test.csv"):
+        ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+
+
+def test_too_much_bad_input_fails_the_stage(tmp_path):
+    raw = _write_raw(tmp_path / "raw", [*GOOD, *BAD.keys()], COMMON)
+    strict = LENIENT.model_copy(update={"max_quarantine_fraction": 0.05})
+    with pytest.raises(ing.IngestError, match="max_quarantine_fraction"):
+        ing.ingest_ali_ccp(raw, tmp_path / "out", strict)
+
+
+def test_validation_split_is_by_context(tmp_path, small_raw):
+    """No common_feature_index appears in both train and valid."""
+    cfg = IngestConfig(valid_fraction=0.3, min_count=1)
+    ing.ingest_ali_ccp(small_raw, tmp_path / "out", cfg)
+    keys = {
+        s: set(pq.read_table(tmp_path / "out" / s / "impressions.parquet")["common_feature_index"].to_pylist())
+        for s in ("train", "valid")
+    }
+    assert keys["train"] and keys["valid"] and not keys["train"] & keys["valid"]
+
+
+def test_generator_round_trip(tmp_path, small_raw):
+    """Every field, id and weight of every generated line comes back from the Parquet tables."""
+    ing.ingest_ali_ccp(small_raw, tmp_path / "out", IngestConfig(valid_fraction=0.2, min_count=1))
+    tables = {s: pq.read_table(tmp_path / "out" / s / "impressions.parquet").to_pylist() for s in ("train", "valid")}
+    parsed = {r["sample_id"]: r for rows in tables.values() for r in rows}
+    common = {}
+    for s in ("train", "valid"):
+        for r in pq.read_table(tmp_path / "out" / s / "common.parquet").to_pylist():
+            common[r["common_feature_index"]] = r
+    n = 0
+    for line in (small_raw / "sample_skeleton_train.csv").read_text().splitlines():
+        sid, click, conv, key, _, flist = line.split(",")
+        row = parsed[sid]
+        assert (row["click"], row["conversion"], row["common_feature_index"]) == (int(click), int(conv), key)
+        assert _grouped(flist, SKELETON_FIELDS) == _row_lists(row, SKELETON_FIELDS)
+        n += 1
+    assert n == sum(len(t) for t in tables.values())
+    for line in (small_raw / "common_features_train.csv").read_text().splitlines():
+        key, _, flist = line.split(",")
+        assert _grouped(flist, COMMON_FIELDS) == _row_lists(common[key], COMMON_FIELDS)
+
+
+def _grouped(flist: str, fields) -> dict:
+    out = {f: ([], []) for f in fields}
+    for entry in filter(None, flist.split("\x01")):
+        field, rest = entry.split("\x02")
+        fid, value = rest.split("\x03")
+        out[field][0].append(int(fid))
+        out[field][1].append(float(np.float32(value)))  # stored as float32, exactly
+    return out
+
+
+def _row_lists(row: dict, fields) -> dict:
+    return {f: (row[ids_key(f)], row[wts_key(f)]) for f in fields}
+
+
+def test_vocabulary_learned_from_train_only(tmp_path):
+    """Ids that occur only in the test split are not in the vocabulary (they map to OOV)."""
+    raw = _write_raw(tmp_path / "raw", GOOD, COMMON)
+    (raw / "sample_skeleton_test.csv").write_text(f"1,0,0,{KEY_A},1,{_features([('205', 777, 1.0)])}\n")
+    ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    vocab = ing.load_vocabularies(tmp_path / "out" / "vocab.parquet")
+    assert set(vocab) == set(ALL_FIELDS)
+    assert 777 not in vocab["205"] and {100, 101} <= set(vocab["205"])
