@@ -23,7 +23,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="Raw-data versioning with DVC.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="Parameters file (one section per step).")
+PARAMS = typer.Option(
+    Path("params.yaml"), "--params", "-p", help="Parameters file (one section per step)."
+)
 
 
 def _params(path: Path) -> Params:
@@ -68,7 +70,14 @@ def synth(
     typer.echo(f"wrote {summary.out_dir}")
     for split, auc in summary.oracle.items():
         if isinstance(auc, dict):
-            typer.echo(f"  oracle {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in auc.items() if k.endswith("auc") or k.endswith("clicked")))
+            typer.echo(
+                f"  oracle {split}: "
+                + ", ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in auc.items()
+                    if k.endswith("auc") or k.endswith("clicked")
+                )
+            )
 
 
 @data_app.command("pull")
@@ -115,7 +124,14 @@ def evaluate(params: Path = PARAMS) -> None:
 
     evaluation = _run(lambda: steps.evaluate(_params(params)))
     typer.echo(format_metrics(evaluation.metrics, evaluation.oracle))
-    typer.echo("gate: " + ("passed" if evaluation.verdict.passed else "FAILED\n  " + "\n  ".join(evaluation.verdict.reasons)))
+    typer.echo(
+        "gate: "
+        + (
+            "passed"
+            if evaluation.verdict.passed
+            else "FAILED\n  " + "\n  ".join(evaluation.verdict.reasons)
+        )
+    )
 
 
 @app.command()
@@ -124,24 +140,35 @@ def register(params: Path = PARAMS) -> None:
     from tasks import steps
 
     reg = _run(lambda: steps.register(_params(params)))
-    typer.echo(f"registered {reg.model_name} version {reg.version} ({', '.join(reg.aliases)}), data version {reg.data_version}")
+    typer.echo(
+        f"registered {reg.model_name} version {reg.version} ({', '.join(reg.aliases)}), data version {reg.data_version}"
+    )
 
 
 @app.command()
 def retrain(params: Path = PARAMS) -> None:
     """Run the Prefect retraining flow end to end and print its summary."""
-    p = _params(params)
+    _params(params)  # a bad params file fails here, before Prefect starts
     from flows.retrain import retrain as retrain_flow
 
     summary = _run(lambda: retrain_flow(params_path=str(params)))
     typer.echo("")
     typer.echo(f"data version      {summary.data_version}")
-    typer.echo(f"ingested          {summary.rows_written:,} rows written, {summary.rows_quarantined:,} quarantined")
+    typer.echo(
+        f"ingested          {summary.rows_written:,} rows written, {summary.rows_quarantined:,} quarantined"
+    )
     typer.echo(f"validation        {summary.validation}")
     typer.echo(format_metrics(summary.metrics, summary.oracle))
-    typer.echo("gate              " + ("passed" if summary.gate_passed else "FAILED: " + "; ".join(summary.gate_reasons)))
-    typer.echo(f"registered        {summary.model_name} version {summary.model_version} as {', '.join(summary.aliases)}")
-    typer.echo(f"MLflow UI         mlflow ui --backend-store-uri {p.register_.tracking_uri}  (then open http://127.0.0.1:5000)")
+    typer.echo(
+        "gate              "
+        + ("passed" if summary.gate_passed else "FAILED: " + "; ".join(summary.gate_reasons))
+    )
+    typer.echo(
+        f"registered        {summary.model_name} version {summary.model_version} as {', '.join(summary.aliases)}"
+    )
+    typer.echo(
+        f"MLflow UI         mlflow ui --backend-store-uri {summary.tracking_uri}  (then open http://127.0.0.1:5000)"
+    )
 
 
 def format_metrics(metrics: dict[str, float], oracle: dict[str, float] | None) -> str:

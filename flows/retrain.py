@@ -21,7 +21,9 @@ ingest = task(steps.ingest, name="ingest", cache_policy=NO_CACHE)
 validate = task(steps.validate, name="validate", cache_policy=NO_CACHE)
 train = task(steps.train, name="train", cache_policy=NO_CACHE)
 evaluate = task(steps.evaluate, name="evaluate", cache_policy=NO_CACHE)
-register = task(steps.register, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+register = task(
+    steps.register, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5
+)
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,7 @@ def retrain(params_path: str = "params.yaml") -> RunSummary:
         aliases=registration.aliases,
         tracking_uri=registration.tracking_uri,
     )
-    create_markdown_artifact(summary.to_markdown(), key="esmm-retrain-summary", description="ESMM retraining run")
+    create_markdown_artifact(
+        summary.to_markdown(), key="esmm-retrain-summary", description="ESMM retraining run"
+    )
     return summary
-
-
-

@@ -10,12 +10,32 @@ from __future__ import annotations
 
 # User-side fields, stored once per common_feature_index (common_features_*.csv).
 COMMON_FIELDS: tuple[str, ...] = (
-    "101", "121", "122", "124", "125", "126", "127", "128", "129",
-    "109_14", "110_14", "127_14", "150_14",
+    "101",
+    "121",
+    "122",
+    "124",
+    "125",
+    "126",
+    "127",
+    "128",
+    "129",
+    "109_14",
+    "110_14",
+    "127_14",
+    "150_14",
 )
 # Impression-side fields (sample_skeleton_*.csv).
 SKELETON_FIELDS: tuple[str, ...] = (
-    "205", "206", "207", "210", "216", "508", "509", "702", "853", "301",
+    "205",
+    "206",
+    "207",
+    "210",
+    "216",
+    "508",
+    "509",
+    "702",
+    "853",
+    "301",
 )
 ALL_FIELDS: tuple[str, ...] = COMMON_FIELDS + SKELETON_FIELDS
 

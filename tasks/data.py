@@ -29,44 +29,69 @@ def data_version(dvc_file: Path) -> str:
     return str(outs[0]["md5"])
 
 
-def _is_current(repo, dvc_file: Path) -> bool:
-    return not repo.status(targets=[str(dvc_file)])
+def _matches(repo, dvc_file: Path, version: str) -> bool:
+    """Hash the workspace copy (caching it) and compare with the recorded version.
+
+    `dvc commit` hashes what is there; DVC's state database makes a repeated check cheap. The
+    .dvc file itself is left exactly as it was.
+    """
+    recorded = dvc_file.read_text()
+    try:
+        repo.commit(str(dvc_file), force=True)
+        return data_version(dvc_file) == version
+    finally:
+        dvc_file.write_text(recorded)
+
+
+def _push(repo, dvc_file: Path) -> None:
+    from dvc.exceptions import DvcException
+
+    try:
+        repo.push(targets=[str(dvc_file)])
+    except DvcException as err:  # a missing remote must not stop a local run
+        print(f"note: could not push {dvc_file} to the DVC remote: {err}")
 
 
 def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> str:
     """Make the raw data named by `<raw_dir>.dvc` present; return its data version.
 
-    Tries, in order: the working tree as it is, `dvc pull` from the default remote, and
-    regeneration with the seeded generator (then caches and pushes it to the remote).
+    An existing raw folder must match the recorded version (it is never overwritten). A
+    missing one is restored with `dvc pull` from the default remote or, failing that,
+    regenerated with the seeded generator; either way it is checked against the recorded
+    md5, cached, and pushed to the remote.
 
     Raises:
-        DataVersionError: none of these yields the recorded version.
+        DataVersionError: the folder differs from the recorded version, or neither the
+            remote nor the generator yields it.
     """
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     from tasks.synth import synthesize_ali_ccp
 
-    dvc_file = Path(repo_root) / f"{Path(raw_dir).name}.dvc"
+    raw_dir = Path(raw_dir)
+    dvc_file = Path(repo_root) / f"{raw_dir.name}.dvc"
     version = data_version(dvc_file)
     repo = Repo(str(repo_root))
-    if raw_dir.exists() and _is_current(repo, dvc_file):
+    if raw_dir.exists() and any(raw_dir.iterdir()):
+        if not _matches(repo, dvc_file, version):
+            raise DataVersionError(
+                f"{raw_dir} differs from the version recorded in {dvc_file} ({version}): "
+                f"version it with `dvc add {raw_dir.name}`, or restore it with `dvc checkout {dvc_file.name}`"
+            )
+        _push(repo, dvc_file)
         return version
     try:
         repo.pull(targets=[str(dvc_file)])
-        if _is_current(repo, dvc_file):
+        if not repo.status(targets=[str(dvc_file)]):
             return version
     except DvcException:
         pass  # no remote, or the remote lacks this version: regenerate below
     synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed)
-    if not _is_current(repo, dvc_file):
+    if not _matches(repo, dvc_file, version):
         raise DataVersionError(
             f"{raw_dir}: regenerated data (synth {synth.train}/{synth.test}, seed {synth.seed}) does not "
             f"match {dvc_file} ({version}); if the data changed on purpose, run `dvc add {raw_dir.name}`"
         )
-    repo.commit(str(dvc_file), force=True)
-    try:
-        repo.push(targets=[str(dvc_file)])
-    except DvcException as err:  # a missing remote must not stop a local run
-        print(f"note: could not push {dvc_file} to the DVC remote: {err}")
+    _push(repo, dvc_file)
     return version

@@ -37,7 +37,11 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def _logloss(labels: np.ndarray, scores: np.ndarray) -> float:
-    return float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1])) if len(labels) else float("nan")
+    return (
+        float(log_loss(labels, np.clip(scores, 1e-7, 1 - 1e-7), labels=[0, 1]))
+        if len(labels)
+        else float("nan")
+    )
 
 
 def compute_metrics(predictions: pd.DataFrame) -> dict[str, float]:
@@ -65,11 +69,15 @@ def gate(metrics: dict[str, float], cfg: EvaluateConfig) -> GateVerdict:
         floor = getattr(cfg, floor_key)
         value = metrics[name]
         if not value >= floor:  # also catches NaN
-            reasons.append(f"{name} = {value:.4f} is below the floor evaluate.{floor_key} = {floor}")
+            reasons.append(
+                f"{name} = {value:.4f} is below the floor evaluate.{floor_key} = {floor}"
+            )
     return GateVerdict(not reasons, reasons)
 
 
-def evaluate_esmm(model_path: Path, test_dir: Path, out_dir: Path, cfg: EvaluateConfig) -> tuple[dict, GateVerdict]:
+def evaluate_esmm(
+    model_path: Path, test_dir: Path, out_dir: Path, cfg: EvaluateConfig
+) -> tuple[dict, GateVerdict]:
     """Score the test split, write `metrics.json` (with the verdict) and `predictions.parquet`."""
     import keras
 
@@ -93,4 +101,3 @@ def read_metrics(path: Path) -> tuple[dict, GateVerdict]:
     document = json.loads(Path(path).read_text())
     verdict = GateVerdict(document.pop("gate_passed"), document.pop("gate_reasons"))
     return document, verdict
-

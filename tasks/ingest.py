@@ -143,7 +143,10 @@ def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestRep
             `cfg.max_quarantine_fraction`.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    paths = {split: tuple(_find_raw(raw_dir, name) for name in names) for split, names in RAW_FILES.items()}
+    paths = {
+        split: tuple(_find_raw(raw_dir, name) for name in names)
+        for split, names in RAW_FILES.items()
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         (out_dir / split).mkdir(exist_ok=True)
@@ -157,17 +160,24 @@ def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestRep
         for split, (skeleton_path, common_path) in paths.items():
             out_splits = ("train", "valid") if split == "train" else ("test",)
             # Common features first: their keys decide which impressions are joinable.
-            rep, keys = _ingest_common(common_path, out_dir, out_splits, cfg, quarantine, split_contexts)
+            rep, keys = _ingest_common(
+                common_path, out_dir, out_splits, cfg, quarantine, split_contexts
+            )
             files.append(rep)
             files.append(
-                _ingest_skeleton(skeleton_path, out_dir, out_splits, keys, cfg, quarantine, split_rows)
+                _ingest_skeleton(
+                    skeleton_path, out_dir, out_splits, keys, cfg, quarantine, split_rows
+                )
             )
 
     vocab_sizes = _write_vocab(out_dir, cfg.min_count)
     report = IngestReport(files, split_rows, split_contexts, vocab_sizes)
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
 
-    if report.rows_read and report.rows_quarantined / report.rows_read > cfg.max_quarantine_fraction:
+    if (
+        report.rows_read
+        and report.rows_quarantined / report.rows_read > cfg.max_quarantine_fraction
+    ):
         worst = Counter()
         for f in files:
             worst.update(f.quarantined_by_reason)
@@ -267,7 +277,9 @@ class _Parsed:
     unknown_fields: Counter
 
 
-def _parse_chunk(chunk: _Chunk, n_cols: int, names: tuple[str, ...], fields: tuple[str, ...]) -> _Parsed:
+def _parse_chunk(
+    chunk: _Chunk, n_cols: int, names: tuple[str, ...], fields: tuple[str, ...]
+) -> _Parsed:
     """Vectorised parse of one chunk; rows with a defect get a reason instead of values."""
     lines = chunk.lines
     n = len(lines)
@@ -299,7 +311,9 @@ def _parse_chunk(chunk: _Chunk, n_cols: int, names: tuple[str, ...], fields: tup
     feature_num = pc.utf8_is_digit(values["feature_num"]).to_numpy(zero_copy_only=False)
     declared = np.where(
         feature_num,
-        pc.cast(pc.if_else(pa.array(feature_num), values["feature_num"], "0"), pa.int64()).to_numpy(),
+        pc.cast(
+            pc.if_else(pa.array(feature_num), values["feature_num"], "0"), pa.int64()
+        ).to_numpy(),
         -1,
     )
     row_reason = np.full(len(flist), None, dtype=object)
@@ -308,15 +322,13 @@ def _parse_chunk(chunk: _Chunk, n_cols: int, names: tuple[str, ...], fields: tup
 
     if CLICK_LABEL_KEY in values:
         click, conv = values[CLICK_LABEL_KEY], values[CONVERSION_LABEL_KEY]
-        label_ok = (
-            pc.is_in(click, pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
-            & pc.is_in(conv, pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
-        )
+        label_ok = pc.is_in(click, pa.array(["0", "1"])).to_numpy(zero_copy_only=False) & pc.is_in(
+            conv, pa.array(["0", "1"])
+        ).to_numpy(zero_copy_only=False)
         row_reason[~label_ok & (row_reason == None)] = R_LABEL  # noqa: E711
-        no_click = (
-            pc.equal(click, "0").to_numpy(zero_copy_only=False)
-            & pc.equal(conv, "1").to_numpy(zero_copy_only=False)
-        )
+        no_click = pc.equal(click, "0").to_numpy(zero_copy_only=False) & pc.equal(
+            conv, "1"
+        ).to_numpy(zero_copy_only=False)
         row_reason[no_click & (row_reason == None)] = R_CONV_NO_CLICK  # noqa: E711
 
     reasons[np.flatnonzero(ok)] = row_reason
@@ -349,7 +361,9 @@ def _parse_chunk(chunk: _Chunk, n_cols: int, names: tuple[str, ...], fields: tup
     return _Parsed(columns, out_fields, reasons, unknown)
 
 
-def _quarantine(writer, path: Path, chunk: _Chunk, reasons: np.ndarray, rep: FileReport, ids: list) -> None:
+def _quarantine(
+    writer, path: Path, chunk: _Chunk, reasons: np.ndarray, rep: FileReport, ids: list
+) -> None:
     bad = np.flatnonzero(reasons != None)  # noqa: E711
     for i in bad:
         reason = reasons[i]
@@ -372,7 +386,9 @@ class _SplitWriters:
 
     def write(self, split: str, table: pa.Table) -> None:
         if split not in self._writers:
-            self._writers[split] = pq.ParquetWriter(self._paths[split], table.schema, compression="zstd")
+            self._writers[split] = pq.ParquetWriter(
+                self._paths[split], table.schema, compression="zstd"
+            )
         if table.num_rows:
             self._writers[split].write_table(table)
 
@@ -400,7 +416,10 @@ def _impression_schema() -> pa.Schema:
 def _schema(head: list[pa.Field], fields: tuple[str, ...]) -> pa.Schema:
     cols = list(head)
     for f in fields:
-        cols += [pa.field(ids_key(f), pa.list_(pa.int64())), pa.field(wts_key(f), pa.list_(pa.float32()))]
+        cols += [
+            pa.field(ids_key(f), pa.list_(pa.int64())),
+            pa.field(wts_key(f), pa.list_(pa.float32())),
+        ]
     return pa.schema(cols)
 
 
@@ -418,7 +437,9 @@ def _ingest_common(
     seen: list[pa.Array] = []
     seen_set: set[str] = set()
     for chunk in _read_chunks(path, cfg.chunk_bytes):
-        parsed = _parse_chunk(chunk, 3, (COMMON_INDEX_KEY, "feature_num", "feature_list"), COMMON_FIELDS)
+        parsed = _parse_chunk(
+            chunk, 3, (COMMON_INDEX_KEY, "feature_num", "feature_list"), COMMON_FIELDS
+        )
         keys = parsed.columns[COMMON_INDEX_KEY]
         # A key may define a context only once; later duplicates are quarantined.
         key_list = keys.to_pylist()
@@ -432,7 +453,10 @@ def _ingest_common(
             parsed.reasons[valid_pos[dup]] = R_DUP_KEY
         keep = pa.array(~dup)
         table = pa.table(
-            {COMMON_INDEX_KEY: keys.filter(keep), **{k: v.filter(keep) for k, v in parsed.fields.items()}},
+            {
+                COMMON_INDEX_KEY: keys.filter(keep),
+                **{k: v.filter(keep) for k, v in parsed.fields.items()},
+            },
             schema=schema,
         )
         _account(rep, chunk, parsed, table.num_rows, quarantine, path)
@@ -455,11 +479,20 @@ def _ingest_skeleton(
     rep = FileReport(str(path))
     schema = _impression_schema()
     writers = _SplitWriters(out_dir, "impressions.parquet", out_splits)
-    names = (SAMPLE_ID_KEY, CLICK_LABEL_KEY, CONVERSION_LABEL_KEY, COMMON_INDEX_KEY, "feature_num", "feature_list")
+    names = (
+        SAMPLE_ID_KEY,
+        CLICK_LABEL_KEY,
+        CONVERSION_LABEL_KEY,
+        COMMON_INDEX_KEY,
+        "feature_num",
+        "feature_list",
+    )
     for chunk in _read_chunks(path, cfg.chunk_bytes):
         parsed = _parse_chunk(chunk, 6, names, SKELETON_FIELDS)
         cols = parsed.columns
-        joinable = pc.is_in(cols[COMMON_INDEX_KEY], value_set=known_keys).to_numpy(zero_copy_only=False)
+        joinable = pc.is_in(cols[COMMON_INDEX_KEY], value_set=known_keys).to_numpy(
+            zero_copy_only=False
+        )
         if not joinable.all():
             valid_pos = np.flatnonzero(parsed.reasons == None)  # noqa: E711
             parsed.reasons[valid_pos[~joinable]] = R_UNKNOWN_KEY
@@ -480,7 +513,9 @@ def _ingest_skeleton(
     return rep
 
 
-def _account(rep: FileReport, chunk: _Chunk, parsed: _Parsed, written: int, quarantine, path: Path) -> None:
+def _account(
+    rep: FileReport, chunk: _Chunk, parsed: _Parsed, written: int, quarantine, path: Path
+) -> None:
     rep.rows_read += len(chunk.lines)
     rep.rows_written += written
     rep.crlf_lines += chunk.crlf
@@ -490,7 +525,9 @@ def _account(rep: FileReport, chunk: _Chunk, parsed: _Parsed, written: int, quar
         _quarantine(quarantine, path, chunk, parsed.reasons, rep, _first_column(chunk))
 
 
-def _write_split(writers: _SplitWriters, table: pa.Table, out_splits, valid_fraction, counts) -> None:
+def _write_split(
+    writers: _SplitWriters, table: pa.Table, out_splits, valid_fraction, counts
+) -> None:
     if out_splits == ("test",):
         writers.write("test", table)
         counts["test"] += table.num_rows
@@ -508,17 +545,29 @@ def _write_split(writers: _SplitWriters, table: pa.Table, out_splits, valid_frac
 def _write_vocab(out_dir: Path, min_count: int) -> dict[str, int]:
     """Count ids per field over the train split; keep those seen at least min_count times."""
     parts = []
-    for name, fields in (("common.parquet", COMMON_FIELDS), ("impressions.parquet", SKELETON_FIELDS)):
+    for name, fields in (
+        ("common.parquet", COMMON_FIELDS),
+        ("impressions.parquet", SKELETON_FIELDS),
+    ):
         pf = pq.ParquetFile(out_dir / "train" / name)
         for f in fields:
             partial = [
-                pa.table(pc.value_counts(pc.list_flatten(batch.column(0))).flatten(), names=["feature_id", "count"])
+                pa.table(
+                    pc.value_counts(pc.list_flatten(batch.column(0))).flatten(),
+                    names=["feature_id", "count"],
+                )
                 for batch in pf.iter_batches(columns=[ids_key(f)], batch_size=65_536)
             ]
             if not partial:
-                partial = [pa.table({"feature_id": pa.array([], pa.int64()), "count": pa.array([], pa.int64())})]
+                partial = [
+                    pa.table(
+                        {"feature_id": pa.array([], pa.int64()), "count": pa.array([], pa.int64())}
+                    )
+                ]
             totals = pa.concat_tables(partial).group_by("feature_id").aggregate([("count", "sum")])
-            totals = totals.filter(pc.greater_equal(totals["count_sum"], min_count)).sort_by("feature_id")
+            totals = totals.filter(pc.greater_equal(totals["count_sum"], min_count)).sort_by(
+                "feature_id"
+            )
             parts.append(
                 pa.table(
                     {
@@ -537,5 +586,7 @@ def load_vocabularies(path: Path) -> dict[str, np.ndarray]:
     """Read `vocab.parquet` into {field: sorted int64 ids}."""
     table = pq.read_table(path)
     df = table.to_pandas()
-    return {f: df.loc[df["field"] == f, "feature_id"].to_numpy(np.int64) for f in COMMON_FIELDS + SKELETON_FIELDS}
-
+    return {
+        f: df.loc[df["field"] == f, "feature_id"].to_numpy(np.int64)
+        for f in COMMON_FIELDS + SKELETON_FIELDS
+    }

@@ -48,10 +48,24 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def resolve_tracking_uri(uri: str, root: Path | None = None) -> str:
+    """Make a relative `sqlite:///file.db` URI absolute (against `root`, default the cwd).
+
+    MLflow caches one store per URI string, so a relative path would keep pointing at the
+    first directory it was resolved in.
+    """
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((root or Path.cwd()) / uri[len(prefix) :])
+    return uri
+
+
 def git_commit(cwd: Path | None = None) -> str:
     """The checked-out commit, or "unknown" outside a git repository."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -85,7 +99,8 @@ def register_esmm(
     import models.esmm  # noqa: F401  (registers the custom layers for loading)
 
     cfg: RegisterConfig = params.register_
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(cfg.experiment)
     tags = {
         "data_version": data_version,
@@ -103,13 +118,15 @@ def register_esmm(
             pip_requirements=MODEL_REQUIREMENTS,
         )
     version = str(info.registered_model_version)
-    client = MlflowClient(cfg.tracking_uri)
+    client = MlflowClient(tracking_uri)
     for key, value in tags.items():
         client.set_model_version_tag(cfg.model_name, version, key, value)
     aliases = [CHALLENGER] + ([CHAMPION] if verdict.passed else [])
     for alias in aliases:
         client.set_registered_model_alias(cfg.model_name, alias, version)
-    registration = Registration(cfg.model_name, version, aliases, run.info.run_id, data_version, cfg.tracking_uri)
+    registration = Registration(
+        cfg.model_name, version, aliases, run.info.run_id, data_version, tracking_uri
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "registration.json").write_text(json.dumps(asdict(registration), indent=2))

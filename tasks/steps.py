@@ -41,19 +41,25 @@ def ingest(params: Params) -> IngestReport:
 def validate(params: Params) -> ValidationResult:
     """TFDV statistics and schema checks of every split; raises on anomalies."""
     layout = _layout(params)
-    return validate_data(layout.ingest_dir, layout.validate_dir, Path(params.validate_.schema_dir), params.validate_)
+    return validate_data(
+        layout.ingest_dir, layout.validate_dir, Path(params.validate_.schema_dir), params.validate_
+    )
 
 
 def train(params: Params, verbose: int = 1) -> TrainResult:
     """Fit ESMM on the train split and save it."""
     layout = _layout(params)
-    return train_esmm(layout.ingest_dir, layout.train_dir, params.model, params.train, verbose=verbose)
+    return train_esmm(
+        layout.ingest_dir, layout.train_dir, params.model, params.train, verbose=verbose
+    )
 
 
 def evaluate(params: Params) -> Evaluation:
     """Masked metrics of the trained model on the test split, and the gate verdict."""
     layout = _layout(params)
-    metrics, verdict = evaluate_esmm(layout.model_path, layout.split_dir("test"), layout.evaluate_dir, params.evaluate)
+    metrics, verdict = evaluate_esmm(
+        layout.model_path, layout.split_dir("test"), layout.evaluate_dir, params.evaluate
+    )
     return Evaluation(metrics, verdict, read_oracle(layout.oracle_path))
 
 

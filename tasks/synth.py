@@ -64,7 +64,14 @@ HISTORY_FIELDS: tuple[str, ...] = ("109_14", "110_14", "127_14", "150_14")
 
 # Number of distinct values of the single-valued user profile fields (as in the real data).
 PROFILE_CARDINALITY: Mapping[str, int] = {
-    "121": 98, "122": 13, "124": 2, "125": 7, "126": 3, "127": 3, "128": 2, "129": 4,
+    "121": 98,
+    "122": 13,
+    "124": 2,
+    "125": 7,
+    "126": 3,
+    "127": 3,
+    "128": 2,
+    "129": 4,
 }
 PROFILE_FIELDS: tuple[str, ...] = tuple(PROFILE_CARDINALITY)
 
@@ -315,7 +322,9 @@ class _WorldSizes:
 
     def cardinalities(self) -> dict[str, int]:
         entity_count = {
-            USER_ID_FIELD: self.users, "205": self.items, POSITION_FIELD: self.positions,
+            USER_ID_FIELD: self.users,
+            "205": self.items,
+            POSITION_FIELD: self.positions,
             **dict.fromkeys(("109_14", "206", "508"), self.categories),
             **dict.fromkeys(("110_14", "207", "509"), self.shops),
             **dict.fromkeys(("127_14", "216", "702"), self.brands),
@@ -513,9 +522,7 @@ def _build_world(sizes: _WorldSizes, profile: SynthProfile, rng: np.random.Gener
         category_ctr=rng.normal(0.0, spread, n_cat),
         category_cvr=rng.normal(0.0, profile.cvr_id_effect, n_cat),
         brand_ctr=np.concatenate([rng.normal(0.0, spread, sizes.brands), no_brand]),
-        brand_cvr=np.concatenate(
-            [rng.normal(0.0, profile.cvr_id_effect, sizes.brands), no_brand]
-        ),
+        brand_cvr=np.concatenate([rng.normal(0.0, profile.cvr_id_effect, sizes.brands), no_brand]),
         category_sampler=_GroupSampler.build(
             np.zeros(n_cat, dtype=np.int64), np.exp(category_popularity), 1
         ),
@@ -669,9 +676,7 @@ def _simulate(
     snapshots = {}
     for field in HISTORY_FIELDS:
         lists = world.history[field]
-        context, index = _ranges(
-            lists.offsets[context_user], np.diff(lists.offsets)[context_user]
-        )
+        context, index = _ranges(lists.offsets[context_user], np.diff(lists.offsets)[context_user])
         count = rng.poisson(lists.rate[index] * activity[context])
         keep = count > 0
         snapshots[field] = _Entries(context[keep], lists.entity[index][keep], count[keep])
@@ -682,9 +687,9 @@ def _simulate(
     position = np.minimum(np.arange(n) - first[impression_context], sizes.positions - 1)
     user = context_user[impression_context]
     categories = world.history["109_14"]
-    pick = categories.offsets[user] + (
-        rng.random(n) * np.diff(categories.offsets)[user]
-    ).astype(np.int64)
+    pick = categories.offsets[user] + (rng.random(n) * np.diff(categories.offsets)[user]).astype(
+        np.int64
+    )
     personal = rng.random(n) < prof.personal_share
     popular = world.category_sampler.draw(np.zeros(n, dtype=np.int64), rng)
     item = world.item_sampler.draw(np.where(personal, categories.entity[pick], popular), rng)
@@ -721,9 +726,9 @@ def _simulate(
     fit = np.einsum("ij,ij->i", world.user_fit[user], world.item_fit[item])
     price_fit = 1.0 - np.abs(consumption - world.item_price_tier[item])
     context_ctr = rng.normal(0.0, prof.context_noise, n_contexts)[impression_context]
-    context_cvr = 0.3 * context_ctr + rng.normal(0.0, prof.context_noise, n_contexts)[
-        impression_context
-    ]
+    context_cvr = (
+        0.3 * context_ctr + rng.normal(0.0, prof.context_noise, n_contexts)[impression_context]
+    )
     logit_ctr = (
         prof.affinity * (taste + gender_sign * world.category_gender[category])
         + world.category_age[category, age]
@@ -876,7 +881,9 @@ class _SplitWriter:
         n = len(block.item)
         every = np.arange(n)
         single = {
-            "205": block.item, "206": block.category, "207": block.shop,
+            "205": block.item,
+            "206": block.category,
+            "207": block.shop,
             POSITION_FIELD: block.position,
         }
         weights = _WeightText(max(int(e.count.max(initial=0)) for e in block.crosses.values()))

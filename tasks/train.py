@@ -67,7 +67,9 @@ class SplitReader:
 
     def num_batches(self, batch_size: int) -> int:
         md = self._impressions.metadata
-        return sum(math.ceil(md.row_group(i).num_rows / batch_size) for i in range(md.num_row_groups))
+        return sum(
+            math.ceil(md.row_group(i).num_rows / batch_size) for i in range(md.num_row_groups)
+        )
 
     def tables(self, batch_size: int, seed: int | None = None) -> Iterator[pa.Table]:
         """Impression batches; with a seed, row groups and rows within them are shuffled."""
@@ -87,7 +89,9 @@ class SplitReader:
         rows = self._index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
         if (rows < 0).any():
             missing = table[COMMON_INDEX_KEY].to_pandas()[rows < 0].iloc[0]
-            raise KeyError(f"{self.split_dir}: common_feature_index {missing} not in common.parquet")
+            raise KeyError(
+                f"{self.split_dir}: common_feature_index {missing} not in common.parquet"
+            )
         return self._common.take(pa.array(rows))
 
     def features(self, table: pa.Table, contexts: pa.Table | None = None) -> dict[str, np.ndarray]:
@@ -139,7 +143,13 @@ class TrainResult:
     history: dict[str, list[float]]
 
 
-def train_esmm(ingest_dir: Path, out_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, verbose: int = 1) -> TrainResult:
+def train_esmm(
+    ingest_dir: Path,
+    out_dir: Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    verbose: int = 1,
+) -> TrainResult:
     """Fit ESMM on the train split, early-stopping on the validation loss; save `.keras`.
 
     Args:
@@ -174,7 +184,9 @@ def train_esmm(ingest_dir: Path, out_dir: Path, model_cfg: ModelConfig, train_cf
     validation = make_dataset(valid, train_cfg.batch_size) if valid.num_rows else None
     callbacks = []
     if validation is not None:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
+        )
     fit = model.fit(
         make_dataset(train, train_cfg.batch_size, seed=train_cfg.seed),
         validation_data=validation,

@@ -53,7 +53,9 @@ def to_tfdv_batch(table: pa.Table) -> pa.RecordBatch:
             continue
         col = table[name].combine_chunks()
         if not pa.types.is_list(col.type):
-            col = pa.ListArray.from_arrays(pa.array(range(len(col) + 1), pa.int32()), col.cast(pa.int64()))
+            col = pa.ListArray.from_arrays(
+                pa.array(range(len(col) + 1), pa.int32()), col.cast(pa.int64())
+            )
         columns.append(col)
         names.append(name)
     return pa.RecordBatch.from_arrays(columns, names=names)
@@ -99,7 +101,9 @@ def infer_schema(statistics):
     return schema
 
 
-def validate_data(ingest_dir: Path, out_dir: Path, schema_dir: Path, cfg: ValidateConfig) -> ValidationResult:
+def validate_data(
+    ingest_dir: Path, out_dir: Path, schema_dir: Path, cfg: ValidateConfig
+) -> ValidationResult:
     """Profile every split and table, check each against its schema, write the reports.
 
     Raises:
@@ -127,10 +131,15 @@ def validate_data(ingest_dir: Path, out_dir: Path, schema_dir: Path, cfg: Valida
                 continue  # an empty split (e.g. no validation contexts) has nothing to check
             found = tfdv.validate_statistics(stats, schema)
             for name, info in sorted(found.anomaly_info.items()):
-                anomalies.append(f"{split}/{table}: feature '{name}': {info.short_description} ({info.description})")
+                anomalies.append(
+                    f"{split}/{table}: feature '{name}': {info.short_description} ({info.description})"
+                )
     result = ValidationResult(not anomalies, anomalies, num_examples)
     (out_dir / "report.json").write_text(
-        json.dumps({"passed": result.passed, "anomalies": anomalies, "num_examples": num_examples}, indent=2)
+        json.dumps(
+            {"passed": result.passed, "anomalies": anomalies, "num_examples": num_examples},
+            indent=2,
+        )
     )
     if anomalies:
         raise DataValidationError("data validation failed:\n  " + "\n  ".join(anomalies))

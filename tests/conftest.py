@@ -32,9 +32,11 @@ SMALL_PARAMS = {
     "synth": {**SMALL, "profile": "default"},
     "ingest": {"valid_fraction": 0.15, "min_count": 1},
     "model": {"embedding_dim": 4, "ctr_tower": {"units": [16]}, "cvr_tower": {"units": [16]}},
-    "train": {"batch_size": 256, "epochs": 1, "seed": 1},
-    # Floors a 1-epoch model on 4k impressions clears; the gate logic has its own tests.
-    "evaluate": {"min_ctr_auc": 0.5, "min_ctcvr_auc": 0.0, "min_cvr_auc_clicked": 0.0},
+    "train": {"batch_size": 128, "epochs": 3, "learning_rate": 0.01, "seed": 1},
+    # Floors that a model which learned something clears on 4k impressions (it reaches about
+    # 0.59 / 0.65); CVR on ~125 test clicks is too noisy to gate here. The gate logic has its
+    # own tests.
+    "evaluate": {"min_ctr_auc": 0.53, "min_ctcvr_auc": 0.53, "min_cvr_auc_clicked": 0.0},
 }
 
 
@@ -42,7 +44,9 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """Run a command, failing the test with its output when it fails."""
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if proc.returncode:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -70,7 +74,8 @@ def make_project(root: Path, raw: Path, overrides: dict | None = None) -> Path:
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "add", "-q", "data"], root)
-    (root / ".gitignore").write_text("/artifacts/\nmlflow.db\nmlruns/\n__pycache__/\n")
+    with open(root / ".gitignore", "a") as fh:  # after dvc add's own `/data` entry
+        fh.write("/artifacts/\nmlflow.db\nmlruns/\n__pycache__/\n")
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "project"], root)
     return root

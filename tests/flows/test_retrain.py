@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import make_project, run
 
 pytestmark = pytest.mark.timeout(900)
@@ -24,7 +23,9 @@ def prefect_harness(tmp_path_factory):
         yield
 
 
-def test_flow_registers_model_with_aliases_metrics_and_data_version(tmp_path, small_raw, prefect_harness, monkeypatch):
+def test_flow_registers_model_with_aliases_metrics_and_data_version(
+    tmp_path, small_raw, prefect_harness, monkeypatch
+):
     """One flow run: a new registered version, `challenger` (+ `champion` on a passed gate),
     the three AUCs logged, and the data.dvc md5 as its data-version tag."""
     from mlflow import MlflowClient
@@ -39,9 +40,9 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(tmp_path, sm
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(uri)
     version = client.get_model_version_by_alias("esmm", "challenger")
-    assert version.version == summary.model_version == "1"
+    assert str(version.version) == summary.model_version == "1"
     assert summary.gate_passed
-    assert client.get_model_version_by_alias("esmm", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("esmm", "champion").version) == "1"
     expected_version = data_version(project / "data.dvc")
     assert summary.data_version == expected_version
     assert version.tags["data_version"] == expected_version
@@ -49,7 +50,8 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(tmp_path, sm
     for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
         assert run_data.metrics[name] == pytest.approx(summary.metrics[name])
     assert run_data.tags["data_version"] == expected_version
-    assert run_data.params["train.epochs"] == "1"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert run_data.params["train.epochs"] == str(params["train"]["epochs"])
 
 
 def test_failed_gate_registers_challenger_only(tmp_path, small_raw, prefect_harness, monkeypatch):
@@ -63,7 +65,7 @@ def test_failed_gate_registers_challenger_only(tmp_path, small_raw, prefect_harn
     summary = retrain(params_path="params.yaml")
     assert not summary.gate_passed and "ctr_auc" in summary.gate_reasons[0]
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    assert client.get_model_version_by_alias("esmm", "challenger").version == "1"
+    assert str(client.get_model_version_by_alias("esmm", "challenger").version) == "1"
     assert "champion" not in client.get_registered_model("esmm").aliases
 
 
@@ -93,5 +95,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
         assert f"Running stage '{stage}'" in third
     for stage in ("ingest", "validate"):
         assert f"Running stage '{stage}'" not in third
-    registration = json.loads((project / "artifacts" / "register" / "registration.json").read_text())
+    registration = json.loads(
+        (project / "artifacts" / "register" / "registration.json").read_text()
+    )
     assert registration["version"] == "2"

@@ -15,7 +15,13 @@ from tasks.evaluate import compute_metrics, gate
 def _frame(click, conversion, p_ctr, p_cvr) -> pd.DataFrame:
     p_ctr, p_cvr = np.asarray(p_ctr, float), np.asarray(p_cvr, float)
     return pd.DataFrame(
-        {"click": click, "conversion": conversion, "p_ctr": p_ctr, "p_cvr": p_cvr, "p_ctcvr": p_ctr * p_cvr}
+        {
+            "click": click,
+            "conversion": conversion,
+            "p_ctr": p_ctr,
+            "p_cvr": p_cvr,
+            "p_ctcvr": p_ctr * p_cvr,
+        }
     )
 
 
@@ -43,14 +49,22 @@ def test_ctcvr_label_is_click_times_conversion():
 def test_auc_undefined_with_one_class_is_nan_and_fails_the_gate():
     metrics = compute_metrics(_frame([1, 1], [0, 0], [0.4, 0.6], [0.3, 0.2]))
     assert math.isnan(metrics["ctr_auc"])
-    verdict = gate(metrics, EvaluateConfig(min_ctr_auc=0.0, min_ctcvr_auc=0.0, min_cvr_auc_clicked=0.0))
+    verdict = gate(
+        metrics, EvaluateConfig(min_ctr_auc=0.0, min_ctcvr_auc=0.0, min_cvr_auc_clicked=0.0)
+    )
     assert not verdict.passed and any("ctr_auc" in r for r in verdict.reasons)
 
 
-@pytest.mark.parametrize("floor_key, metric", [("min_ctr_auc", "ctr_auc"), ("min_cvr_auc_clicked", "cvr_auc_clicked")])
+@pytest.mark.parametrize(
+    "floor_key, metric", [("min_ctr_auc", "ctr_auc"), ("min_cvr_auc_clicked", "cvr_auc_clicked")]
+)
 def test_gate_names_the_failed_floor(floor_key, metric):
     metrics = {"ctr_auc": 0.7, "ctcvr_auc": 0.7, "cvr_auc_clicked": 0.7}
     verdict = gate(metrics, EvaluateConfig(**{floor_key: 0.8}))
     assert not verdict.passed
-    assert len(verdict.reasons) == 1 and metric in verdict.reasons[0] and floor_key in verdict.reasons[0]
+    assert (
+        len(verdict.reasons) == 1
+        and metric in verdict.reasons[0]
+        and floor_key in verdict.reasons[0]
+    )
     assert gate(metrics, EvaluateConfig(**{floor_key: 0.6})).passed

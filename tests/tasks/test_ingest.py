@@ -65,7 +65,9 @@ def test_every_defect_is_quarantined_with_reason_and_line(tmp_path):
     raw = _write_raw(tmp_path / "raw", lines, COMMON)
     report = ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
 
-    rows = [r for r in _read_quarantine(tmp_path / "out") if r["file"] == "sample_skeleton_train.csv"]
+    rows = [
+        r for r in _read_quarantine(tmp_path / "out") if r["file"] == "sample_skeleton_train.csv"
+    ]
     got = {int(r["line"]): r["reason"] for r in rows}
     expected = {i + 2: reason for i, reason in enumerate(BAD.values())}  # after GOOD[0] on line 1
     assert got == expected
@@ -96,7 +98,10 @@ def test_all_entries_and_weights_kept(tmp_path):
     assert imp[1][ids_key("210")] == [200] and imp[1][ids_key("508")] == [300]
     assert imp[1][wts_key("508")] == [2.5]
     assert imp[2][ids_key("205")] == [] and imp[2]["click"] == 1
-    common = {r["common_feature_index"]: r for r in pq.read_table(tmp_path / "out" / "train" / "common.parquet").to_pylist()}
+    common = {
+        r["common_feature_index"]: r
+        for r in pq.read_table(tmp_path / "out" / "train" / "common.parquet").to_pylist()
+    }
     assert common[KEY_A][ids_key("109_14")] == [5, 6]
     assert common[KEY_A][wts_key("109_14")] == pytest.approx([1.5, 0.7])
 
@@ -122,7 +127,12 @@ def test_invalid_utf8_is_quarantined(tmp_path):
         fh.write(b"12,0,0," + KEY_A.encode() + b",1,205\x02\xff\xfe\x031.0\n")
     ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
     rows = _read_quarantine(tmp_path / "out")
-    assert {"file": "sample_skeleton_train.csv", "line": "4", "sample_id": "", "reason": ing.R_UTF8} in rows
+    assert {
+        "file": "sample_skeleton_train.csv",
+        "line": "4",
+        "sample_id": "",
+        "reason": ing.R_UTF8,
+    } in rows
 
 
 def test_small_chunks_give_the_same_result(tmp_path):
@@ -167,7 +177,11 @@ def test_validation_split_is_by_context(tmp_path, small_raw):
     cfg = IngestConfig(valid_fraction=0.3, min_count=1)
     ing.ingest_ali_ccp(small_raw, tmp_path / "out", cfg)
     keys = {
-        s: set(pq.read_table(tmp_path / "out" / s / "impressions.parquet")["common_feature_index"].to_pylist())
+        s: set(
+            pq.read_table(tmp_path / "out" / s / "impressions.parquet")[
+                "common_feature_index"
+            ].to_pylist()
+        )
         for s in ("train", "valid")
     }
     assert keys["train"] and keys["valid"] and not keys["train"] & keys["valid"]
@@ -176,7 +190,10 @@ def test_validation_split_is_by_context(tmp_path, small_raw):
 def test_generator_round_trip(tmp_path, small_raw):
     """Every field, id and weight of every generated line comes back from the Parquet tables."""
     ing.ingest_ali_ccp(small_raw, tmp_path / "out", IngestConfig(valid_fraction=0.2, min_count=1))
-    tables = {s: pq.read_table(tmp_path / "out" / s / "impressions.parquet").to_pylist() for s in ("train", "valid")}
+    tables = {
+        s: pq.read_table(tmp_path / "out" / s / "impressions.parquet").to_pylist()
+        for s in ("train", "valid")
+    }
     parsed = {r["sample_id"]: r for rows in tables.values() for r in rows}
     common = {}
     for s in ("train", "valid"):
@@ -186,7 +203,11 @@ def test_generator_round_trip(tmp_path, small_raw):
     for line in (small_raw / "sample_skeleton_train.csv").read_text().splitlines():
         sid, click, conv, key, _, flist = line.split(",")
         row = parsed[sid]
-        assert (row["click"], row["conversion"], row["common_feature_index"]) == (int(click), int(conv), key)
+        assert (row["click"], row["conversion"], row["common_feature_index"]) == (
+            int(click),
+            int(conv),
+            key,
+        )
         assert _grouped(flist, SKELETON_FIELDS) == _row_lists(row, SKELETON_FIELDS)
         n += 1
     assert n == sum(len(t) for t in tables.values())
@@ -212,7 +233,9 @@ def _row_lists(row: dict, fields) -> dict:
 def test_vocabulary_learned_from_train_only(tmp_path):
     """Ids that occur only in the test split are not in the vocabulary (they map to OOV)."""
     raw = _write_raw(tmp_path / "raw", GOOD, COMMON)
-    (raw / "sample_skeleton_test.csv").write_text(f"1,0,0,{KEY_A},1,{_features([('205', 777, 1.0)])}\n")
+    (raw / "sample_skeleton_test.csv").write_text(
+        f"1,0,0,{KEY_A},1,{_features([('205', 777, 1.0)])}\n"
+    )
     ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
     vocab = ing.load_vocabularies(tmp_path / "out" / "vocab.parquet")
     assert set(vocab) == set(ALL_FIELDS)

@@ -62,7 +62,10 @@ def read_skeleton(path: Path) -> list[Impression]:
         assert HEX_KEY.fullmatch(key)
         impressions.append(
             Impression(
-                int(sample_id), int(click), int(conversion), key,
+                int(sample_id),
+                int(click),
+                int(conversion),
+                key,
                 parse_feature_list(features, feature_num),
             )
         )
@@ -268,9 +271,7 @@ def test_crosses_appear_exactly_on_history_matches(
                 weight_of = {
                     i - ranges[history_field].start: v for f, i, v in history if f == history_field
                 }
-                written = {
-                    i - ranges[cross].start: v for f, i, v in imp.entries if f == cross
-                }
+                written = {i - ranges[cross].start: v for f, i, v in imp.entries if f == cross}
                 expected = {k: weight_of[k] for k in item_entities if k in weight_of}
                 assert written == expected, (imp.sample_id, cross)
                 crosses_seen += len(written)
@@ -305,7 +306,10 @@ def test_oracle_matches_aucs_recomputed_from_files(
         roc_auc_score(conversion[clicked], p_cvr[clicked]), abs=1e-12
     )
     assert (test["impressions"], test["clicks"], test["conversions"], test["contexts"]) == (
-        len(impressions), int(click.sum()), int(conversion.sum()), len(contexts)
+        len(impressions),
+        int(click.sum()),
+        int(conversion.sum()),
+        len(contexts),
     )
 
 

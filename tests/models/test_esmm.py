@@ -1,0 +1,506 @@
+"""Behaviour of the Keras ESMM model (`models.esmm`) on tiny synthetic inputs.
+
+The tests assert the model's semantics: named outputs, p_ctcvr = p_ctr * p_cvr, one shared
+embedding table per field, the ESMM loss, weighted pooling, the OOV bucket, the `.keras`
+round trip, and that a short fit learns a planted signal.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+
+from models.esmm import (
+    EmbeddingBag,
+    EsmmModel,
+    build_esmm,
+    compile_esmm,
+    esmm_targets,
+)
+from models.features import (
+    ALL_FIELDS,
+    MULTI_VALUED_FIELDS,
+    OUTPUT_KEYS,
+    WEIGHTED_FIELDS,
+    ids_key,
+    wts_key,
+)
+from tasks.config import ModelConfig, TowerConfig
+
+VOCAB_SIZE = 12  # known ids per field
+UNKNOWN_IDS = (999_999_001, 999_999_002)  # in no vocabulary
+SMALL_CONFIG = ModelConfig(
+    embedding_dim=4,
+    ctr_tower=TowerConfig(units=[8]),
+    cvr_tower=TowerConfig(units=[8]),
+)
+
+
+# --- Synthetic data factory -------------------------------------------------------------
+
+
+def make_vocabularies(size: int = VOCAB_SIZE) -> dict[str, np.ndarray]:
+    """Per field, `size` raw ids that look like Ali-CCP hashes (large, never 0)."""
+    return {
+        field: (i + 1) * 1_000_003 + 7 * np.arange(1, size + 1, dtype=np.int64)
+        for i, field in enumerate(ALL_FIELDS)
+    }
+
+
+def make_batch(
+    n: int, vocabularies: dict[str, np.ndarray], *, seed: int = 0, max_length: int = 4
+) -> dict[str, np.ndarray]:
+    """A padded input batch: every field has at least one real entry per row.
+
+    Multi-valued fields get 1..max_length entries, the rest exactly one; weighted fields
+    get weights in [0.5, 2), the rest weight 1. Padding is id 0 with weight 0.
+    """
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for field in ALL_FIELDS:
+        length = max_length if field in MULTI_VALUED_FIELDS else 1
+        ids = rng.choice(vocabularies[field], size=(n, length))
+        real = np.arange(length)[None, :] < rng.integers(1, length + 1, size=(n, 1))
+        weights = rng.uniform(0.5, 2.0, (n, length)) if field in WEIGHTED_FIELDS else 1.0
+        batch[ids_key(field)] = np.where(real, ids, 0).astype(np.int64)
+        batch[wts_key(field)] = np.where(real, weights, 0.0).astype(np.float32)
+    return batch
+
+
+def pad(batch: dict[str, np.ndarray], extra: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """The same batch with `extra` more zero-weight columns of random ids per field."""
+    rng = np.random.default_rng(seed)
+    padded = {}
+    for field in ALL_FIELDS:
+        ids, weights = batch[ids_key(field)], batch[wts_key(field)]
+        junk = rng.integers(1, 2**40, size=(len(ids), extra))
+        padded[ids_key(field)] = np.concatenate([ids, junk], axis=1).astype(np.int64)
+        padded[wts_key(field)] = np.concatenate(
+            [weights, np.zeros((len(ids), extra), np.float32)], axis=1
+        )
+    return padded
+
+
+def predict(model: keras.Model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inference-mode outputs as numpy arrays."""
+    return {key: np.asarray(value) for key, value in model(batch, training=False).items()}
+
+
+def embedding_layers(model: keras.Model) -> dict[str, EmbeddingBag]:
+    return {
+        layer.name.removeprefix("embedding_"): layer
+        for layer in model.layers
+        if isinstance(layer, EmbeddingBag)
+    }
+
+
+@pytest.fixture(scope="module")
+def vocabularies() -> dict[str, np.ndarray]:
+    return make_vocabularies()
+
+
+@pytest.fixture(scope="module")
+def model(vocabularies: dict[str, np.ndarray]) -> keras.Model:
+    """One uncompiled model shared by the read-only tests."""
+    return build_esmm(SMALL_CONFIG, vocabularies, seed=3)
+
+
+@pytest.fixture(scope="module")
+def batch(vocabularies: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return make_batch(32, vocabularies, seed=1)
+
+
+# --- Outputs ----------------------------------------------------------------------------
+
+
+def test_inputs_are_ids_and_weights_of_every_field(model):
+    """Inputs: ids_F int64 and wts_F float32, both (batch, None), for each of the 23 fields."""
+    inputs = {tensor.name: tensor for tensor in model.inputs}
+
+    assert set(inputs) == {key(f) for f in ALL_FIELDS for key in (ids_key, wts_key)}
+    for field in ALL_FIELDS:
+        assert inputs[ids_key(field)].dtype == "int64"
+        assert inputs[wts_key(field)].dtype == "float32"
+        assert tuple(inputs[ids_key(field)].shape) == (None, None)
+
+
+def test_outputs_are_the_three_named_probabilities_of_shape_batch(model, batch):
+    """The model returns exactly p_ctr, p_cvr, p_ctcvr, each float32 (batch,) in [0, 1]."""
+    out = predict(model, batch)
+
+    assert set(out) == set(OUTPUT_KEYS)
+    for key in OUTPUT_KEYS:
+        assert out[key].shape == (32,), key
+        assert out[key].dtype == np.float32, key
+        assert np.all((out[key] >= 0) & (out[key] <= 1)), key
+
+
+def test_p_ctcvr_is_p_ctr_times_p_cvr_and_never_above_either(model, batch):
+    """p_ctcvr = p_ctr * p_cvr, hence p_ctcvr <= min(p_ctr, p_cvr)."""
+    out = predict(model, batch)
+
+    np.testing.assert_allclose(out["p_ctcvr"], out["p_ctr"] * out["p_cvr"], rtol=1e-6)
+    assert np.all(out["p_ctcvr"] <= np.minimum(out["p_ctr"], out["p_cvr"]) + 1e-7)
+
+
+def test_towers_are_seeded_apart_and_the_build_is_reproducible(vocabularies, model, batch):
+    """Identical tower configs still give p_ctr != p_cvr; the same seed rebuilds the same model."""
+    out = predict(model, batch)
+    assert not np.allclose(out["p_ctr"], out["p_cvr"])
+
+    again = predict(build_esmm(SMALL_CONFIG, vocabularies, seed=3), batch)
+    other = predict(build_esmm(SMALL_CONFIG, vocabularies, seed=4), batch)
+    np.testing.assert_array_equal(again["p_ctr"], out["p_ctr"])
+    assert not np.allclose(other["p_ctr"], out["p_ctr"])
+
+
+# --- Shared embeddings ------------------------------------------------------------------
+
+
+def test_exactly_one_embedding_table_per_field(model, vocabularies):
+    """Each field owns one embedding variable of shape (vocabulary + OOV row, dim)."""
+    tables = embedding_layers(model)
+
+    assert sorted(tables) == sorted(ALL_FIELDS)
+    for field, layer in tables.items():
+        assert len(layer.weights) == 1, field
+        assert tuple(layer.weights[0].shape) == (len(vocabularies[field]) + 1, 4), field
+    assert not any(isinstance(layer, keras.layers.Embedding) for layer in model.layers)
+    table_ids = {id(layer.weights[0]) for layer in tables.values()}
+    assert len(table_ids) == len(ALL_FIELDS)
+
+
+def test_each_embedding_table_feeds_both_towers(model, batch):
+    """d p_ctr / d E_F and d p_cvr / d E_F are both non-zero for every field's table F.
+
+    The probabilities are sigmoids of the tower logits, so a non-zero gradient of the
+    probability means a non-zero gradient of the logit.
+    """
+    tables = embedding_layers(model)
+    variables = [tables[field].weights[0] for field in ALL_FIELDS]
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(batch, training=False)
+        ctr, cvr = tf.reduce_sum(out["p_ctr"]), tf.reduce_sum(out["p_cvr"])
+    for name, target in (("p_ctr", ctr), ("p_cvr", cvr)):
+        grads = tape.gradient(target, variables)
+        for field, grad in zip(ALL_FIELDS, grads, strict=True):
+            assert grad is not None, (name, field)
+            assert np.abs(tf.convert_to_tensor(grad).numpy()).max() > 0, (name, field)
+
+
+# --- Pooling, padding and the OOV bucket -----------------------------------------------
+
+
+def _bag(pooling: str) -> EmbeddingBag:
+    """A 5-row, 3-dim bag whose row r is [r, 10 r, 100 r] + 1."""
+    bag = EmbeddingBag(input_dim=5, output_dim=3, pooling=pooling)
+    bag.build([(None, None), (None, None)])
+    rows = np.arange(5, dtype=np.float32)[:, None]
+    bag.embeddings.assign(np.concatenate([rows, 10 * rows, 100 * rows], axis=1) + 1)
+    return bag
+
+
+def _both_paths(bag: EmbeddingBag, indices, weights) -> list[np.ndarray]:
+    """Pooled output through the layer call, and the backend-neutral dense formulation."""
+    indices = np.asarray(indices, np.int64)
+    weights = np.asarray(weights, np.float32)
+    called = np.asarray(bag([indices, weights]))
+    dense = np.asarray(bag._weighted_sum_dense(indices, weights))
+    if bag.pooling == "mean":
+        dense = dense / np.maximum(weights.sum(axis=1, keepdims=True), bag.epsilon)
+    return [called, dense]
+
+
+def test_sum_pooling_weighs_each_entry_by_its_weight():
+    """Doubling one entry's weight adds exactly that entry's weighted embedding once more."""
+    bag = _bag("sum")
+    table = np.asarray(bag.embeddings)
+    indices = [[1, 3, 3, 0]]  # a repeated id counts twice
+    for before, after in zip(
+        _both_paths(bag, indices, [[0.5, 2.0, 1.0, 0.0]]),
+        _both_paths(bag, indices, [[1.0, 2.0, 1.0, 0.0]]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(before[0], 0.5 * table[1] + 3.0 * table[3], rtol=1e-6)
+        np.testing.assert_allclose(after - before, 0.5 * table[1][None], rtol=1e-6)
+
+
+def test_mean_pooling_is_the_weighted_average_and_zero_for_all_zero_weights():
+    """mean = sum(w e) / sum(w); a row of zero weights (absent field) pools to zeros."""
+    bag = _bag("mean")
+    table = np.asarray(bag.embeddings)
+    for pooled in _both_paths(bag, [[2, 4], [3, 1]], [[1.0, 3.0], [0.0, 0.0]]):
+        np.testing.assert_allclose(pooled[0], (table[2] + 3 * table[4]) / 4, rtol=1e-6)
+        np.testing.assert_array_equal(pooled[1], np.zeros(3, np.float32))
+
+
+def test_zero_weight_padding_changes_no_prediction(model, batch):
+    """Longer padding (zero weights, arbitrary ids) gives the same predictions."""
+    out = predict(model, batch)
+    padded = predict(model, pad(batch, extra=7))
+
+    for key in OUTPUT_KEYS:
+        np.testing.assert_allclose(padded[key], out[key], rtol=1e-6, atol=1e-7)
+
+
+def test_an_absent_field_may_be_zero_width_or_all_zero_weights(model, batch):
+    """A field absent from a whole batch predicts alike as (batch, 0) or as zero weights."""
+    zero_width, zero_weights = dict(batch), dict(batch)
+    zero_width[ids_key("150_14")] = np.zeros((32, 0), np.int64)
+    zero_width[wts_key("150_14")] = np.zeros((32, 0), np.float32)
+    zero_weights[wts_key("150_14")] = np.zeros_like(batch[wts_key("150_14")])
+
+    np.testing.assert_allclose(
+        predict(model, zero_width)["p_ctr"], predict(model, zero_weights)["p_ctr"], atol=1e-7
+    )
+
+
+def test_unknown_ids_share_the_oov_bucket(model, batch, vocabularies):
+    """Two different unknown ids predict alike (one OOV row); two known ids need not."""
+
+    def with_item(raw_id: int) -> dict[str, np.ndarray]:
+        changed = dict(batch)
+        changed[ids_key("205")] = np.full_like(batch[ids_key("205")], raw_id)
+        return changed
+
+    first, second = (predict(model, with_item(i))["p_ctr"] for i in UNKNOWN_IDS)
+    np.testing.assert_array_equal(first, second)
+    known_a, known_b = (predict(model, with_item(i))["p_ctr"] for i in vocabularies["205"][:2])
+    assert not np.allclose(known_a, known_b)
+    assert not np.allclose(first, known_a)
+
+
+def test_an_empty_vocabulary_sends_every_id_of_the_field_to_oov(vocabularies, batch):
+    """A field with no known ids still builds; all its ids share the OOV row."""
+    vocabs = {**vocabularies, "150_14": np.array([], dtype=np.int64)}
+    model = build_esmm(SMALL_CONFIG, vocabs, seed=0)
+    changed = dict(batch)
+    changed[ids_key("150_14")] = np.where(batch[wts_key("150_14")] > 0, UNKNOWN_IDS[0], 0).astype(
+        np.int64
+    )
+
+    np.testing.assert_array_equal(predict(model, batch)["p_ctr"], predict(model, changed)["p_ctr"])
+
+
+# --- Loss and compile -------------------------------------------------------------------
+
+
+def _labels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    click = (rng.random(n) < 0.4).astype(np.float32)
+    conversion = (rng.random(n) < 0.5).astype(np.float32)
+    return click, conversion
+
+
+@pytest.fixture(scope="module")
+def compiled_model(vocabularies) -> keras.Model:
+    model = build_esmm(SMALL_CONFIG, vocabularies, seed=5)
+    compile_esmm(model, learning_rate=1e-2, ctr_loss_weight=0.3, ctcvr_loss_weight=2.0)
+    return model
+
+
+def test_esmm_targets_are_click_and_click_times_conversion():
+    """Labels: p_ctr = click, p_ctcvr = click * conversion, float32, no p_cvr key."""
+    targets = esmm_targets([1, 0, 1, 0], [1, 1, 0, 0])
+
+    assert set(targets) == {"p_ctr", "p_ctcvr"}
+    np.testing.assert_array_equal(targets["p_ctr"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(targets["p_ctcvr"], [1, 0, 0, 0])
+    assert all(t.dtype == np.float32 for t in targets.values())
+
+
+def test_compiled_loss_is_weighted_ctr_plus_ctcvr_bce_with_no_p_cvr_term(compiled_model, batch):
+    """loss = 0.3 * BCE(click, p_ctr) + 2.0 * BCE(click * conversion, p_ctcvr), nothing on p_cvr."""
+    click, conversion = _labels(32, seed=2)
+    logs = compiled_model.evaluate(
+        batch, esmm_targets(click, conversion), batch_size=32, verbose=0, return_dict=True
+    )
+    out = predict(compiled_model, batch)
+
+    def bce(y, p):
+        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+        return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+
+    expected = 0.3 * bce(click, out["p_ctr"]) + 2.0 * bce(click * conversion, out["p_ctcvr"])
+    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+    assert not any(key.startswith("p_cvr_loss") for key in logs)
+
+
+def test_loss_ignores_conversion_labels_of_unclicked_rows(compiled_model, batch):
+    """Flipping conversion on unclicked rows leaves the loss unchanged; on clicked rows it does not."""
+    click, conversion = _labels(32, seed=3)
+    unclicked_flipped = np.where(click == 0, 1 - conversion, conversion)
+    clicked_flipped = np.where(click == 1, 1 - conversion, conversion)
+
+    def loss(conv: np.ndarray) -> float:
+        return compiled_model.evaluate(
+            batch, esmm_targets(click, conv), batch_size=32, verbose=0, return_dict=True
+        )["loss"]
+
+    assert loss(unclicked_flipped) == loss(conversion)
+    assert loss(clicked_flipped) != pytest.approx(loss(conversion))
+
+
+# --- Serialisation ----------------------------------------------------------------------
+
+
+def test_keras_round_trip_reproduces_predictions_and_training_state(vocabularies, batch, tmp_path):
+    """A trained model saved to .keras loads without custom_objects and gives the same
+    predictions (vocabularies and OOV included), loss and optimizer step."""
+    config = SMALL_CONFIG.model_copy(
+        update={
+            "pooling": "sum",
+            "cvr_tower": TowerConfig(units=[8, 4], batch_norm=True, dropout=0.2, l2=1e-4),
+        }
+    )
+    model = build_esmm(config, vocabularies, seed=6)
+    compile_esmm(model, learning_rate=1e-2, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
+    targets = esmm_targets(*_labels(32, seed=4))
+    model.fit(batch, targets, batch_size=16, epochs=1, verbose=0)
+    probe = dict(batch)
+    probe[ids_key("205")] = probe[ids_key("205")].copy()
+    probe[ids_key("205")][:4, 0] = UNKNOWN_IDS[0]
+    path = tmp_path / "esmm.keras"
+
+    model.save(path)
+    loaded = keras.models.load_model(path)
+
+    assert isinstance(loaded, EsmmModel)
+    before, after = predict(model, probe), predict(loaded, probe)
+    for key in OUTPUT_KEYS:
+        np.testing.assert_array_equal(after[key], before[key])
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
+    logs = [
+        m.evaluate(probe, targets, batch_size=32, verbose=0, return_dict=True)
+        for m in (model, loaded)
+    ]
+    assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-6)
+
+
+# --- Training ---------------------------------------------------------------------------
+
+
+def make_planted_dataset(
+    n: int, vocabularies: dict[str, np.ndarray], *, seed: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Random inputs where the item id (205) sets the CTR and the category (206) the CVR.
+
+    Items in the first half of the 205 vocabulary are clicked with probability 0.6, others
+    0.15; clicked impressions of categories in the first half of the 206 vocabulary
+    convert with probability 0.7, others 0.1. The other fields are noise.
+    """
+    rng = np.random.default_rng(seed)
+    batch = make_batch(n, vocabularies, seed=seed, max_length=3)
+    items, categories = vocabularies["205"], vocabularies["206"]
+    item = rng.integers(0, len(items), n)
+    category = rng.integers(0, len(categories), n)
+    batch[ids_key("205")] = items[item][:, None]
+    batch[ids_key("206")] = categories[category][:, None]
+    click = rng.random(n) < np.where(item < len(items) // 2, 0.6, 0.15)
+    conversion = rng.random(n) < np.where(category < len(categories) // 2, 0.7, 0.1)
+    return batch, click.astype(np.float32), (click & conversion).astype(np.float32)
+
+
+def test_short_fit_learns_ctr_ctcvr_and_clicked_cvr(vocabularies):
+    """Two epochs on a planted signal lower the loss and beat a constant predictor on
+    CTR AUC, CTCVR AUC and CVR AUC over clicked rows (held-out data, sklearn AUC). Also
+    pins Keras 3.15.1: fit/evaluate accept labels for two of the three outputs."""
+    train_x, train_click, train_conv = make_planted_dataset(6000, vocabularies, seed=10)
+    test_x, test_click, test_conv = make_planted_dataset(3000, vocabularies, seed=11)
+    model = build_esmm(SMALL_CONFIG, vocabularies, seed=0)
+    compile_esmm(model, learning_rate=0.02, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
+    targets = esmm_targets(train_click, train_conv)
+
+    initial = model.evaluate(train_x, targets, batch_size=1024, verbose=0, return_dict=True)
+    history = model.fit(train_x, targets, batch_size=256, epochs=2, verbose=0)
+    final = model.evaluate(train_x, targets, batch_size=1024, verbose=0, return_dict=True)
+
+    assert final["loss"] < initial["loss"]
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert {"p_ctr_auc", "p_ctcvr_auc", "p_cvr_auc_clicked"} <= set(final)
+    out = model.predict(test_x, batch_size=1024, verbose=0)
+    clicked = test_click == 1
+    assert roc_auc_score(test_click, out["p_ctr"]) > 0.65
+    assert roc_auc_score(test_click * test_conv, out["p_ctcvr"]) > 0.65
+    assert roc_auc_score(test_conv[clicked], out["p_cvr"][clicked]) > 0.65
+
+
+# --- Errors -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda v: {k: x for k, x in v.items() if k != "205"}, r"no entry for fields \['205'\]"),
+        (lambda v: {f"ids_{k}": x for k, x in v.items()}, r"not 'ids_205'"),
+        (lambda v: {**v, "999": [1]}, r"unknown fields \['999'\]"),
+        (lambda v: {**v, "206": [5, 5, 6]}, r"field '206' has duplicate ids"),
+        (lambda v: {**v, "206": [1.5, 2.5]}, r"field '206' must be a 1-D sequence of integer"),
+        (lambda v: {**v, "206": [[1, 2]]}, r"field '206' must be a 1-D sequence of integer"),
+        (lambda v: {**v, "206": [-1, 2]}, r"field '206' has negative ids"),
+    ],
+)
+def test_bad_vocabularies_are_rejected_naming_the_field(vocabularies, change, message):
+    """A missing, misnamed, unknown or malformed vocabulary fails before any layer is built."""
+    with pytest.raises(ValueError, match=message):
+        build_esmm(SMALL_CONFIG, change(vocabularies))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (ModelConfig.model_construct(embedding_dim=0), r"model\.embedding_dim must be > 0"),
+        (
+            SMALL_CONFIG.model_copy(update={"cvr_tower": TowerConfig(units=[8, 0])}),
+            r"model\.cvr_tower\.units must all be > 0",
+        ),
+        (
+            SMALL_CONFIG.model_copy(update={"ctr_tower": TowerConfig(activation="relux")}),
+            r"model\.ctr_tower\.activation 'relux' is not a Keras activation",
+        ),
+    ],
+)
+def test_bad_model_config_is_rejected_naming_the_key(vocabularies, config, message):
+    """Config values that slipped past pydantic are reported by their params.yaml key."""
+    with pytest.raises(ValueError, match=message):
+        build_esmm(config, vocabularies)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"learning_rate": 0.0}, ValueError, r"learning_rate must be > 0"),
+        ({"ctr_loss_weight": -1.0}, ValueError, r"loss weights must be >= 0"),
+        ({"ctr_loss_weight": 0.0, "ctcvr_loss_weight": 0.0}, ValueError, r"at least one"),
+    ],
+)
+def test_bad_compile_arguments_are_rejected(model, kwargs, error, message):
+    """compile_esmm names the train.* key at fault."""
+    arguments = {"learning_rate": 1e-3, "ctr_loss_weight": 1.0, "ctcvr_loss_weight": 1.0}
+    with pytest.raises(error, match=message):
+        compile_esmm(model, **{**arguments, **kwargs})
+
+
+def test_compile_esmm_refuses_a_model_not_built_by_build_esmm():
+    """A plain Keras model cannot take ESMM's two-key labels, so compile_esmm says so."""
+    inputs = keras.Input(shape=(2,))
+    plain = keras.Model(inputs, {"p_ctr": keras.layers.Dense(1)(inputs)})
+    with pytest.raises(TypeError, match="build_esmm"):
+        compile_esmm(plain, learning_rate=1e-3, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
+
+
+@pytest.mark.parametrize(
+    ("click", "conversion", "message"),
+    [
+        ([1, 0, 1], [1, 0], "same length"),
+        ([1, 0, 2], [1, 0, 0], "click labels must be 0 or 1"),
+        ([1, 0, 1], [0.5, 0, 0], "conversion labels must be 0 or 1"),
+    ],
+)
+def test_esmm_targets_rejects_misaligned_or_non_binary_labels(click, conversion, message):
+    """Click and conversion labels must align row by row and be 0/1."""
+    with pytest.raises(ValueError, match=message):
+        esmm_targets(click, conversion)

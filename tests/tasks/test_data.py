@@ -1,0 +1,116 @@
+"""Data versions: regenerated data reproduces data.dvc exactly; missing data is restored."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, SMALL, make_project, run
+
+from tasks.config import SynthConfig, load_params
+from tasks.data import DataVersionError, data_version, ensure_raw_data
+from tasks.synth import synthesize_ali_ccp
+
+
+def test_default_data_regenerates_to_the_committed_version(tmp_path):
+    """`esmm synth` with the params.yaml defaults yields exactly the md5 in data.dvc."""
+    synth = load_params(REPO / "params.yaml").synth
+    synthesize_ali_ccp(tmp_path / "data", synth.train, synth.test, synth.seed)
+    run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], tmp_path)
+    run([sys.executable, "-m", "dvc", "add", "-q", "data"], tmp_path)
+    assert data_version(tmp_path / "data.dvc") == data_version(REPO / "data.dvc")
+
+
+def test_missing_data_is_regenerated_and_pushed(tmp_path, small_raw):
+    """With data/ gone and no remote copy, the generator restores the recorded version,
+    which is then cached and pushed to the default (local) remote."""
+    project = make_project(tmp_path / "project", small_raw)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "remote",
+            "add",
+            "-q",
+            "-d",
+            "local",
+            str(tmp_path / "remote"),
+        ],
+        project,
+    )
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    version = ensure_raw_data(project, project / "data", SynthConfig(**SMALL))
+    assert version == data_version(project / "data.dvc")
+    assert any((tmp_path / "remote").rglob("*")), "nothing was pushed to the remote"
+
+    # Now `dvc pull` alone can restore it.
+    shutil.rmtree(project / "data")
+    assert (
+        ensure_raw_data(project, project / "data", SynthConfig(**{**SMALL, "seed": 999})) == version
+    )
+
+
+def test_regeneration_that_does_not_match_fails(tmp_path, small_raw):
+    project = make_project(tmp_path / "project", small_raw)
+    shutil.rmtree(project / "data")
+    shutil.rmtree(project / ".dvc" / "cache")
+    with pytest.raises(DataVersionError, match="does not match"):
+        ensure_raw_data(
+            project, project / "data", SynthConfig(**{**SMALL, "seed": SMALL["seed"] + 1})
+        )
+
+
+def test_data_version_needs_a_dvc_file(tmp_path):
+    with pytest.raises(DataVersionError, match="not found"):
+        data_version(tmp_path / "data.dvc")
+    (tmp_path / "data.dvc").write_text("outs: []\n")
+    with pytest.raises(DataVersionError, match="expected one output"):
+        data_version(tmp_path / "data.dvc")
+
+
+def test_cli_reports_a_missing_raw_file(tmp_path, small_raw):
+    """`esmm ingest` with a raw file missing exits 1 naming the file, without a traceback."""
+    project = make_project(tmp_path / "project", small_raw)
+    (project / "data" / "sample_skeleton_test.csv").unlink()
+    proc = subprocess.run(["esmm", "ingest"], cwd=project, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "sample_skeleton_test.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_reports_a_mistyped_parameter(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  learning_rat: 0.1\n")
+    proc = subprocess.run(["esmm", "train"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "train.learning_rat: unknown key" in proc.stderr
+
+
+def test_cli_help_lists_every_step():
+    proc = subprocess.run(["esmm", "--help"], capture_output=True, text=True, cwd=Path.cwd())
+    assert proc.returncode == 0
+    for command in (
+        "synth",
+        "data",
+        "ingest",
+        "validate",
+        "train",
+        "evaluate",
+        "register",
+        "retrain",
+    ):
+        assert command in proc.stdout
+
+
+def test_changed_data_is_never_overwritten(tmp_path, small_raw):
+    """A raw folder that differs from data.dvc is an error, and it is left as it is."""
+    project = make_project(tmp_path / "project", small_raw)
+    extra = project / "data" / "sample_skeleton_train.csv"
+    extra.write_text(extra.read_text() + extra.read_text().splitlines()[0] + "\n")
+    before = extra.read_bytes()
+    with pytest.raises(DataVersionError, match="differs from the version recorded"):
+        ensure_raw_data(project, project / "data", SynthConfig(**SMALL))
+    assert extra.read_bytes() == before
