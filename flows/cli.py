@@ -7,7 +7,9 @@ so `esmm --help` and light commands start fast.
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -87,8 +89,13 @@ def data_pull(params: Path = PARAMS) -> None:
 
     p = _params(params)
     raw_dir = Path(p.paths.raw_dir)
-    version = _run(lambda: ensure_raw_data(Path.cwd(), raw_dir, p.synth))
-    typer.echo(f"raw data {raw_dir} is at data version {version}")
+    raw = _run(lambda: ensure_raw_data(Path.cwd(), raw_dir, p.synth))
+    origin = {
+        "workspace": "already present",
+        "remote": "pulled from the DVC remote",
+        "generator": f"regenerated with the seeded generator (synth: {p.synth.train:,}/{p.synth.test:,}, seed {p.synth.seed})",
+    }[raw.source]
+    typer.echo(f"raw data {raw_dir}/ at data version {raw.version}: {origin}")
 
 
 @app.command()
@@ -191,7 +198,16 @@ def _run(step):
         _fail(str(err))
 
 
+def _quiet_third_party() -> None:
+    """Silence start-up noise that says nothing about this run (CUDA probing on a CPU
+    machine, Google client deprecation notices, a Keras notice about tf.data shuffling)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
+    warnings.filterwarnings("ignore", message=r"`shuffle=True` was passed", category=UserWarning)
+
+
 def main() -> None:
+    _quiet_third_party()
     app()
 
 

@@ -29,7 +29,7 @@ register = task(
 @dataclass(frozen=True)
 class RunSummary:
     data_version: str
-    rows_written: int
+    impressions: dict[str, int]  # per split, as ingested
     rows_quarantined: int
     validation: str
     metrics: dict[str, float]
@@ -43,8 +43,9 @@ class RunSummary:
 
     def to_markdown(self) -> str:
         lines = [
-            f"**data version** `{self.data_version}`: {self.rows_written:,} impressions/contexts written, "
-            f"{self.rows_quarantined:,} lines quarantined",
+            f"**data version** `{self.data_version}`: impressions "
+            + ", ".join(f"{split} {n:,}" for split, n in self.impressions.items())
+            + f"; {self.rows_quarantined:,} raw lines quarantined",
             f"**validation** {self.validation}",
             "",
             "| metric | model | oracle |",
@@ -81,7 +82,7 @@ def retrain(params_path: str = "params.yaml") -> RunSummary:
 
     summary = RunSummary(
         data_version=data_version(layout.raw_dir.parent / f"{layout.raw_dir.name}.dvc"),
-        rows_written=report.rows_written,
+        impressions=report.split_rows,
         rows_quarantined=report.rows_quarantined,
         validation=validation.summary(),
         metrics=evaluation.metrics,

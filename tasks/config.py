@@ -23,8 +23,8 @@ class PathsConfig(_Section):
 
 
 class SynthConfig(_Section):
-    train: int = Field(100_000, gt=0)  # impressions in the train split
-    test: int = Field(30_000, gt=0)  # impressions in the test split
+    train: int = Field(500_000, gt=0)  # impressions in the train split
+    test: int = Field(100_000, gt=0)  # impressions in the test split
     seed: int = 2018
     profile: Literal["default"] = "default"
 

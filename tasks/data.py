@@ -7,6 +7,7 @@ deterministic, so it reproduces exactly the version `data.dvc` names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -52,8 +53,14 @@ def _push(repo, dvc_file: Path) -> None:
         print(f"note: could not push {dvc_file} to the DVC remote: {err}")
 
 
-def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> str:
-    """Make the raw data named by `<raw_dir>.dvc` present; return its data version.
+@dataclass(frozen=True)
+class RawData:
+    version: str  # the md5 recorded in the .dvc file
+    source: str  # "workspace", "remote" (dvc pull) or "generator"
+
+
+def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawData:
+    """Make the raw data named by `<raw_dir>.dvc` present; say its version and where it came from.
 
     An existing raw folder must match the recorded version (it is never overwritten). A
     missing one is restored with `dvc pull` from the default remote or, failing that,
@@ -80,11 +87,11 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> str:
                 f"version it with `dvc add {raw_dir.name}`, or restore it with `dvc checkout {dvc_file.name}`"
             )
         _push(repo, dvc_file)
-        return version
+        return RawData(version, "workspace")
     try:
         repo.pull(targets=[str(dvc_file)])
         if not repo.status(targets=[str(dvc_file)]):
-            return version
+            return RawData(version, "remote")
     except DvcException:
         pass  # no remote, or the remote lacks this version: regenerate below
     synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed)
@@ -94,4 +101,4 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> str:
             f"match {dvc_file} ({version}); if the data changed on purpose, run `dvc add {raw_dir.name}`"
         )
     _push(repo, dvc_file)
-    return version
+    return RawData(version, "generator")

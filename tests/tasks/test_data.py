@@ -44,15 +44,14 @@ def test_missing_data_is_regenerated_and_pushed(tmp_path, small_raw):
     )
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
-    version = ensure_raw_data(project, project / "data", SynthConfig(**SMALL))
-    assert version == data_version(project / "data.dvc")
+    restored = ensure_raw_data(project, project / "data", SynthConfig(**SMALL))
+    assert restored.version == data_version(project / "data.dvc") and restored.source == "generator"
     assert any((tmp_path / "remote").rglob("*")), "nothing was pushed to the remote"
 
     # Now `dvc pull` alone can restore it.
     shutil.rmtree(project / "data")
-    assert (
-        ensure_raw_data(project, project / "data", SynthConfig(**{**SMALL, "seed": 999})) == version
-    )
+    pulled = ensure_raw_data(project, project / "data", SynthConfig(**{**SMALL, "seed": 999}))
+    assert pulled == type(restored)(restored.version, "remote")
 
 
 def test_regeneration_that_does_not_match_fails(tmp_path, small_raw):
