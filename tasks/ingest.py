@@ -24,8 +24,13 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-from collections import Counter
-from collections.abc import Iterator
+import multiprocessing
+import os
+import tarfile
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -64,7 +69,9 @@ R_FEATURE_NUM = "feature_num does not match the feature list"
 R_ENTRY = "malformed feature entry"
 R_UNKNOWN_KEY = "unknown common_feature_index"
 R_DUP_KEY = "duplicate common_feature_index"
+R_DUP_SAMPLE = "duplicate sample id"
 
+_MIN_CHUNKS_FOR_WORKERS = 8  # below this many chunks of input, parse in-process
 _ENTRY_RE = r"^[^\x02\x03]+\x02[0-9]+\x03[-+0-9.eE]+$"
 
 
@@ -143,10 +150,13 @@ def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestRep
             `cfg.max_quarantine_fraction`.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    paths = {
-        split: tuple(_find_raw(raw_dir, name) for name in names)
-        for split, names in RAW_FILES.items()
-    }
+    sources = find_raw_files(raw_dir)
+    # By default one parsing process per core, unless the input is too small to repay
+    # starting them (a few seconds): then everything runs in this process.
+    workers = cfg.workers or os.cpu_count() or 1
+    total = sum(src.size() for pair in sources.values() for src in pair)
+    if not cfg.workers and total < _MIN_CHUNKS_FOR_WORKERS * cfg.chunk_bytes:
+        workers = 1
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         (out_dir / split).mkdir(exist_ok=True)
@@ -157,18 +167,25 @@ def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestRep
     with open(out_dir / "quarantine.csv", "w", newline="") as qf:
         quarantine = csv.writer(qf)
         quarantine.writerow(["file", "line", "sample_id", "reason"])
-        for split, (skeleton_path, common_path) in paths.items():
+        for split, (skeleton, common) in sources.items():
             out_splits = ("train", "valid") if split == "train" else ("test",)
             # Common features first: their keys decide which impressions are joinable.
-            rep, keys = _ingest_common(
-                common_path, out_dir, out_splits, cfg, quarantine, split_contexts
+            rep, keys = _ingest_file(
+                common, "common", out_dir, out_splits, cfg, workers, quarantine, split_contexts
             )
             files.append(rep)
-            files.append(
-                _ingest_skeleton(
-                    skeleton_path, out_dir, out_splits, keys, cfg, quarantine, split_rows
-                )
+            rep, _ = _ingest_file(
+                skeleton,
+                "skeleton",
+                out_dir,
+                out_splits,
+                cfg,
+                workers,
+                quarantine,
+                split_rows,
+                known_keys=keys,
             )
+            files.append(rep)
 
     vocab_sizes = _write_vocab(out_dir, cfg.min_count)
     report = IngestReport(files, split_rows, split_contexts, vocab_sizes)
@@ -191,64 +208,121 @@ def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestRep
     return report
 
 
-def _find_raw(raw_dir: Path, name: str) -> Path:
-    for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise IngestError(
-        f"raw file missing: {raw_dir / name} (nor {name}.gz); an Ali-CCP folder holds "
-        + ", ".join(n for names in RAW_FILES.values() for n in names)
-    )
-
-
 def split_of(keys: pa.Array, valid_fraction: float) -> np.ndarray:
     """Deterministic train/valid assignment by context key (True = validation).
 
     A user context never straddles splits; the hash is stable across runs and machines.
     """
-    hashed = pd.util.hash_array(np.asarray(keys.to_pylist(), dtype=object), categorize=False)
+    hashed = hash_keys(keys)
     return (hashed % np.uint64(1_000_000)) < np.uint64(round(valid_fraction * 1_000_000))
 
 
 # --- reading -------------------------------------------------------------------------------
 
 
-@dataclass
-class _Chunk:
-    lines: pa.StringArray  # lines with the line ending stripped
-    first_line: int  # 1-based line number of lines[0]
-    crlf: int
-    bad_utf8: list[int]  # 0-based positions within the chunk of lines that were not UTF-8
+@dataclass(frozen=True)
+class RawSource:
+    """One raw file: a plain or gzip file, or a member of a downloaded `.tar.gz` archive."""
+
+    path: Path
+    member: str | None = None  # name inside the archive
+
+    @property
+    def name(self) -> str:
+        """The raw file's own name, as quarantine.csv reports it."""
+        return Path(self.member).name if self.member else self.path.name
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.member}" if self.member else str(self.path)
+
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    @contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        if self.member is None:
+            opener = gzip.open if self.path.suffix == ".gz" else open
+            with opener(self.path, "rb") as fh:
+                yield fh
+            return
+        with tarfile.open(self.path, "r:*") as archive:
+            fh = archive.extractfile(self.member)
+            if fh is None:
+                raise IngestError(f"{self}: not a regular file in the archive")
+            with fh:
+                yield fh
 
 
-def _open(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+def find_raw_files(raw_dir: Path) -> dict[str, tuple[RawSource, RawSource]]:
+    """The (skeleton, common) sources of each raw split.
+
+    Each file may be plain, `.gz`, or inside the published archive `sample_<split>.tar.gz`.
+
+    Raises:
+        IngestError: a file is missing; the message names it and what a folder must hold.
+    """
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise IngestError(f"raw data folder not found: {raw_dir}")
+    found: dict[str, tuple[RawSource, ...]] = {}
+    for split, names in RAW_FILES.items():
+        archive = raw_dir / f"sample_{split}.tar.gz"
+        members = _archive_members(archive) if archive.is_file() else {}
+        sources = []
+        for name in names:
+            for candidate in (raw_dir / name, raw_dir / f"{name}.gz"):
+                if candidate.is_file():
+                    sources.append(RawSource(candidate))
+                    break
+            else:
+                if name not in members:
+                    raise IngestError(
+                        f"raw file missing: {raw_dir / name} (nor {name}.gz, nor inside "
+                        f"{archive.name}); an Ali-CCP folder holds "
+                        + ", ".join(n for ns in RAW_FILES.values() for n in ns)
+                        + " (plain or .gz), or sample_train.tar.gz and sample_test.tar.gz"
+                    )
+                sources.append(RawSource(archive, members[name]))
+        found[split] = tuple(sources)
+    return found  # type: ignore[return-value]
 
 
-def _read_chunks(path: Path, chunk_bytes: int) -> Iterator[_Chunk]:
-    """Yield whole lines, a block of bytes at a time; memory is bounded by chunk_bytes."""
+def _archive_members(archive: Path) -> dict[str, str]:
+    """Base name -> member name of the regular files in an archive."""
+    with tarfile.open(archive, "r:*") as tar:
+        return {Path(m.name).name: m.name for m in tar.getmembers() if m.isfile()}
+
+
+def read_blocks(source: RawSource, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Yield (whole lines, 1-based number of the first line), about chunk_bytes at a time.
+
+    Memory is bounded by chunk_bytes plus the longest line, whatever the file's size. The
+    block excludes the newline that ends its last line.
+    """
     line_no = 1
     tail = b""
-    with _open(path) as fh:
+    with source.open() as fh:
         while True:
-            block = fh.read(chunk_bytes)
-            if not block:
+            data = fh.read(chunk_bytes)
+            if not data:
                 break
-            block = tail + block
-            cut = block.rfind(b"\n")
+            data = tail + data
+            cut = data.rfind(b"\n")
             if cut < 0:
-                tail = block
+                tail = data
                 continue
-            tail = block[cut + 1 :]
-            chunk = _decode(block[:cut].split(b"\n"), line_no)
-            line_no += len(chunk.lines)
-            yield chunk
-        if tail:
-            yield _decode([tail], line_no)
+            tail = data[cut + 1 :]
+            block = data[:cut]
+            yield block, line_no
+            line_no += block.count(b"\n") + 1
+    if tail:
+        yield tail, line_no
 
 
-def _decode(raw_lines: list[bytes], first_line: int) -> _Chunk:
-    crlf = sum(1 for ln in raw_lines if ln.endswith(b"\r"))
+def _decode(block: bytes) -> tuple[pa.StringArray, int, list[int]]:
+    """Lines of a block as a string array (CRLF stripped), the CRLF count, bad UTF-8 lines."""
+    raw_lines = block.split(b"\n")
+    crlf = block.count(b"\r\n") + (1 if block.endswith(b"\r") else 0)
     if crlf:
         raw_lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in raw_lines]
     bad: list[int] = []
@@ -263,29 +337,154 @@ def _decode(raw_lines: list[bytes], first_line: int) -> _Chunk:
                 bad.append(i)
                 texts.append("")
         arr = pa.array(texts, pa.string())
-    return _Chunk(arr, first_line, crlf, bad)
+    return arr, crlf, bad
+
+
+def ordered_map(fn, items: Iterable[tuple], workers: int, in_flight: int) -> Iterator:
+    """`fn(*item)` for each item, in order, on `workers` processes with at most `in_flight`
+    items submitted and not yet consumed (so memory stays bounded); in-process when
+    workers <= 1."""
+    if workers <= 1:
+        for item in items:
+            yield fn(*item)
+        return
+    # spawn: never fork a process that may hold TensorFlow or Beam threads.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class SeenKeys:
+    """Exact-duplicate detection over a whole file in 8 bytes per key (64-bit hashes).
+
+    Keys live in a few sorted runs, merged when there are too many, so checking a chunk
+    costs a binary search per run. Two distinct keys share a hash with probability about
+    n^2 / 2^65 (about 2e-4 for all 84M Ali-CCP impressions).
+    """
+
+    def __init__(self, max_runs: int = 8):
+        self._runs: list[np.ndarray] = []
+        self._max_runs = max_runs
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._runs)
+
+    def check_and_add(self, hashes: np.ndarray) -> np.ndarray:
+        """True where a key was seen before (earlier in the file or the same batch)."""
+        dup = np.ones(len(hashes), dtype=bool)
+        dup[np.unique(hashes, return_index=True)[1]] = False  # first of each batch repeat
+        for run in self._runs:
+            pos = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
+            dup |= run[pos] == hashes
+        fresh = np.sort(hashes[~dup])
+        if len(fresh):
+            self._runs.append(fresh)
+        if len(self._runs) > self._max_runs:
+            self._runs = [np.sort(np.concatenate(self._runs))]
+        return dup
+
+
+def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Stable 64-bit hashes of string keys (same on every run and machine)."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    return pd.util.hash_array(keys.to_numpy(zero_copy_only=False).astype(object), categorize=False)
 
 
 # --- parsing -------------------------------------------------------------------------------
+
+_SKELETON_NAMES = (
+    SAMPLE_ID_KEY,
+    CLICK_LABEL_KEY,
+    CONVERSION_LABEL_KEY,
+    COMMON_INDEX_KEY,
+    "feature_num",
+    "feature_list",
+)
+_COMMON_NAMES = (COMMON_INDEX_KEY, "feature_num", "feature_list")
+
+
+@dataclass
+class ParsedBlock:
+    """One block, parsed: the valid rows as a table, and a reason for every other line."""
+
+    first_line: int
+    n_lines: int
+    crlf: int
+    table: pa.Table  # valid rows, in the output schema
+    key_hashes: np.ndarray  # hash of each valid row's unique key (sample id / context key)
+    in_valid_split: np.ndarray  # each valid row's context hashes into the validation split
+    bad_lines: np.ndarray  # 0-based positions of the quarantined lines within the block
+    bad_reasons: list[str]
+    bad_ids: list[str | None]  # sample id (or key) of each quarantined line, where readable
+    unknown_fields: Counter
+
+
+def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float) -> ParsedBlock:
+    """Vectorised parse of a block of `kind` ("skeleton" or "common") lines.
+
+    Runs in a worker process: everything here depends on the block alone.
+    """
+    lines, crlf, bad_utf8 = _decode(block)
+    skeleton = kind == "skeleton"
+    names, fields = (
+        (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
+    )
+    parsed = _parse_lines(lines, bad_utf8, names, fields)
+    cols = parsed.columns
+    if skeleton:
+        head = {
+            SAMPLE_ID_KEY: cols[SAMPLE_ID_KEY],
+            CLICK_LABEL_KEY: pc.cast(cols[CLICK_LABEL_KEY], pa.int8()),
+            CONVERSION_LABEL_KEY: pc.cast(cols[CONVERSION_LABEL_KEY], pa.int8()),
+            COMMON_INDEX_KEY: cols[COMMON_INDEX_KEY],
+        }
+        schema, unique_key = _impression_schema(), cols[SAMPLE_ID_KEY]
+    else:
+        head = {COMMON_INDEX_KEY: cols[COMMON_INDEX_KEY]}
+        schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
+    table = pa.table({**head, **parsed.fields}, schema=schema)
+    bad = np.flatnonzero(parsed.reasons != None)  # noqa: E711
+    first_col = pc.list_element(
+        pc.split_pattern(lines.take(pa.array(bad, pa.int64())), ",", max_splits=1), 0
+    )
+    return ParsedBlock(
+        first_line=first_line,
+        n_lines=len(lines),
+        crlf=crlf,
+        table=table,
+        key_hashes=hash_keys(unique_key),
+        in_valid_split=split_of(cols[COMMON_INDEX_KEY], valid_fraction),
+        bad_lines=bad,
+        bad_reasons=list(parsed.reasons[bad]),
+        bad_ids=first_col.to_pylist(),
+        unknown_fields=parsed.unknown_fields,
+    )
 
 
 @dataclass
 class _Parsed:
     columns: dict[str, pa.Array]  # plain columns of the valid rows (strings)
     fields: dict[str, pa.Array]  # ids_*/wts_* list columns of the valid rows
-    reasons: np.ndarray  # object array, one reason (or None) per line of the chunk
+    reasons: np.ndarray  # object array, one reason (or None) per line
     unknown_fields: Counter
 
 
-def _parse_chunk(
-    chunk: _Chunk, n_cols: int, names: tuple[str, ...], fields: tuple[str, ...]
+def _parse_lines(
+    lines: pa.StringArray, bad_utf8: list[int], names: tuple[str, ...], fields: tuple[str, ...]
 ) -> _Parsed:
-    """Vectorised parse of one chunk; rows with a defect get a reason instead of values."""
-    lines = chunk.lines
+    """Vectorised parse of lines; lines with a defect get a reason instead of values."""
+    n_cols = len(names)
     n = len(lines)
     reasons = np.full(n, None, dtype=object)
     reasons[pc.equal(pc.utf8_length(lines), 0).to_numpy(zero_copy_only=False)] = R_EMPTY
-    reasons[chunk.bad_utf8] = R_UTF8
+    reasons[bad_utf8] = R_UTF8
 
     cols = pc.split_pattern(lines, ",", max_splits=n_cols - 1)
     ncols = pc.list_value_length(cols).to_numpy(zero_copy_only=False)
@@ -361,22 +560,6 @@ def _parse_chunk(
     return _Parsed(columns, out_fields, reasons, unknown)
 
 
-def _quarantine(
-    writer, path: Path, chunk: _Chunk, reasons: np.ndarray, rep: FileReport, ids: list
-) -> None:
-    bad = np.flatnonzero(reasons != None)  # noqa: E711
-    for i in bad:
-        reason = reasons[i]
-        writer.writerow([path.name, chunk.first_line + int(i), ids[i], reason])
-        rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
-    rep.rows_quarantined += len(bad)
-
-
-def _first_column(chunk: _Chunk) -> list:
-    """Sample id (or key) of each line where readable, for the quarantine file."""
-    return pc.list_element(pc.split_pattern(chunk.lines, ",", max_splits=1), 0).to_pylist()
-
-
 class _SplitWriters:
     """One ParquetWriter per output split, opened lazily with the first batch's schema."""
 
@@ -423,117 +606,76 @@ def _schema(head: list[pa.Field], fields: tuple[str, ...]) -> pa.Schema:
     return pa.schema(cols)
 
 
-def _ingest_common(
-    path: Path,
+def _ingest_file(
+    source: RawSource,
+    kind: str,
     out_dir: Path,
     out_splits: tuple[str, ...],
     cfg: IngestConfig,
+    workers: int,
     quarantine,
-    split_contexts: dict[str, int],
+    split_counts: dict[str, int],
+    known_keys: pa.Array | None = None,
 ) -> tuple[FileReport, pa.Array]:
-    rep = FileReport(str(path))
-    schema = _common_schema()
-    writers = _SplitWriters(out_dir, "common.parquet", out_splits)
-    seen: list[pa.Array] = []
-    seen_set: set[str] = set()
-    for chunk in _read_chunks(path, cfg.chunk_bytes):
-        parsed = _parse_chunk(
-            chunk, 3, (COMMON_INDEX_KEY, "feature_num", "feature_list"), COMMON_FIELDS
-        )
-        keys = parsed.columns[COMMON_INDEX_KEY]
-        # A key may define a context only once; later duplicates are quarantined.
-        key_list = keys.to_pylist()
-        dup = np.zeros(len(key_list), dtype=bool)
-        for i, k in enumerate(key_list):
-            if k in seen_set:
-                dup[i] = True
-            seen_set.add(k)
-        if dup.any():
-            valid_pos = np.flatnonzero(parsed.reasons == None)  # noqa: E711
-            parsed.reasons[valid_pos[dup]] = R_DUP_KEY
-        keep = pa.array(~dup)
-        table = pa.table(
-            {
-                COMMON_INDEX_KEY: keys.filter(keep),
-                **{k: v.filter(keep) for k, v in parsed.fields.items()},
-            },
-            schema=schema,
-        )
-        _account(rep, chunk, parsed, table.num_rows, quarantine, path)
-        seen.append(table[COMMON_INDEX_KEY].combine_chunks())
-        _write_split(writers, table, out_splits, cfg.valid_fraction, split_contexts)
+    """Stream one raw file into its split Parquet tables; returns its report and the unique
+    keys written (context keys of a common file)."""
+    skeleton = kind == "skeleton"
+    rep = FileReport(str(source))
+    schema = _impression_schema() if skeleton else _common_schema()
+    writers = _SplitWriters(
+        out_dir, "impressions.parquet" if skeleton else "common.parquet", out_splits
+    )
+    seen = SeenKeys()
+    written_keys: list[pa.Array] = []
+    blocks = (
+        (block, line, kind, cfg.valid_fraction)
+        for block, line in read_blocks(source, cfg.chunk_bytes)
+    )
+    for pb in ordered_map(parse_block, blocks, workers, in_flight=2 * workers):
+        table = pb.table
+        late = np.full(table.num_rows, None, dtype=object)  # reasons found here, not in the worker
+        keep = np.ones(table.num_rows, dtype=bool)
+        if known_keys is not None:
+            keep = pc.is_in(table[COMMON_INDEX_KEY], value_set=known_keys).to_numpy()
+            late[~keep] = R_UNKNOWN_KEY
+        dup = np.zeros(table.num_rows, dtype=bool)
+        dup[keep] = seen.check_and_add(pb.key_hashes[keep])
+        late[dup] = R_DUP_SAMPLE if skeleton else R_DUP_KEY
+        keep &= ~dup
+
+        # Quarantine: lines rejected by the worker and rows rejected above, in line order.
+        row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each parsed row
+        rejected = np.flatnonzero(~keep)
+        key_col = table[SAMPLE_ID_KEY if skeleton else COMMON_INDEX_KEY]
+        entries = list(zip(pb.bad_lines.tolist(), pb.bad_ids, pb.bad_reasons, strict=True))
+        entries += [(int(row_lines[i]), key_col[int(i)].as_py(), late[i]) for i in rejected]
+        for line, key, reason in sorted(entries, key=lambda e: e[0]):
+            quarantine.writerow([source.name, pb.first_line + line, key, reason])
+            rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
+
+        kept = table.filter(pa.array(keep))
+        rep.rows_read += pb.n_lines
+        rep.rows_written += kept.num_rows
+        rep.rows_quarantined += len(entries)
+        rep.crlf_lines += pb.crlf
+        for fid, n in pb.unknown_fields.items():
+            rep.unknown_fields[fid] = rep.unknown_fields.get(fid, 0) + n
+        if not skeleton:
+            written_keys.append(kept[COMMON_INDEX_KEY].combine_chunks())
+        _write_split(writers, kept, pb.in_valid_split[keep], out_splits, split_counts)
     writers.close(schema)
-    keys = pa.concat_arrays(seen) if seen else pa.array([], pa.string())
+    keys = pa.concat_arrays(written_keys) if written_keys else pa.array([], pa.string())
     return rep, keys
 
 
-def _ingest_skeleton(
-    path: Path,
-    out_dir: Path,
-    out_splits: tuple[str, ...],
-    known_keys: pa.Array,
-    cfg: IngestConfig,
-    quarantine,
-    split_rows: dict[str, int],
-) -> FileReport:
-    rep = FileReport(str(path))
-    schema = _impression_schema()
-    writers = _SplitWriters(out_dir, "impressions.parquet", out_splits)
-    names = (
-        SAMPLE_ID_KEY,
-        CLICK_LABEL_KEY,
-        CONVERSION_LABEL_KEY,
-        COMMON_INDEX_KEY,
-        "feature_num",
-        "feature_list",
-    )
-    for chunk in _read_chunks(path, cfg.chunk_bytes):
-        parsed = _parse_chunk(chunk, 6, names, SKELETON_FIELDS)
-        cols = parsed.columns
-        joinable = pc.is_in(cols[COMMON_INDEX_KEY], value_set=known_keys).to_numpy(
-            zero_copy_only=False
-        )
-        if not joinable.all():
-            valid_pos = np.flatnonzero(parsed.reasons == None)  # noqa: E711
-            parsed.reasons[valid_pos[~joinable]] = R_UNKNOWN_KEY
-        keep = pa.array(joinable)
-        table = pa.table(
-            {
-                SAMPLE_ID_KEY: cols[SAMPLE_ID_KEY].filter(keep),
-                CLICK_LABEL_KEY: pc.cast(cols[CLICK_LABEL_KEY].filter(keep), pa.int8()),
-                CONVERSION_LABEL_KEY: pc.cast(cols[CONVERSION_LABEL_KEY].filter(keep), pa.int8()),
-                COMMON_INDEX_KEY: cols[COMMON_INDEX_KEY].filter(keep),
-                **{k: v.filter(keep) for k, v in parsed.fields.items()},
-            },
-            schema=schema,
-        )
-        _account(rep, chunk, parsed, table.num_rows, quarantine, path)
-        _write_split(writers, table, out_splits, cfg.valid_fraction, split_rows)
-    writers.close(schema)
-    return rep
-
-
-def _account(
-    rep: FileReport, chunk: _Chunk, parsed: _Parsed, written: int, quarantine, path: Path
-) -> None:
-    rep.rows_read += len(chunk.lines)
-    rep.rows_written += written
-    rep.crlf_lines += chunk.crlf
-    for fid, n in parsed.unknown_fields.items():
-        rep.unknown_fields[fid] = rep.unknown_fields.get(fid, 0) + n
-    if (parsed.reasons != None).any():  # noqa: E711
-        _quarantine(quarantine, path, chunk, parsed.reasons, rep, _first_column(chunk))
-
-
 def _write_split(
-    writers: _SplitWriters, table: pa.Table, out_splits, valid_fraction, counts
+    writers: _SplitWriters, table: pa.Table, in_valid: np.ndarray, out_splits, counts
 ) -> None:
     if out_splits == ("test",):
         writers.write("test", table)
         counts["test"] += table.num_rows
         return
-    is_valid = split_of(table[COMMON_INDEX_KEY].combine_chunks(), valid_fraction)
-    for split, mask in (("train", ~is_valid), ("valid", is_valid)):
+    for split, mask in (("train", ~in_valid), ("valid", in_valid)):
         part = table.filter(pa.array(mask))
         writers.write(split, part)
         counts[split] += part.num_rows

@@ -240,3 +240,81 @@ def test_vocabulary_learned_from_train_only(tmp_path):
     vocab = ing.load_vocabularies(tmp_path / "out" / "vocab.parquet")
     assert set(vocab) == set(ALL_FIELDS)
     assert 777 not in vocab["205"] and {100, 101} <= set(vocab["205"])
+
+
+def test_duplicate_sample_id_quarantines_the_later_line(tmp_path):
+    """A repeated sample id keeps its first line and quarantines the repeat, across chunks."""
+    repeat = GOOD[0]
+    raw = _write_raw(tmp_path / "raw", [*GOOD, repeat], COMMON)
+    ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT.model_copy(update={"chunk_bytes": 64}))
+    rows = [
+        r for r in _read_quarantine(tmp_path / "out") if r["file"] == "sample_skeleton_train.csv"
+    ]
+    assert rows == [
+        {
+            "file": "sample_skeleton_train.csv",
+            "line": "4",
+            "sample_id": "1",
+            "reason": ing.R_DUP_SAMPLE,
+        }
+    ]
+
+
+def test_published_archives_are_read(tmp_path):
+    """The two downloaded archives sample_train.tar.gz / sample_test.tar.gz work as they are."""
+    import tarfile
+
+    raw = _write_raw(tmp_path / "files", GOOD, COMMON)
+    archives = tmp_path / "raw"
+    archives.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(archives / f"sample_{split}.tar.gz", "w:gz") as tar:
+            for name in (f"sample_skeleton_{split}.csv", f"common_features_{split}.csv"):
+                tar.add(raw / name, arcname=f"sample_{split}/{name}")
+    report = ing.ingest_ali_ccp(archives, tmp_path / "out", LENIENT)
+    assert report.split_rows == {"train": 3, "valid": 0, "test": 3}
+    assert any("sample_train.tar.gz:" in f.path for f in report.files)
+
+
+def test_blocks_are_bounded_by_the_chunk_size(tmp_path):
+    """Streaming: no block is larger than chunk_bytes plus one line, and lines are numbered."""
+    path = tmp_path / "lines.csv"
+    lines = [f"{i},{'x' * (i % 50)}" for i in range(1, 2001)]
+    path.write_text("\n".join(lines) + "\n")
+    longest = max(len(line) for line in lines) + 1
+    blocks = list(ing.read_blocks(ing.RawSource(path), chunk_bytes=1000))
+    assert len(blocks) > 10
+    assert all(len(block) <= 1000 + longest for block, _ in blocks)
+    rebuilt = [ln for block, _ in blocks for ln in block.decode().split("\n")]
+    assert rebuilt == lines
+    assert [first for _, first in blocks] == [
+        1 + sum(b.count(b"\n") + 1 for b, _ in blocks[:i]) for i in range(len(blocks))
+    ]
+
+
+def test_parallel_map_keeps_order_and_bounds_work_in_flight():
+    """At most `in_flight` inputs are pulled ahead of what the consumer has taken."""
+    pulled = []
+
+    def items():
+        for i in range(20):
+            pulled.append(i)
+            yield (i,)
+
+    results = ing.ordered_map(abs, items(), workers=2, in_flight=3)
+    assert next(results) == 0
+    assert len(pulled) <= 3
+    assert list(results) == list(range(1, 20))
+
+
+def test_seen_keys_matches_a_set():
+    rng = np.random.default_rng(0)
+    seen, reference = ing.SeenKeys(max_runs=3), set()
+    for _ in range(20):
+        batch = rng.integers(0, 500, size=50).astype(np.uint64)
+        expected = []
+        for key in batch.tolist():
+            expected.append(key in reference)
+            reference.add(key)
+        assert seen.check_and_add(batch).tolist() == expected
+    assert len(seen) == len(reference)
