@@ -98,6 +98,21 @@ def data_pull(params: Path = PARAMS) -> None:
     typer.echo(f"raw data {raw_dir}/ at data version {raw.version}: {origin}")
 
 
+@data_app.command("add")
+def data_add(
+    source: Path = typer.Argument(..., help="Folder with the four raw files (plain or .gz) or the two archives."),
+    link: bool = typer.Option(False, "--link", help="Hard-link the files instead of copying them."),
+    params: Path = PARAMS,
+) -> None:
+    """Version a new raw batch: it replaces paths.raw_dir, `dvc add`, and is pushed to the remote."""
+    from tasks.data import add_raw_data
+
+    p = _params(params)
+    raw = _run(lambda: add_raw_data(Path.cwd(), Path(p.paths.raw_dir), source, link=link))
+    typer.echo(f"{p.paths.raw_dir}/ is now data version {raw.version}")
+    typer.echo(f"record it in git: git add {p.paths.raw_dir}.dvc && git commit -m 'data: new raw batch'")
+
+
 @app.command()
 def ingest(params: Path = PARAMS) -> None:
     """Parse raw files into split Parquet tables, vocabularies and a quarantine report."""

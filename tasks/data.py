@@ -7,6 +7,8 @@ deterministic, so it reproduces exactly the version `data.dvc` names.
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +58,7 @@ def _push(repo, dvc_file: Path) -> None:
 @dataclass(frozen=True)
 class RawData:
     version: str  # the md5 recorded in the .dvc file
-    source: str  # "workspace", "remote" (dvc pull) or "generator"
+    source: str  # "workspace", "remote" (dvc pull), "generator" or "added" (esmm data add)
 
 
 def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawData:
@@ -102,3 +104,32 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
         )
     _push(repo, dvc_file)
     return RawData(version, "generator")
+
+
+def add_raw_data(repo_root: Path, raw_dir: Path, source: Path, link: bool = False) -> RawData:
+    """Make the files in `source` the new raw data version: copy (or hard-link) them into
+    `raw_dir`, `dvc add` it, and push it to the default remote.
+
+    `source` must be a complete Ali-CCP folder (the four files, plain or `.gz`, or the two
+    published archives); the current raw folder is replaced only once the copy is complete.
+
+    Raises:
+        IngestError: `source` lacks a raw file (the message names it).
+    """
+    from dvc.repo import Repo
+
+    from tasks.ingest import find_raw_files
+
+    source, raw_dir = Path(source), Path(raw_dir)
+    find_raw_files(source)
+    incoming = raw_dir.with_name(f".{raw_dir.name}.incoming")
+    shutil.rmtree(incoming, ignore_errors=True)
+    shutil.copytree(source, incoming, copy_function=os.link if link else shutil.copy2)
+    if raw_dir.exists():
+        shutil.rmtree(raw_dir)
+    incoming.rename(raw_dir)
+    repo = Repo(str(repo_root))
+    repo.add(str(raw_dir))
+    dvc_file = Path(repo_root) / f"{raw_dir.name}.dvc"
+    _push(repo, dvc_file)
+    return RawData(data_version(dvc_file), "added")

@@ -113,3 +113,38 @@ def test_changed_data_is_never_overwritten(tmp_path, small_raw):
     with pytest.raises(DataVersionError, match="differs from the version recorded"):
         ensure_raw_data(project, project / "data", SynthConfig(**SMALL))
     assert extra.read_bytes() == before
+
+
+def test_data_add_versions_a_new_batch(tmp_path, small_raw):
+    """`add_raw_data` swaps in the new files, records a new md5 in data.dvc and pushes it."""
+    from tasks.data import add_raw_data
+
+    project = make_project(tmp_path / "project", small_raw)
+    run([sys.executable, "-m", "dvc", "remote", "add", "-q", "-d", "local", str(tmp_path / "remote")], project)
+    before = data_version(project / "data.dvc")
+    batch = tmp_path / "batch"
+    synthesize_ali_ccp(batch, 1000, 300, seed=123)
+
+    added = add_raw_data(project, project / "data", batch)
+    assert added.version == data_version(project / "data.dvc") != before
+    assert (project / "data" / "sample_skeleton_train.csv").read_bytes() == (
+        batch / "sample_skeleton_train.csv"
+    ).read_bytes()
+    # DVC stores an object as <first two hex digits>/<the rest>.
+    digest = added.version
+    assert (tmp_path / "remote" / "files" / "md5" / digest[:2] / digest[2:]).is_file(), "not pushed"
+
+
+def test_data_add_refuses_an_incomplete_batch(tmp_path, small_raw):
+    from tasks.data import add_raw_data
+    from tasks.ingest import IngestError
+
+    project = make_project(tmp_path / "project", small_raw)
+    before = data_version(project / "data.dvc")
+    batch = tmp_path / "batch"
+    synthesize_ali_ccp(batch, 1000, 300, seed=123)
+    (batch / "common_features_test.csv").unlink()
+    with pytest.raises(IngestError, match="common_features_test.csv"):
+        add_raw_data(project, project / "data", batch)
+    assert data_version(project / "data.dvc") == before
+    assert (project / "data" / "common_features_test.csv").is_file()
