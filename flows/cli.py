@@ -57,29 +57,57 @@ def synth(
     train: int = typer.Option(None, "--train", help="Train impressions [default: synth.train]."),
     test: int = typer.Option(None, "--test", help="Test impressions [default: synth.test]."),
     seed: int = typer.Option(None, "--seed", help="Random seed [default: synth.seed]."),
+    profile: str = typer.Option(
+        None, "--profile", help="Data profile: default or realistic [default: synth.profile]."
+    ),
+    defect_rate: float = typer.Option(
+        0.0,
+        "--defect-rate",
+        min=0.0,
+        max=1.0,
+        help="Share of lines written with a defect, listed in defects.csv [default: 0].",
+    ),
+    defects: str = typer.Option(
+        None,
+        "--defects",
+        help="Comma-separated defect kinds (e.g. truncated,empty,crlf) [default: every "
+        "defect kind, not crlf].",
+    ),
     params: Path = PARAMS,
 ) -> None:
     """Generate seeded Ali-CCP-format raw data with ground truth and oracle AUCs."""
     from tasks.synth import synthesize_ali_ccp
 
     p = _params(params)
-    summary = synthesize_ali_ccp(
-        out or Path(p.paths.raw_dir),
-        train or p.synth.train,
-        test or p.synth.test,
-        p.synth.seed if seed is None else seed,
-    )
+    try:
+        summary = synthesize_ali_ccp(
+            out or Path(p.paths.raw_dir),
+            train or p.synth.train,
+            test or p.synth.test,
+            p.synth.seed if seed is None else seed,
+            profile=profile or p.synth.profile,
+            defect_rate=defect_rate,
+            defects=defects,
+        )
+    except ValueError as err:
+        _fail(str(err))
     typer.echo(f"wrote {summary.out_dir}")
     for split, auc in summary.oracle.items():
         if isinstance(auc, dict):
             typer.echo(
                 f"  oracle {split}: "
                 + ", ".join(
-                    f"{k} {v:.4f}"
+                    f"{k} {'n/a' if v is None else f'{v:.4f}'}"
                     for k, v in auc.items()
                     if k.endswith("auc") or k.endswith("clicked")
                 )
             )
+    if summary.defects:
+        typer.echo(
+            f"  defects.csv: {sum(summary.defects.values()):,} lines ("
+            + ", ".join(f"{k} {n:,}" for k, n in sorted(summary.defects.items()))
+            + ")"
+        )
 
 
 @data_app.command("pull")
@@ -100,7 +128,9 @@ def data_pull(params: Path = PARAMS) -> None:
 
 @data_app.command("add")
 def data_add(
-    source: Path = typer.Argument(..., help="Folder with the four raw files (plain or .gz) or the two archives."),
+    source: Path = typer.Argument(
+        ..., help="Folder with the four raw files (plain or .gz) or the two archives."
+    ),
     link: bool = typer.Option(False, "--link", help="Hard-link the files instead of copying them."),
     params: Path = PARAMS,
 ) -> None:
@@ -110,7 +140,9 @@ def data_add(
     p = _params(params)
     raw = _run(lambda: add_raw_data(Path.cwd(), Path(p.paths.raw_dir), source, link=link))
     typer.echo(f"{p.paths.raw_dir}/ is now data version {raw.version}")
-    typer.echo(f"record it in git: git add {p.paths.raw_dir}.dvc && git commit -m 'data: new raw batch'")
+    typer.echo(
+        f"record it in git: git add {p.paths.raw_dir}.dvc && git commit -m 'data: new raw batch'"
+    )
 
 
 @app.command()

@@ -96,7 +96,7 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
             return RawData(version, "remote")
     except DvcException:
         pass  # no remote, or the remote lacks this version: regenerate below
-    synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed)
+    synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed, profile=synth.profile)
     if not _matches(repo, dvc_file, version):
         raise DataVersionError(
             f"{raw_dir}: regenerated data (synth {synth.train}/{synth.test}, seed {synth.seed}) does not "

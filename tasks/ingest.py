@@ -72,7 +72,6 @@ R_DUP_KEY = "duplicate common_feature_index"
 R_DUP_SAMPLE = "duplicate sample id"
 
 _MIN_CHUNKS_FOR_WORKERS = 8  # below this many chunks of input, parse in-process
-_ENTRY_RE = r"^[^\x02\x03]+\x02[0-9]+\x03[-+0-9.eE]+$"
 
 
 class IngestError(RuntimeError):
@@ -151,9 +150,10 @@ def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestRep
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     sources = find_raw_files(raw_dir)
-    # By default one parsing process per core, unless the input is too small to repay
-    # starting them (a few seconds): then everything runs in this process.
-    workers = cfg.workers or os.cpu_count() or 1
+    # By default one parsing process per core but one (this process writes, checks duplicates
+    # and joins keys meanwhile), unless the input is too small to repay starting them (a few
+    # seconds); with one worker everything runs in this process.
+    workers = cfg.workers or max(1, (os.cpu_count() or 1) - 1)
     total = sum(src.size() for pair in sources.values() for src in pair)
     if not cfg.workers and total < _MIN_CHUNKS_FOR_WORKERS * cfg.chunk_bytes:
         workers = 1
@@ -319,27 +319,6 @@ def read_blocks(source: RawSource, chunk_bytes: int) -> Iterator[tuple[bytes, in
         yield tail, line_no
 
 
-def _decode(block: bytes) -> tuple[pa.StringArray, int, list[int]]:
-    """Lines of a block as a string array (CRLF stripped), the CRLF count, bad UTF-8 lines."""
-    raw_lines = block.split(b"\n")
-    crlf = block.count(b"\r\n") + (1 if block.endswith(b"\r") else 0)
-    if crlf:
-        raw_lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in raw_lines]
-    bad: list[int] = []
-    try:
-        arr = pa.array(raw_lines, pa.binary()).cast(pa.string())
-    except pa.ArrowInvalid:
-        texts = []
-        for i, ln in enumerate(raw_lines):
-            try:
-                texts.append(ln.decode("utf-8"))
-            except UnicodeDecodeError:
-                bad.append(i)
-                texts.append("")
-        arr = pa.array(texts, pa.string())
-    return arr, crlf, bad
-
-
 def ordered_map(fn, items: Iterable[tuple], workers: int, in_flight: int) -> Iterator:
     """`fn(*item)` for each item, in order, on `workers` processes with at most `in_flight`
     items submitted and not yet consumed (so memory stays bounded); in-process when
@@ -431,12 +410,11 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
 
     Runs in a worker process: everything here depends on the block alone.
     """
-    lines, crlf, bad_utf8 = _decode(block)
     skeleton = kind == "skeleton"
     names, fields = (
         (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
     )
-    parsed = _parse_lines(lines, bad_utf8, names, fields)
+    parsed = _parse_lines(block, names, fields)
     cols = parsed.columns
     if skeleton:
         head = {
@@ -451,19 +429,22 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
         schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
     table = pa.table({**head, **parsed.fields}, schema=schema)
     bad = np.flatnonzero(parsed.reasons != None)  # noqa: E711
-    first_col = pc.list_element(
-        pc.split_pattern(lines.take(pa.array(bad, pa.int64())), ",", max_splits=1), 0
-    )
+    bad_ids: list[str | None] = [None] * len(bad)
+    readable = np.flatnonzero(parsed.reasons[bad] != R_UTF8)
+    for i, key in zip(
+        readable, parsed.first_column.take(pa.array(bad[readable])).to_pylist(), strict=True
+    ):
+        bad_ids[i] = key
     return ParsedBlock(
         first_line=first_line,
-        n_lines=len(lines),
-        crlf=crlf,
+        n_lines=parsed.n_lines,
+        crlf=parsed.crlf,
         table=table,
         key_hashes=hash_keys(unique_key),
         in_valid_split=split_of(cols[COMMON_INDEX_KEY], valid_fraction),
         bad_lines=bad,
         bad_reasons=list(parsed.reasons[bad]),
-        bad_ids=first_col.to_pylist(),
+        bad_ids=bad_ids,
         unknown_fields=parsed.unknown_fields,
     )
 
@@ -474,90 +455,192 @@ class _Parsed:
     fields: dict[str, pa.Array]  # ids_*/wts_* list columns of the valid rows
     reasons: np.ndarray  # object array, one reason (or None) per line
     unknown_fields: Counter
+    n_lines: int
+    crlf: int  # lines that ended in CRLF (accepted)
+    first_column: pa.StringArray  # each line's text up to its first comma
 
 
-def _parse_lines(
-    lines: pa.StringArray, bad_utf8: list[int], names: tuple[str, ...], fields: tuple[str, ...]
-) -> _Parsed:
-    """Vectorised parse of lines; lines with a defect get a reason instead of values."""
+# --- the block parser ------------------------------------------------------------------------
+#
+# A block is parsed as bytes, with numpy, without splitting it into Python strings: the
+# positions of the separators (newline, comma, 0x01, 0x02, 0x03) give every line, column and
+# entry as a (start, end) span of the block. Lines whose separators are out of the format's
+# order are quarantined before any value is parsed; the spans of the rest become Arrow string
+# arrays over the block's memory, which Arrow's C kernels turn into ids and weights.
+
+_NL, _CR, _COMMA = 10, 13, 44
+_FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+
+
+def _spans(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.StringArray:
+    """Strings block[starts[i]:ends[i]] for ordered, non-overlapping spans."""
+    n = len(starts)
+    if n == 0:
+        return pa.array([], pa.string())
+    # Every other element of one array over the whole block is a span; take those.
+    offsets = np.empty(2 * n + 1, dtype=np.int64)
+    offsets[0:-1:2], offsets[1::2] = starts, ends
+    offsets[-1] = ends[-1]
+    interleaved = pa.LargeStringArray.from_buffers(2 * n, pa.py_buffer(offsets), buffer)
+    return interleaved.take(pa.array(np.arange(0, 2 * n, 2))).cast(pa.string())
+
+
+def _line_of(positions: np.ndarray, newlines: np.ndarray) -> np.ndarray:
+    """Line number of each sorted byte position, given the sorted newline positions.
+
+    Searches the (few) newlines in the (many) positions rather than the reverse.
+    """
+    per_line = np.diff(np.searchsorted(positions, newlines), prepend=0, append=len(positions))
+    return np.repeat(np.arange(len(newlines) + 1), per_line)
+
+
+def _first_row_flags(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a sorted row index per entry: is the entry its row's first, is it its row's last."""
+    first = np.ones(len(rows), dtype=bool)
+    first[1:] = rows[1:] != rows[:-1]
+    last = np.ones(len(rows), dtype=bool)
+    last[:-1] = rows[:-1] != rows[1:]
+    return first, last
+
+
+def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) -> _Parsed:
+    """Vectorised parse of a block of lines; lines with a defect get a reason instead of values."""
     n_cols = len(names)
-    n = len(lines)
-    reasons = np.full(n, None, dtype=object)
-    reasons[pc.equal(pc.utf8_length(lines), 0).to_numpy(zero_copy_only=False)] = R_EMPTY
-    reasons[bad_utf8] = R_UTF8
+    data = np.frombuffer(block, dtype=np.uint8)
+    buffer = pa.py_buffer(block)
+    newlines = np.flatnonzero(data == _NL)
+    starts = np.concatenate([[0], newlines + 1])
+    ends = np.concatenate([newlines, [len(data)]])
+    n_lines = len(starts)
+    crlf = (ends > starts) & (data[np.maximum(ends - 1, 0)] == _CR)
+    ends = ends - crlf
+    reasons = np.full(n_lines, None, dtype=object)
+    reasons[starts == ends] = R_EMPTY
 
-    cols = pc.split_pattern(lines, ",", max_splits=n_cols - 1)
-    ncols = pc.list_value_length(cols).to_numpy(zero_copy_only=False)
-    reasons[(ncols != n_cols) & (reasons == None)] = R_COLUMNS  # noqa: E711 (elementwise)
+    # Invalid UTF-8 needs a byte >= 0x80: only lines holding one are decoded to check.
+    high = np.flatnonzero(data >= 0x80)
+    for line in np.unique(_line_of(high, newlines)) if len(high) else ():
+        try:
+            block[starts[line] : ends[line]].decode("utf-8")
+        except UnicodeDecodeError:
+            reasons[line] = R_UTF8
 
-    ok = reasons == None  # noqa: E711
-    good = cols.filter(pa.array(ok))
-    values = {name: pc.list_element(good, i) for i, name in enumerate(names)}
+    # Columns: exactly n_cols - 1 commas (a feature list holds none).
+    commas = np.flatnonzero(data == _COMMA)
+    comma_line = _line_of(commas, newlines)
+    n_commas = np.bincount(comma_line, minlength=n_lines)
+    reasons[(n_commas != n_cols - 1) & (reasons == None)] = R_COLUMNS  # noqa: E711
+    first_comma = np.full(n_lines, np.iinfo(np.int64).max)
+    np.minimum.at(first_comma, comma_line, commas)
+    first_column = _spans(buffer, starts, np.minimum(first_comma, ends))
 
-    # Feature list: entries separated by \x01, each field \x02 id \x03 value.
-    flist = values.pop("feature_list")
-    entries = pc.split_pattern(flist, "\x01")
-    n_entries = pc.list_value_length(entries).to_numpy(zero_copy_only=False)
-    flat = pc.list_flatten(entries)
-    parent = pc.list_parent_indices(entries).to_numpy(zero_copy_only=False)
-    is_empty_list = pc.equal(flist, "").to_numpy(zero_copy_only=False)
-    # An empty feature list splits into one empty entry: it holds zero entries.
-    n_entries = np.where(is_empty_list, 0, n_entries)
-    entry_ok = pc.match_substring_regex(flat, _ENTRY_RE).to_numpy(zero_copy_only=False)
-    entry_ok |= is_empty_list[parent]  # the phantom empty entry is not malformed
-    row_bad_entry = np.bincount(parent[~entry_ok], minlength=len(flist)) > 0
+    valid = np.flatnonzero(reasons == None)  # noqa: E711
+    n_valid = len(valid)
+    row_of_line = np.full(n_lines, -1)
+    row_of_line[valid] = np.arange(n_valid)
+    # (n_valid, n_cols - 1) comma positions of the valid lines.
+    valid_commas = commas[row_of_line[comma_line] >= 0].reshape(n_valid, n_cols - 1)
+    col_starts = np.column_stack([starts[valid], valid_commas + 1])  # (n_valid, n_cols)
+    col_ends = np.column_stack([valid_commas, ends[valid]])
+    values = {
+        name: _spans(buffer, col_starts[:, i], col_ends[:, i]) for i, name in enumerate(names[:-1])
+    }
+    fl_start, fl_end = col_starts[:, -1], col_ends[:, -1]
 
-    feature_num = pc.utf8_is_digit(values["feature_num"]).to_numpy(zero_copy_only=False)
+    # Structure of each feature list: its separators must read 2 3 (1 2 3)*.
+    seps = np.flatnonzero(data < 4)
+    seps = seps[data[seps] != 0]  # 0x01-0x03 (a NUL byte is no separator)
+    sep_row = row_of_line[_line_of(seps, newlines)]
+    seps, sep_row = seps[sep_row >= 0], sep_row[sep_row >= 0]
+    kinds = data[seps]
+    bad_row = np.zeros(n_valid, dtype=bool)
+    bad_row[sep_row[seps < fl_start[sep_row]]] = True  # a separator before the feature list
+    # Position of each separator within its row (rows are sorted).
+    position = np.arange(len(seps)) - np.searchsorted(sep_row, np.arange(n_valid))[sep_row]
+    bad_row[sep_row[kinds != np.array([2, 3, 1], dtype=np.uint8)[position % 3]]] = True
+    n_seps = np.bincount(sep_row, minlength=n_valid)
+    empty_list = fl_start == fl_end
+    bad_row |= np.where(empty_list, n_seps != 0, n_seps % 3 != 2)
+    n_entries = np.where(empty_list, 0, (n_seps + 1) // 3)
+
+    # Entries of well-formed lists: field [start, 0x02), id (0x02, 0x03), value (0x03, end).
+    good = ~bad_row[sep_row]
+    seps, sep_row, kinds = seps[good], sep_row[good], kinds[good]
+    two, three, ones = seps[kinds == 2], seps[kinds == 3], seps[kinds == 1]
+    entry_row = sep_row[kinds == 2]
+    first, last = _first_row_flags(entry_row)
+    entry_start = np.empty(len(two), dtype=np.int64)
+    entry_start[first] = fl_start[entry_row[first]]
+    entry_start[~first] = ones + 1
+    entry_end = np.empty(len(two), dtype=np.int64)
+    entry_end[last] = fl_end[entry_row[last]]
+    entry_end[~last] = ones
+
+    id_tokens = _spans(buffer, two + 1, three)
+    try:  # fast path: every id is an integer
+        ids = pc.cast(id_tokens, pa.int64()).to_numpy(zero_copy_only=False)
+        id_ok = ids >= 0
+    except pa.ArrowInvalid:
+        id_ok = pc.utf8_is_digit(id_tokens).to_numpy(zero_copy_only=False)
+        ids = pc.cast(pc.if_else(pa.array(id_ok), id_tokens, "0"), pa.int64()).to_numpy(
+            zero_copy_only=False
+        )
+    value_tokens = _spans(buffer, three + 1, entry_end)
+    try:
+        wts = pc.cast(value_tokens, pa.float32()).to_numpy(zero_copy_only=False)
+        value_ok = np.ones(len(two), dtype=bool)
+    except pa.ArrowInvalid:  # some value is not a number: find which (rare, slower)
+        value_ok = pc.match_substring_regex(value_tokens, _FLOAT_RE).to_numpy(zero_copy_only=False)
+        wts = pc.cast(pc.if_else(pa.array(value_ok), value_tokens, "0"), pa.float32()).to_numpy(
+            zero_copy_only=False
+        )
+    value_ok &= np.isfinite(wts)  # "nan" and "inf" parse as floats but are no weights
+    bad_row[entry_row[~(id_ok & value_ok & (two > entry_start))]] = True
+
+    row_reason = np.full(n_valid, None, dtype=object)
+    row_reason[bad_row] = R_ENTRY
+    num_ok = pc.utf8_is_digit(values["feature_num"]).to_numpy(zero_copy_only=False)
     declared = np.where(
-        feature_num,
-        pc.cast(
-            pc.if_else(pa.array(feature_num), values["feature_num"], "0"), pa.int64()
-        ).to_numpy(),
+        num_ok,
+        pc.cast(pc.if_else(pa.array(num_ok), values["feature_num"], "0"), pa.int64()).to_numpy(),
         -1,
     )
-    row_reason = np.full(len(flist), None, dtype=object)
-    row_reason[row_bad_entry] = R_ENTRY
     row_reason[(declared != n_entries) & (row_reason == None)] = R_FEATURE_NUM  # noqa: E711
-
     if CLICK_LABEL_KEY in values:
         click, conv = values[CLICK_LABEL_KEY], values[CONVERSION_LABEL_KEY]
-        label_ok = pc.is_in(click, pa.array(["0", "1"])).to_numpy(zero_copy_only=False) & pc.is_in(
-            conv, pa.array(["0", "1"])
+        binary = pa.array(["0", "1"])
+        label_ok = pc.is_in(click, binary).to_numpy(zero_copy_only=False) & pc.is_in(
+            conv, binary
         ).to_numpy(zero_copy_only=False)
         row_reason[~label_ok & (row_reason == None)] = R_LABEL  # noqa: E711
         no_click = pc.equal(click, "0").to_numpy(zero_copy_only=False) & pc.equal(
             conv, "1"
         ).to_numpy(zero_copy_only=False)
         row_reason[no_click & (row_reason == None)] = R_CONV_NO_CLICK  # noqa: E711
-
-    reasons[np.flatnonzero(ok)] = row_reason
+    reasons[valid] = row_reason
     keep = row_reason == None  # noqa: E711
-    columns = {k: v.filter(pa.array(keep)) for k, v in values.items()}
+    columns = {k: v.filter(pa.array(keep)) for k, v in values.items() if k != "feature_num"}
 
-    # Entries of kept rows, renumbered to kept-row positions.
-    entry_keep = keep[parent] & ~is_empty_list[parent]
-    new_row = np.cumsum(keep) - 1
-    parent_k = new_row[parent[entry_keep]]
-    flat_k = flat.filter(pa.array(entry_keep))
-    fparts = pc.split_pattern(flat_k, "\x02", max_splits=1)
-    fid = pc.list_element(fparts, 0)
-    rest = pc.split_pattern(pc.list_element(fparts, 1), "\x03", max_splits=1)
-    ids = pc.cast(pc.list_element(rest, 0), pa.int64()).to_numpy()
-    wts = pc.cast(pc.list_element(rest, 1), pa.float32()).to_numpy()
-
-    field_index = pc.index_in(fid, value_set=pa.array(fields)).to_numpy(zero_copy_only=False)
-    field_index = np.where(np.isnan(field_index.astype(float)), -1, field_index).astype(np.int64)
-    unknown = Counter(pc.filter(fid, pa.array(field_index < 0)).to_pylist())
-
+    # Entries of kept rows, regrouped per field into list columns.
+    entry_keep = keep[entry_row]
+    parent = (np.cumsum(keep) - 1)[entry_row[entry_keep]]
+    field_tokens = _spans(buffer, entry_start[entry_keep], two[entry_keep])
+    field_index = pc.index_in(field_tokens, value_set=pa.array(fields)).fill_null(-1)
+    field_index = field_index.to_numpy(zero_copy_only=False).astype(np.int64)
+    unknown = Counter(pc.filter(field_tokens, pa.array(field_index < 0)).to_pylist())
+    ids, wts = ids[entry_keep], wts[entry_keep]
     n_keep = int(keep.sum())
     out_fields: dict[str, pa.Array] = {}
     for k, f in enumerate(fields):
         mask = field_index == k
-        counts = np.bincount(parent_k[mask], minlength=n_keep)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+        offsets = pa.array(
+            np.concatenate([[0], np.cumsum(np.bincount(parent[mask], minlength=n_keep))]).astype(
+                np.int32
+            )
+        )
         out_fields[ids_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(ids[mask]))
         out_fields[wts_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(wts[mask]))
-    return _Parsed(columns, out_fields, reasons, unknown)
+    return _Parsed(columns, out_fields, reasons, unknown, n_lines, int(crlf.sum()), first_column)
 
 
 class _SplitWriters:

@@ -17,6 +17,28 @@ Files written to `out_dir`:
 - `ground_truth_{split}.csv`: `sample_id,p_ctr,p_cvr`, one row per impression.
 - `oracle.json`: per split, the AUCs of the true probabilities against the drawn labels
   (the best any model can do on these labels) and the counts.
+- `defects.csv` (only with `defect_rate > 0`): `file,line,sample_id,kind`, one row per
+  line written with a deliberate defect (or CRLF ending), see below.
+
+Profiles (`PROFILES`): `default` is small and dense (short histories, CTR 7%, CVR 12%);
+`realistic` is shaped like the real Ali-CCP (CTR 4%, conversion given click 0.5%, about 25
+impressions per context, behaviour lists of hundreds of entries, thousands of categories,
+long-tailed item popularity).
+
+Defects: with `defect_rate > 0` that share of skeleton lines, drawn independently from the
+seed, is written with one defect each, of a kind drawn uniformly from the requested ones
+that can occur in skeleton lines; `DEFECT_REASONS` maps every kind to the quarantine reason
+of `tasks.ingest` that ingestion must give it. A defective skeleton line replaces its
+impression (the impression is lost; the sample ids of all other lines are unchanged, so
+the ids of lost impressions are missing). The same share of common lines is selected for
+the kinds that can occur there; to keep every impression joinable, a common-file defect
+is an added line right after the selected one: a copy of it under a new key (never used
+by any impression) that carries the defect, or for `duplicate_key` an exact copy under the
+same key (ingestion keeps the first). `crlf` is not a defect: the selected line is written
+with a `\r\n` ending and stays valid. The ground truth, the counts and the oracle cover
+the valid impressions only: exactly the skeleton lines not listed in `defects.csv` plus
+the `crlf` ones, i.e. what ingestion keeps. Random draws for defects come from their own
+streams, so every valid line is byte-identical to the output without defects.
 
 Output is byte-identical for identical arguments. Work is vectorised with numpy and
 pyarrow and done in chunks of contexts, so memory stays bounded for millions of
@@ -25,10 +47,12 @@ impressions.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -45,11 +69,50 @@ from models.features import (
     SKELETON_FIELDS,
     USER_ID_FIELD,
 )
+from tasks.ingest import (
+    R_COLUMNS,
+    R_CONV_NO_CLICK,
+    R_DUP_KEY,
+    R_DUP_SAMPLE,
+    R_EMPTY,
+    R_ENTRY,
+    R_FEATURE_NUM,
+    R_LABEL,
+    R_UNKNOWN_KEY,
+    R_UTF8,
+)
 
 SPLITS: tuple[str, ...] = ("train", "test")
 ORACLE_FILE = "oracle.json"
 GROUND_TRUTH_HEADER = "sample_id,p_ctr,p_cvr"
 PROBABILITY_DIGITS = 8  # decimals of p_ctr and p_cvr in the ground-truth files
+DEFECTS_FILE = "defects.csv"
+DEFECTS_HEADER = ("file", "line", "sample_id", "kind")
+
+# Defect kind -> the reason `tasks.ingest` quarantines such a line with.
+DEFECT_REASONS: Mapping[str, str] = {
+    "truncated": R_COLUMNS,  # cut before its feature list: too few columns
+    "separator": R_COLUMNS,  # ';' or a tab instead of every ','
+    "label_text": R_LABEL,  # click or conversion not a number ('', 'x', 'true', ...)
+    "label_range": R_LABEL,  # click or conversion a number other than 0 and 1
+    "conversion_without_click": R_CONV_NO_CLICK,  # click 0, conversion 1
+    "unknown_key": R_UNKNOWN_KEY,  # a common_feature_index not in the common file
+    "feature_num": R_FEATURE_NUM,  # feature_num differs from the number of entries
+    "empty": R_EMPTY,  # an empty line
+    "utf8": R_UTF8,  # bytes that are not UTF-8 inside the line
+    "duplicate_sample_id": R_DUP_SAMPLE,  # repeats the id of an earlier valid line
+    "malformed_entry": R_ENTRY,  # one entry without its 0x02 or 0x03 or with a bad value
+    "duplicate_key": R_DUP_KEY,  # common file: a key defined a second time
+}
+DEFECT_KINDS: tuple[str, ...] = tuple(DEFECT_REASONS)
+CRLF = "crlf"  # not a defect: a valid line ending in \r\n (ingestion counts it)
+LINE_KINDS: tuple[str, ...] = (*DEFECT_KINDS, CRLF)  # everything `defects` may name
+# Kinds each file can carry (label, key and sample-id kinds are skeleton-only).
+SKELETON_KINDS: frozenset[str] = frozenset(LINE_KINDS) - {"duplicate_key"}
+COMMON_KINDS: frozenset[str] = frozenset(
+    {"truncated", "separator", "feature_num", "empty", "utf8", "malformed_entry"}
+    | {"duplicate_key", CRLF}
+)
 
 # Cross field -> (user history field, item field). A cross entry is written only when the
 # context's history holds the item's category / shop / brand / intention node; its id
@@ -83,11 +146,16 @@ _CVR_LATENT_DIM = 4  # conversion-only user x item fit
 _NODES_PER_CATEGORY = 4  # intention nodes a category's items draw from
 _MAX_ITEM_NODES = 3
 _CHUNK_CONTEXTS = 2048  # contexts generated and written at a time
-_USER_BLOCK = 2048  # users per block when drawing histories
+_USER_BLOCK = 2048  # users per block when drawing histories ...
+_BLOCK_CELLS = _USER_BLOCK * 400  # ... at most this many (user, category) scores at once
+_FULL_SORT_CATEGORIES = 400  # up to this many categories, histories sort every score
+_HISTORY_USERS = 4096  # users per block of a large world's histories
+_DRAW_PIECE = 1 << 20  # group draws done at a time (uniforms split without changing)
 _PILOT_IMPRESSIONS = 20_000  # impressions simulated to calibrate the two biases
 
 # Random streams: every draw comes from SeedSequence(seed, spawn_key=(stream, index)).
 _WORLD_STREAM, _LAYOUT_STREAM, _PILOT_STREAM, _CONTEXT_STREAM, _CHUNK_STREAM = 1, 2, 3, 4, 5
+_DEFECT_STREAM = 8  # SeedSequence(seed, spawn_key=(8, split index, chunk index))
 
 
 @dataclass(frozen=True)
@@ -101,8 +169,17 @@ class SynthProfile:
         impressions_per_context: mean impressions of one user context.
         impressions_per_user: train impressions per user (sets the number of users).
         impressions_per_item: train impressions per item (sets the number of items).
+        impressions_per_category: train impressions per category (sets the number of
+            categories, between `min_categories` and `max_categories`).
+        min_categories: fewest categories, whatever the size.
+        max_categories: most categories, whatever the size.
+        items_per_shop: items per shop (sets the number of shops).
+        items_per_brand: items per brand (sets the number of brands).
         max_position: largest position id; later impressions of a context share it.
         history_categories: mean categories in a user's 14-day history (109_14).
+        history_dispersion: spread of the history lengths between users: 0 gives
+            Poisson lengths; a positive `a` draws each user's mean from a gamma with
+            shape `a` first (coefficient of variation about 1 / sqrt(a)).
         shops_per_category: mean history shops per history category (110_14).
         brands_per_category: mean history brands per history category (127_14).
         nodes_per_category: mean history intention nodes per history category (150_14).
@@ -110,6 +187,8 @@ class SynthProfile:
         personal_share: share of impressions recommended from the user's history
             categories; the rest follow global popularity.
         no_brand_share: share of items without a brand (216 absent).
+        item_popularity_spread: sigma of the log-normal item popularity within a
+            category; larger is a longer tail.
         affinity: weight of the user x item taste in the click logit.
         cvr_affinity: weight of the same taste in the conversion logit (shared part).
         cvr_fit: weight of the conversion-only user x item fit.
@@ -134,14 +213,21 @@ class SynthProfile:
     impressions_per_context: float = 15.0
     impressions_per_user: int = 100
     impressions_per_item: int = 20
+    impressions_per_category: int = 250
+    min_categories: int = 40
+    max_categories: int = 400
+    items_per_shop: int = 5
+    items_per_brand: int = 8
     max_position: int = 49
     history_categories: float = 12.0
+    history_dispersion: float = 0.0
     shops_per_category: float = 1.5
     brands_per_category: float = 1.3
     nodes_per_category: float = 1.5
     history_count: float = 3.0
     personal_share: float = 0.6
     no_brand_share: float = 0.05
+    item_popularity_spread: float = 1.0
     affinity: float = 0.4
     cvr_affinity: float = 0.3
     cvr_fit: float = 0.3
@@ -158,7 +244,35 @@ class SynthProfile:
     context_noise: float = 0.2
 
 
-PROFILES: Mapping[str, SynthProfile] = {"default": SynthProfile(name="default")}
+PROFILES: Mapping[str, SynthProfile] = {
+    # Small, dense and quick to learn: short histories, high rates (the default data set).
+    "default": SynthProfile(name="default"),
+    # Shaped like the real Ali-CCP (ESMM paper, Table 1: 0.4M users, 4.3M items, 84M
+    # impressions, 3.4M clicks, 18k conversions): CTR about 4%, conversion given click about
+    # 0.5%, about 25 impressions per context, about 210 impressions per user and 20 per
+    # item, thousands of categories, long-tailed item popularity, and behaviour lists of
+    # hundreds of entries per context (medians at 1M-10M impressions: 109_14 about 120,
+    # 110_14 about 320, 127_14 about 160, 150_14 about 140; a bit shorter in small worlds).
+    "realistic": SynthProfile(
+        name="realistic",
+        ctr=0.04,
+        cvr=0.005,
+        impressions_per_context=25.0,
+        impressions_per_user=210,
+        impressions_per_item=20,
+        impressions_per_category=1250,
+        min_categories=600,
+        max_categories=8000,
+        items_per_shop=2,
+        items_per_brand=4,
+        history_categories=150.0,
+        history_dispersion=3.0,
+        shops_per_category=3.8,
+        brands_per_category=1.8,
+        nodes_per_category=1.6,
+        item_popularity_spread=2.0,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -166,16 +280,20 @@ class SplitCounts:
     """What one split holds.
 
     Attributes:
-        impressions: skeleton lines.
-        contexts: common-feature lines (distinct `common_feature_index` keys).
-        clicks: impressions with click 1.
-        conversions: impressions with conversion 1 (always clicked).
+        impressions: valid skeleton lines (all of them without defects); the rows of the
+            ground truth.
+        contexts: valid common-feature lines (distinct `common_feature_index` keys).
+        clicks: valid impressions with click 1.
+        conversions: valid impressions with conversion 1 (always clicked).
+        defective_lines: lines of the split's two files written with a defect (not
+            counting `crlf` lines).
     """
 
     impressions: int
     contexts: int
     clicks: int
     conversions: int
+    defective_lines: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,12 +305,14 @@ class SynthSummary:
         files: every file written, in writing order.
         counts: split name -> its counts.
         oracle: the content of `oracle.json`: split name -> AUCs and counts.
+        defects: kind -> lines listed in `defects.csv` (empty without defects).
     """
 
     out_dir: Path
     files: tuple[Path, ...]
     counts: Mapping[str, SplitCounts]
     oracle: Mapping[str, Mapping[str, float | int | None]]
+    defects: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def skeleton_file(split: str) -> str:
@@ -217,6 +337,8 @@ def synthesize_ali_ccp(
     seed: int,
     *,
     profile: str | SynthProfile = "default",
+    defect_rate: float = 0.0,
+    defects: Sequence[str] | str | None = None,
 ) -> SynthSummary:
     """Write a synthetic Ali-CCP data set with its ground truth and oracle AUCs.
 
@@ -226,22 +348,30 @@ def synthesize_ali_ccp(
         n_test: impressions in the test split (new contexts of the same world).
         seed: non-negative seed; the same arguments give byte-identical files.
         profile: a name from `PROFILES` or a `SynthProfile`.
+        defect_rate: share of lines written with a defect (see the module docstring);
+            0 writes none and no `defects.csv`.
+        defects: kinds to inject, from `LINE_KINDS` (a sequence, or one comma-separated
+            string); default every kind of `DEFECT_KINDS` (not `crlf`, which must be
+            named).
 
     Returns:
-        The files written, per-split counts and the oracle AUCs.
+        The files written, per-split counts, the oracle AUCs and the defects per kind.
 
     Raises:
-        ValueError: a size is not a positive integer, the seed is negative, or the
-            profile name is unknown; the message names the argument.
+        ValueError: a size is not a positive integer, the seed is negative, the profile
+            name is unknown, the defect rate is outside [0, 1] or a defect kind is
+            unknown; the message names the argument.
     """
     _check_positive("n_train", n_train)
     _check_positive("n_test", n_test)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     prof = _resolve_profile(profile)
+    kinds = _resolve_defects(defect_rate, defects)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DEFECTS_FILE).unlink(missing_ok=True)  # never leave a stale manifest
     sizes = _WorldSizes.for_train_size(n_train, prof)
     layout = _layout(sizes, seed)
     world = _build_world(sizes, prof, _rng(seed, _WORLD_STREAM, 0))
@@ -251,8 +381,10 @@ def synthesize_ali_ccp(
     counts: dict[str, SplitCounts] = {}
     oracle: dict[str, dict[str, float | int | None]] = {}
     sizes_by_split = (n_train, n_test)
+    manifest: list[tuple[str, int, str, str]] = []
     for split_index, (split, n_impressions) in enumerate(zip(SPLITS, sizes_by_split, strict=True)):
-        writer = _SplitWriter(out_dir, split, seed, layout)
+        injector = _Defects(defect_rate, kinds, seed, split, split_index) if kinds else None
+        writer = _SplitWriter(out_dir, split, seed, layout, injector)
         context_rng = _rng(seed, _CONTEXT_STREAM, split_index)
         users, context_sizes = _draw_contexts(world, n_impressions, context_rng)
         with writer:
@@ -264,11 +396,20 @@ def synthesize_ali_ccp(
         files.extend(writer.paths)
         counts[split] = writer.counts()
         oracle[split] = writer.oracle()
+        if injector is not None:
+            manifest.extend(injector.manifest())
 
+    by_kind: dict[str, int] = {}
+    if kinds:
+        files.append(_write_manifest(out_dir / DEFECTS_FILE, manifest))
+        for *_, kind in manifest:
+            by_kind[kind] = by_kind.get(kind, 0) + 1
     oracle_path = out_dir / ORACLE_FILE
     oracle_path.write_text(json.dumps(oracle, sort_keys=True, indent=2) + "\n")
     files.append(oracle_path)
-    return SynthSummary(out_dir=out_dir, files=tuple(files), counts=counts, oracle=oracle)
+    return SynthSummary(
+        out_dir=out_dir, files=tuple(files), counts=counts, oracle=oracle, defects=by_kind
+    )
 
 
 def feature_id_ranges(
@@ -308,14 +449,17 @@ class _WorldSizes:
 
     @classmethod
     def for_train_size(cls, n_train: int, profile: SynthProfile) -> _WorldSizes:
-        categories = min(400, max(40, n_train // 250))
+        categories = min(
+            profile.max_categories,
+            max(profile.min_categories, n_train // profile.impressions_per_category),
+        )
         items = max(200, categories, n_train // profile.impressions_per_item)
         return cls(
             users=max(50, n_train // profile.impressions_per_user),
             items=items,
             categories=categories,
-            shops=max(categories, items // 5),
-            brands=max(categories, items // 8),
+            shops=max(categories, items // profile.items_per_shop),
+            brands=max(categories, items // profile.items_per_brand),
             nodes=max(2 * _NODES_PER_CATEGORY, 3 * categories),
             positions=profile.max_position + 1,
         )
@@ -364,6 +508,14 @@ class _GroupSampler:
         return cls(members, np.cumsum(weight[members]), start)
 
     def draw(self, group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if len(group) > _DRAW_PIECE:  # in pieces, to bound the temporaries; same draws
+            out = np.empty(len(group), dtype=self.members.dtype)
+            for lo in range(0, len(group), _DRAW_PIECE):
+                out[lo : lo + _DRAW_PIECE] = self._draw(group[lo : lo + _DRAW_PIECE], rng)
+            return out
+        return self._draw(group, rng)
+
+    def _draw(self, group: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         lo, hi = self.start[group], self.start[group + 1]
         below = np.where(lo > 0, self.cumulative[lo - 1], 0.0)
         target = below + rng.random(len(group)) * (self.cumulative[hi - 1] - below)
@@ -420,7 +572,11 @@ def _build_world(sizes: _WorldSizes, profile: SynthProfile, rng: np.random.Gener
     category_popularity = rng.normal(0.0, 1.0, n_cat)
     category_gender = rng.normal(0.0, profile.profile_effect, n_cat)
     category_age = rng.normal(0.0, profile.profile_effect, (n_cat, PROFILE_CARDINALITY["125"]))
-    category_nodes = np.argsort(rng.random((n_cat, sizes.nodes)), axis=1)[:, :_NODES_PER_CATEGORY]
+    if n_cat > _FULL_SORT_CATEGORIES:  # large worlds: no (categories, nodes) matrix
+        category_nodes = _distinct_draws(n_cat, sizes.nodes, _NODES_PER_CATEGORY, rng)
+    else:
+        category_nodes = np.argsort(rng.random((n_cat, sizes.nodes)), axis=1)
+        category_nodes = category_nodes[:, :_NODES_PER_CATEGORY]
 
     # Shops and brands belong to one category each; every category has at least one.
     shop_category = _grouped(sizes.shops, category_popularity, rng)
@@ -458,7 +614,7 @@ def _build_world(sizes: _WorldSizes, profile: SynthProfile, rng: np.random.Gener
     item_ctr = item_ctr + 0.8 * clickbait - 0.5 * hidden_gem
     item_cvr = item_cvr - 1.2 * clickbait + 0.8 * hidden_gem
     item_price_tier = np.where(item_brand >= 0, brand_tier[item_brand], 1)
-    item_popularity = rng.lognormal(0.0, 1.0, sizes.items)
+    item_popularity = rng.lognormal(0.0, profile.item_popularity_spread, sizes.items)
 
     # Users.
     gender = rng.integers(0, 2, sizes.users)
@@ -530,6 +686,17 @@ def _build_world(sizes: _WorldSizes, profile: SynthProfile, rng: np.random.Gener
     )
 
 
+def _distinct_draws(n_rows: int, n_values: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_rows, k) values from range(n_values), distinct within a row (needs n_values >= k)."""
+    out = rng.integers(0, n_values, (n_rows, k))
+    while True:
+        ordered = np.sort(out, axis=1)
+        repeat = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
+        if not repeat.any():
+            return out
+        out[repeat] = rng.integers(0, n_values, (int(repeat.sum()), k))
+
+
 def _grouped(n: int, log_weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Assign n members to groups: one to each group first, the rest by popularity."""
     n_groups = len(log_weight)
@@ -547,18 +714,70 @@ def _draw_histories(
     profile: SynthProfile,
     rng: np.random.Generator,
 ) -> dict[str, _Lists]:
-    """Each user's 14-day behaviour lists; categories are a top-k of a noisy preference."""
-    n_users, n_cat = sizes.users, sizes.categories
+    """Each user's 14-day behaviour lists; categories are a top-k of a noisy preference.
+
+    Large worlds (more than `_FULL_SORT_CATEGORIES` categories) are drawn a block of
+    `_HISTORY_USERS` users at a time and stored compactly (int32 ids, float32 rates), so
+    the temporaries stay bounded; small worlds in one go.
+    """
+    args = (preference, category_nodes, shop_sampler, brand_sampler, sizes, profile, rng)
+    if sizes.categories <= _FULL_SORT_CATEGORIES:
+        return _draw_history_block(0, sizes.users, *args)
+    parts = [
+        _draw_history_block(lo, min(_HISTORY_USERS, sizes.users - lo), *args, compact=True)
+        for lo in range(0, sizes.users, _HISTORY_USERS)
+    ]
+    lists = {}
+    for field in HISTORY_FIELDS:
+        pieces = [part.pop(field) for part in parts]
+        shift = np.cumsum([0] + [len(piece.entity) for piece in pieces[:-1]])
+        lists[field] = _Lists(
+            offsets=np.concatenate(
+                [pieces[0].offsets[:1]]
+                + [piece.offsets[1:] + at for piece, at in zip(pieces, shift, strict=True)]
+            ),
+            entity=np.concatenate([piece.entity for piece in pieces]),
+            rate=np.concatenate([piece.rate for piece in pieces]),
+        )
+    return lists
+
+
+def _draw_history_block(
+    first_user: int,
+    n_users: int,
+    preference: Callable[[np.ndarray], np.ndarray],
+    category_nodes: np.ndarray,
+    shop_sampler: _GroupSampler,
+    brand_sampler: _GroupSampler,
+    sizes: _WorldSizes,
+    profile: SynthProfile,
+    rng: np.random.Generator,
+    *,
+    compact: bool = False,
+) -> dict[str, _Lists]:
+    """The behaviour lists of users first_user .. first_user + n_users - 1."""
+    n_cat = sizes.categories
     users, cats, likings = [], [], []
-    for lo in range(0, n_users, _USER_BLOCK):  # blocks bound the (users, categories) matrix
-        block = np.arange(lo, min(lo + _USER_BLOCK, n_users))
+    block_users = max(1, min(_USER_BLOCK, _BLOCK_CELLS // n_cat))
+    end = first_user + n_users
+    for lo in range(first_user, end, block_users):  # blocks bound the (users, categories) matrix
+        block = np.arange(lo, min(lo + block_users, end))
         score = preference(block)
-        k = np.clip(1 + rng.poisson(profile.history_categories - 1, len(block)), 1, n_cat)
+        mean_extra = profile.history_categories - 1
+        if profile.history_dispersion > 0:
+            shape = profile.history_dispersion
+            mean_extra = rng.gamma(shape, mean_extra / shape, len(block))
+        k = np.clip(1 + rng.poisson(mean_extra, len(block)), 1, n_cat)
         k_max = int(k.max())
         noisy = score + rng.gumbel(size=score.shape)
-        top = np.argsort(-noisy, axis=1, kind="stable")[:, :k_max]
+        if n_cat > _FULL_SORT_CATEGORIES:  # select the top k_max, then order only those
+            part = np.argpartition(-noisy, k_max - 1, axis=1)[:, :k_max]
+            order = np.argsort(-np.take_along_axis(noisy, part, axis=1), axis=1, kind="stable")
+            top = np.take_along_axis(part, order, axis=1)
+        else:
+            top = np.argsort(-noisy, axis=1, kind="stable")[:, :k_max]
         rows, ranks = np.nonzero(np.arange(k_max) < k[:, None])
-        users.append(block[rows])
+        users.append(block[rows] - first_user)
         cats.append(top[rows, ranks])
         likings.append(score[rows, top[rows, ranks]])
     user, category, liking = np.concatenate(users), np.concatenate(cats), np.concatenate(likings)
@@ -566,7 +785,7 @@ def _draw_histories(
         0.4 * (liking - liking.mean()) + rng.normal(0.0, 0.5, len(user))
     )
 
-    lists = {"109_14": _to_lists(user, category, rate, n_users, n_cat)}
+    lists = {"109_14": _to_lists(user, category, rate, n_users, n_cat, compact)}
     # Shops, brands and nodes: a few per history category, each with part of its rate.
     kinds = (
         ("110_14", profile.shops_per_category, sizes.shops),
@@ -585,16 +804,29 @@ def _draw_histories(
                 parent_category, rng.integers(0, _NODES_PER_CATEGORY, len(parent))
             ]
         share = rng.uniform(0.2, 1.0, len(parent))
-        lists[field] = _to_lists(user[parent], entity, rate[parent] * share, n_users, n_entities)
+        lists[field] = _to_lists(
+            user[parent], entity, rate[parent] * share, n_users, n_entities, compact
+        )
     return lists
 
 
 def _to_lists(
-    user: np.ndarray, entity: np.ndarray, rate: np.ndarray, n_users: int, n_entities: int
+    user: np.ndarray,
+    entity: np.ndarray,
+    rate: np.ndarray,
+    n_users: int,
+    n_entities: int,
+    compact: bool = False,
 ) -> _Lists:
     """Per-user lists sorted by entity; a repeated (user, entity) keeps its first rate."""
     key, first = np.unique(user * n_entities + entity, return_index=True)
     offsets = np.searchsorted(key // n_entities, np.arange(n_users + 1))
+    if compact:
+        return _Lists(
+            offsets=offsets,
+            entity=(key % n_entities).astype(np.int32),
+            rate=rate[first].astype(np.float32),
+        )
     return _Lists(offsets=offsets, entity=key % n_entities, rate=rate[first])
 
 
@@ -802,14 +1034,216 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+# --- defects ----------------------------------------------------------------------------
+
+_BAD_LABELS = ("", "x", "true", "NaN", "-")
+_OUT_OF_RANGE_LABELS = ("2", "-1", "10")
+_BAD_BYTES = (b"\xff", b"\xc3\x28", b"\x80", b"\xfe\xfe")
+_SEPARATORS = (";", "\t")
+_FEATURE_NUM_ERRORS = (-1, 1, 7)
+
+
+class _Defects:
+    """Chooses, applies and records the defects of one split's files, a chunk at a time.
+
+    Per chunk, `skeleton` must be called before `common`: both draw from the chunk's own
+    stream, so the choice depends only on the seed, split, chunk, rate and kinds.
+    """
+
+    def __init__(
+        self, rate: float, kinds: tuple[str, ...], seed: int, split: str, split_index: int
+    ):
+        self._rate, self._seed, self._split, self._split_index = rate, seed, split, split_index
+        self._skeleton_kinds = tuple(k for k in kinds if k in SKELETON_KINDS)
+        self._common_kinds = tuple(k for k in kinds if k in COMMON_KINDS)
+        self._files = (skeleton_file(split), common_file(split))
+        self._rows: tuple[list[tuple[str, int, str, str]], ...] = ([], [])
+        self._lines = [0, 0]  # lines written so far to the skeleton and the common file
+        self._chunk = -1
+        self._rng = np.random.default_rng(0)  # replaced at every chunk
+        self._last_valid_id: str | None = None  # of the skeleton file, across chunks
+        self._new_keys = 0
+        self.defective_lines = 0
+
+    def manifest(self) -> list[tuple[str, int, str, str]]:
+        """(file, line, sample id or key, kind) of every line written with a defect or CRLF."""
+        return [*self._rows[0], *self._rows[1]]
+
+    def skeleton(self, lines: pa.Array) -> tuple[dict[int, bytes], np.ndarray]:
+        """Edits of a chunk's skeleton lines (index -> bytes) and which stay valid."""
+        self._chunk += 1
+        self._rng = _rng3(self._seed, _DEFECT_STREAM, self._split_index, self._chunk)
+        n, first_line = len(lines), self._lines[0] + 1
+        self._lines[0] += n
+        valid = np.ones(n, dtype=bool)
+        edits: dict[int, bytes] = {}
+        if not self._skeleton_kinds:
+            return edits, valid
+        chosen, kinds, variant = self._choose(n, self._skeleton_kinds)
+        valid[chosen[kinds != CRLF]] = False
+        earlier_valid = np.maximum.accumulate(np.where(valid, np.arange(n), -1))
+        texts = pc.take(lines, pa.array(chosen, type=pa.int64())).to_pylist()
+        for i, kind, text, (u, v) in zip(chosen.tolist(), kinds, texts, variant, strict=True):
+            line_no = first_line + i
+            sample_id, rest = text.split(",", 1)
+            if kind == "duplicate_sample_id":
+                j = int(earlier_valid[i - 1]) if i > 0 else -1
+                source = _first_column(lines[j].as_py()) if j >= 0 else self._last_valid_id
+                if source is None:  # no earlier valid line in the file: left as it is
+                    valid[i] = True
+                    continue
+                sample_id, data = source, f"{source},{rest}\n".encode()
+            else:
+                data = self._corrupt(kind, text, 6, u, v, line_no)
+                sample_id = "" if kind == "empty" else sample_id
+            edits[i] = data
+            self._rows[0].append((self._files[0], line_no, sample_id, kind))
+            self.defective_lines += kind != CRLF
+        if valid.any():
+            self._last_valid_id = _first_column(lines[int(np.flatnonzero(valid)[-1])].as_py())
+        return edits, valid
+
+    def common(self, lines: pa.Array) -> dict[int, bytes]:
+        """Edits of a chunk's common lines (index -> bytes): CRLF rewrites and added lines."""
+        n = len(lines)
+        edits: dict[int, bytes] = {}
+        added = 0
+        if self._common_kinds:
+            chosen, kinds, variant = self._choose(n, self._common_kinds)
+            texts = pc.take(lines, pa.array(chosen, type=pa.int64())).to_pylist()
+            for i, kind, text, (u, v) in zip(chosen.tolist(), kinds, texts, variant, strict=True):
+                line_no = self._lines[1] + i + 1 + added
+                key = _first_column(text)
+                if kind == CRLF:
+                    edits[i] = f"{text}\r\n".encode()
+                    self._rows[1].append((self._files[1], line_no, key, kind))
+                    continue
+                if kind == "duplicate_key":
+                    extra = f"{text}\n".encode()
+                else:  # a copy under a key no impression uses, so no impression is lost
+                    key = _digest(
+                        f"ali-ccp-synth-defect:{self._seed}:{self._split}:{self._new_keys}"
+                    )
+                    self._new_keys += 1
+                    copy = key + text[len(_first_column(text)) :]
+                    extra = self._corrupt(kind, copy, 3, u, v, line_no + 1)
+                    key = "" if kind == "empty" else key
+                edits[i] = f"{text}\n".encode() + extra
+                added += 1
+                self._rows[1].append((self._files[1], line_no + 1, key, kind))
+                self.defective_lines += 1
+        self._lines[1] += n + added
+        return edits
+
+    def _choose(self, n: int, kinds: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Lines to edit, the kind of each, and two uniforms per line for its variant."""
+        rng = self._rng
+        chosen = np.flatnonzero(rng.random(n) < self._rate)
+        kind = np.asarray(kinds, dtype=object)[rng.integers(0, len(kinds), len(chosen))]
+        return chosen, kind, rng.random((len(chosen), 2))
+
+    def _corrupt(
+        self, kind: str, text: str, n_cols: int, u: float, v: float, line_no: int
+    ) -> bytes:
+        """The line `text` (n_cols columns, valid) with one defect of `kind`, newline ended."""
+        if kind == CRLF:
+            return f"{text}\r\n".encode()
+        if kind == "empty":
+            return b"\n"
+        if kind == "truncated":  # cut after the first column, before the feature list
+            first = text.index(",")
+            last = first
+            for _ in range(n_cols - 2):
+                last = text.index(",", last + 1)
+            return f"{text[: first + 1 + int(u * (last - first))]}\n".encode()
+        if kind == "separator":
+            return f"{text.replace(',', _SEPARATORS[int(u * len(_SEPARATORS))])}\n".encode()
+        if kind == "utf8":  # invalid bytes somewhere after the first column
+            raw, first = text.encode(), text.index(",") + 1
+            at = first + int(u * (len(raw) - first + 1))
+            return raw[:at] + _BAD_BYTES[int(v * len(_BAD_BYTES))] + raw[at:] + b"\n"
+        cols = text.split(",")
+        if kind == "feature_num":
+            declared = int(cols[-2])
+            error = _FEATURE_NUM_ERRORS[int(u * len(_FEATURE_NUM_ERRORS))]
+            cols[-2] = str(declared + error if declared + error >= 0 else declared + 1)
+        elif kind == "malformed_entry":
+            entries = cols[-1].split(_ENTRY_SEP)
+            k = int(u * len(entries))
+            name, rest = entries[k].split(_ID_SEP)
+            feature_id, value = rest.split(_VALUE_SEP)
+            entries[k] = (
+                f"{name}{_ID_SEP}{feature_id}{value}",  # no value separator
+                f"{name}:{feature_id}{_VALUE_SEP}{value}",  # no id separator
+                f"{name}{_ID_SEP}{feature_id}{_VALUE_SEP}n/a",  # value not a number
+            )[int(v * 3)]
+            cols[-1] = _ENTRY_SEP.join(entries)
+        elif kind == "label_text":
+            cols[1 + int(u * 2)] = _BAD_LABELS[int(v * len(_BAD_LABELS))]
+        elif kind == "label_range":
+            cols[1 + int(u * 2)] = _OUT_OF_RANGE_LABELS[int(v * len(_OUT_OF_RANGE_LABELS))]
+        elif kind == "conversion_without_click":
+            cols[1], cols[2] = "0", "1"
+        elif kind == "unknown_key":
+            cols[3] = _digest(f"ali-ccp-synth-unknown:{self._seed}:{self._split}:{line_no}")
+        else:
+            raise ValueError(f"no such defect kind: {kind!r}")
+        return f"{','.join(cols)}\n".encode()
+
+
+def _first_column(line: str) -> str:
+    return line.split(",", 1)[0]
+
+
+def _digest(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def _write_manifest(path: Path, rows: list[tuple[str, int, str, str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(DEFECTS_HEADER)
+        writer.writerows(rows)
+    return path
+
+
+def _resolve_defects(rate: object, defects: Sequence[str] | str | None) -> tuple[str, ...]:
+    """The kinds to inject, in `LINE_KINDS` order; none when the rate is 0."""
+    if (
+        isinstance(rate, bool)
+        or not isinstance(rate, int | float | np.integer | np.floating)
+        or not 0.0 <= float(rate) <= 1.0
+    ):
+        raise ValueError(f"defect_rate must be a number in [0, 1], got {rate!r}")
+    if defects is None:
+        return DEFECT_KINDS if rate > 0 else ()
+    names = defects.split(",") if isinstance(defects, str) else list(defects)
+    names = [str(name).strip() for name in names if str(name).strip()]
+    unknown = sorted(set(names) - set(LINE_KINDS))
+    if unknown or not names:
+        raise ValueError(
+            f"defects must name kinds from {', '.join(LINE_KINDS)}; got {defects!r}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return tuple(kind for kind in LINE_KINDS if kind in names) if rate > 0 else ()
+
+
 # --- writing ----------------------------------------------------------------------------
 
 
 class _SplitWriter:
     """Writes one split chunk by chunk and keeps what the oracle needs."""
 
-    def __init__(self, out_dir: Path, split: str, seed: int, layout: Mapping[str, range]):
+    def __init__(
+        self,
+        out_dir: Path,
+        split: str,
+        seed: int,
+        layout: Mapping[str, range],
+        defects: _Defects | None = None,
+    ):
         self.split, self.seed, self.layout = split, seed, layout
+        self._defects = defects
         self.paths = (
             out_dir / skeleton_file(split),
             out_dir / common_file(split),
@@ -849,26 +1283,35 @@ class _SplitWriter:
             [self._context_key(self._n_contexts + i) for i in range(len(block.context_user))]
         )
         sample_id = _text(np.arange(self._n_impressions + 1, self._n_impressions + n + 1))
-        _write_lines(
-            skeleton,
-            _join(
-                ",",
-                sample_id,
-                _text(click.astype(np.int64)),
-                _text(conversion.astype(np.int64)),
-                pc.take(keys, pa.array(block.impression_context)),
-                *self._skeleton_features(block),
-            ),
+        skeleton_lines = _join(
+            ",",
+            sample_id,
+            _text(click.astype(np.int64)),
+            _text(conversion.astype(np.int64)),
+            pc.take(keys, pa.array(block.impression_context)),
+            *self._skeleton_features(block),
         )
         common_num, common_list = self._common_features(block)
         by_key = pc.sort_indices(keys)  # the common file's own order: by key within a chunk
-        _write_lines(common, pc.take(_join(",", keys, common_num, common_list), by_key))
+        common_lines = pc.take(_join(",", keys, common_num, common_list), by_key)
+        self._n_impressions += n
+        self._n_contexts += len(keys)
+        if self._defects is not None:
+            skeleton_edits, valid = self._defects.skeleton(skeleton_lines)
+            _write_lines(skeleton, skeleton_lines, skeleton_edits)
+            _write_lines(common, common_lines, self._defects.common(common_lines))
+            if not valid.all():  # the ground truth and the oracle: valid impressions only
+                keep = pa.array(valid)
+                sample_id = sample_id.filter(keep)
+                q_ctr, q_cvr = q_ctr[valid], q_cvr[valid]
+                click, conversion = click[valid], conversion[valid]
+        else:
+            _write_lines(skeleton, skeleton_lines)
+            _write_lines(common, common_lines)
         _write_lines(
             truth, _join(",", sample_id, _probability_text(q_ctr), _probability_text(q_cvr))
         )
 
-        self._n_impressions += n
-        self._n_contexts += len(keys)
         self._p_ctr.append(q_ctr)
         self._p_cvr.append(q_cvr)
         self._click.append(click)
@@ -920,10 +1363,11 @@ class _SplitWriter:
     def counts(self) -> SplitCounts:
         click, conversion = np.concatenate(self._click), np.concatenate(self._conversion)
         return SplitCounts(
-            impressions=self._n_impressions,
+            impressions=len(click),
             contexts=self._n_contexts,
             clicks=int(click.sum()),
             conversions=int(conversion.sum()),
+            defective_lines=0 if self._defects is None else self._defects.defective_lines,
         )
 
     def oracle(self) -> dict[str, float | int | None]:
@@ -1002,8 +1446,19 @@ def _probability_text(fixed_point: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise("0.", digits, "")
 
 
-def _write_lines(handle: BinaryIO, lines: pa.Array) -> None:
-    """Write each string followed by a newline."""
+def _write_lines(
+    handle: BinaryIO, lines: pa.Array, replace: Mapping[int, bytes] | None = None
+) -> None:
+    """Write each string followed by a newline; `replace[i]` is written instead of line i
+    (the bytes given, line ending(s) included)."""
+    if replace:
+        start = 0
+        for i in sorted(replace):
+            _write_lines(handle, lines.slice(start, i - start))
+            handle.write(replace[i])
+            start = i + 1
+        _write_lines(handle, lines.slice(start))
+        return
     if len(lines) == 0:
         return
     offsets = pa.array([0, len(lines)], type=pa.int32())
@@ -1034,3 +1489,7 @@ def _resolve_profile(profile: str | SynthProfile) -> SynthProfile:
 
 def _rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, index)))
+
+
+def _rng3(seed: int, stream: int, index: int, sub: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, index, sub)))

@@ -120,7 +120,20 @@ def test_data_add_versions_a_new_batch(tmp_path, small_raw):
     from tasks.data import add_raw_data
 
     project = make_project(tmp_path / "project", small_raw)
-    run([sys.executable, "-m", "dvc", "remote", "add", "-q", "-d", "local", str(tmp_path / "remote")], project)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "dvc",
+            "remote",
+            "add",
+            "-q",
+            "-d",
+            "local",
+            str(tmp_path / "remote"),
+        ],
+        project,
+    )
     before = data_version(project / "data.dvc")
     batch = tmp_path / "batch"
     synthesize_ali_ccp(batch, 1000, 300, seed=123)
