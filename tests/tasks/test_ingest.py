@@ -135,12 +135,15 @@ def test_invalid_utf8_is_quarantined(tmp_path):
     } in rows
 
 
-def test_small_chunks_give_the_same_result(tmp_path):
-    """Chunking is invisible: a tiny chunk size yields the same tables and line numbers."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_small_chunks_give_the_same_result(tmp_path, workers):
+    """Chunking and worker processes are invisible: tiny chunks parsed in-process or by two
+    workers yield the same tables and line numbers as one chunk."""
     lines = [*GOOD, *BAD.keys(), *GOOD]
     raw = _write_raw(tmp_path / "raw", lines, COMMON)
     ing.ingest_ali_ccp(raw, tmp_path / "big", LENIENT)
-    ing.ingest_ali_ccp(raw, tmp_path / "small", LENIENT.model_copy(update={"chunk_bytes": 40}))
+    small = LENIENT.model_copy(update={"chunk_bytes": 40, "workers": workers})
+    ing.ingest_ali_ccp(raw, tmp_path / "small", small)
     for split in ("train", "test"):
         assert pq.read_table(tmp_path / "big" / split / "impressions.parquet").equals(
             pq.read_table(tmp_path / "small" / split / "impressions.parquet")
