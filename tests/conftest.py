@@ -81,6 +81,11 @@ def make_project(root: Path, raw: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+def add_local_remote(project: Path, remote: Path) -> None:
+    """Make a folder the project's default DVC remote."""
+    run([sys.executable, "-m", "dvc", "remote", "add", "-q", "-d", "local", str(remote)], project)
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, make_project, run
+from conftest import REPO, SMALL, add_local_remote, make_project, run
 
 from tasks.config import SynthConfig, load_params
 from tasks.data import DataVersionError, data_version, ensure_raw_data
@@ -28,20 +28,7 @@ def test_missing_data_is_regenerated_and_pushed(tmp_path, small_raw):
     """With data/ gone and no remote copy, the generator restores the recorded version,
     which is then cached and pushed to the default (local) remote."""
     project = make_project(tmp_path / "project", small_raw)
-    run(
-        [
-            sys.executable,
-            "-m",
-            "dvc",
-            "remote",
-            "add",
-            "-q",
-            "-d",
-            "local",
-            str(tmp_path / "remote"),
-        ],
-        project,
-    )
+    add_local_remote(project, tmp_path / "remote")
     shutil.rmtree(project / "data")
     shutil.rmtree(project / ".dvc" / "cache")
     restored = ensure_raw_data(project, project / "data", SynthConfig(**SMALL))
@@ -120,20 +107,7 @@ def test_data_add_versions_a_new_batch(tmp_path, small_raw):
     from tasks.data import add_raw_data
 
     project = make_project(tmp_path / "project", small_raw)
-    run(
-        [
-            sys.executable,
-            "-m",
-            "dvc",
-            "remote",
-            "add",
-            "-q",
-            "-d",
-            "local",
-            str(tmp_path / "remote"),
-        ],
-        project,
-    )
+    add_local_remote(project, tmp_path / "remote")
     before = data_version(project / "data.dvc")
     batch = tmp_path / "batch"
     synthesize_ali_ccp(batch, 1000, 300, seed=123)
