@@ -175,6 +175,7 @@ def train(params: Path = PARAMS) -> None:
 def evaluate(params: Path = PARAMS) -> None:
     """Masked AUCs and loglosses on the test split; writes metrics.json with the gate verdict."""
     from tasks import steps
+    from tasks.evaluate import format_metrics
 
     evaluation = _run(lambda: steps.evaluate(_params(params)))
     typer.echo(format_metrics(evaluation.metrics, evaluation.oracle))
@@ -206,35 +207,7 @@ def retrain(params: Path = PARAMS) -> None:
     from flows.retrain import retrain as retrain_flow
 
     summary = _run(lambda: retrain_flow(params_path=str(params)))
-    typer.echo("")
-    typer.echo(f"data version      {summary.data_version}")
-    typer.echo(
-        f"ingested          {summary.rows_written:,} rows written, {summary.rows_quarantined:,} quarantined"
-    )
-    typer.echo(f"validation        {summary.validation}")
-    typer.echo(format_metrics(summary.metrics, summary.oracle))
-    typer.echo(
-        "gate              "
-        + ("passed" if summary.gate_passed else "FAILED: " + "; ".join(summary.gate_reasons))
-    )
-    typer.echo(
-        f"registered        {summary.model_name} version {summary.model_version} as {', '.join(summary.aliases)}"
-    )
-    typer.echo(
-        f"MLflow UI         mlflow ui --backend-store-uri {summary.tracking_uri}  (then open http://127.0.0.1:5000)"
-    )
-
-
-def format_metrics(metrics: dict[str, float], oracle: dict[str, float] | None) -> str:
-    """The three AUCs side by side with the oracle's, as a small table."""
-    rows = [f"{'metric':<18}{'model':>8}{'oracle':>8}{'gap':>8}"]
-    for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
-        value = metrics[name]
-        best = (oracle or {}).get(name)
-        gap = f"{best - value:>8.4f}" if best is not None else f"{'':>8}"
-        shown = "n/a" if best is None else f"{best:.4f}"
-        rows.append(f"{name:<18}{value:>8.4f}{shown:>8}{gap}")
-    return "\n".join(rows)
+    typer.echo("\n" + summary.to_text())
 
 
 def _run(step):

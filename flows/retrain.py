@@ -15,6 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from tasks import steps
 from tasks.config import load_params
 from tasks.data import data_version
+from tasks.evaluate import format_metrics
 from tasks.layout import Layout
 
 ingest = task(steps.ingest, name="ingest", cache_policy=NO_CACHE)
@@ -40,6 +41,23 @@ class RunSummary:
     model_version: str
     aliases: list[str]
     tracking_uri: str
+
+    def to_text(self) -> str:
+        """The summary `esmm retrain` prints."""
+        split_rows = ", ".join(f"{split} {n:,}" for split, n in self.impressions.items())
+        verdict = "passed" if self.gate_passed else "FAILED: " + "; ".join(self.gate_reasons)
+        return "\n".join(
+            [
+                f"data version      {self.data_version}",
+                f"impressions       {split_rows} ({self.rows_quarantined:,} raw lines quarantined)",
+                f"validation        {self.validation}",
+                format_metrics(self.metrics, self.oracle),
+                f"gate              {verdict}",
+                f"registered        {self.model_name} version {self.model_version} as {', '.join(self.aliases)}",
+                f"MLflow UI         mlflow ui --backend-store-uri {self.tracking_uri}"
+                "  (then open http://127.0.0.1:5000)",
+            ]
+        )
 
     def to_markdown(self) -> str:
         lines = [

@@ -101,3 +101,15 @@ def read_metrics(path: Path) -> tuple[dict, GateVerdict]:
     document = json.loads(Path(path).read_text())
     verdict = GateVerdict(document.pop("gate_passed"), document.pop("gate_reasons"))
     return document, verdict
+
+
+def format_metrics(metrics: dict[str, float], oracle: dict[str, float] | None) -> str:
+    """The three AUCs side by side with the oracle's, as a small table."""
+    rows = [f"{'metric':<18}{'model':>8}{'oracle':>8}{'gap':>8}"]
+    for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
+        value = metrics[name]
+        best = (oracle or {}).get(name)
+        gap = f"{best - value:>8.4f}" if best is not None else f"{'':>8}"
+        shown = "n/a" if best is None else f"{best:.4f}"
+        rows.append(f"{name:<18}{value:>8.4f}{shown:>8}{gap}")
+    return "\n".join(rows)

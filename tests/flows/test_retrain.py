@@ -41,6 +41,7 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(
     client = MlflowClient(uri)
     version = client.get_model_version_by_alias("esmm", "challenger")
     assert str(version.version) == summary.model_version == "1"
+    assert "esmm version 1 as challenger, champion" in summary.to_text()
     assert summary.gate_passed
     assert str(client.get_model_version_by_alias("esmm", "champion").version) == "1"
     expected_version = data_version(project / "data.dvc")
@@ -99,3 +100,38 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
         (project / "artifacts" / "register" / "registration.json").read_text()
     )
     assert registration["version"] == "2"
+
+
+def test_run_summary_text_names_every_outcome():
+    """The summary `esmm retrain` prints: data version, impressions, validation, the three
+    AUCs next to the oracle's, the verdict, the registered version and the MLflow UI."""
+    from flows.retrain import RunSummary
+
+    summary = RunSummary(
+        data_version="abc.dir",
+        impressions={"train": 900, "valid": 100, "test": 300},
+        rows_quarantined=2,
+        validation="validation passed",
+        metrics={"ctr_auc": 0.7, "ctcvr_auc": 0.71, "cvr_auc_clicked": 0.65},
+        oracle={"ctr_auc": 0.77, "ctcvr_auc": 0.84, "cvr_auc_clicked": 0.75},
+        gate_passed=False,
+        gate_reasons=["ctr_auc = 0.7000 is below the floor evaluate.min_ctr_auc = 0.8"],
+        model_name="esmm",
+        model_version="3",
+        aliases=["challenger"],
+        tracking_uri="sqlite:////x/mlflow.db",
+    )
+    text = summary.to_text()
+    for expected in (
+        "abc.dir",
+        "train 900, valid 100, test 300",
+        "validation passed",
+        "ctcvr_auc",
+        "0.8400",
+        "0.1300",  # the CTCVR gap to the oracle
+        "FAILED: ctr_auc",
+        "esmm version 3 as challenger",
+        "mlflow ui --backend-store-uri sqlite:////x/mlflow.db",
+    ):
+        assert expected in text
+    assert "| ctr_auc | 0.7000 | 0.7700 |" in summary.to_markdown()
