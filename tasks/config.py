@@ -32,7 +32,9 @@ class SynthConfig(_Section):
 class IngestConfig(_Section):
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of train contexts, by hash of the key
     min_count: int = Field(2, ge=1)  # ids seen fewer times in train map to the OOV bucket
-    chunk_bytes: int = Field(64 << 20, gt=0)  # bytes of raw text parsed per chunk
+    chunk_bytes: int = Field(
+        16 << 20, gt=0
+    )  # bytes of raw text parsed per chunk (peak memory ~40x)
     workers: int = Field(0, ge=0)  # parsing processes; 0 = cores - 1 on large inputs
     max_quarantine_fraction: float = Field(0.01, ge=0.0, le=1.0)  # fail above this share
 
