@@ -429,12 +429,7 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
         schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
     table = pa.table({**head, **parsed.fields}, schema=schema)
     bad = np.flatnonzero(parsed.reasons != None)  # noqa: E711
-    bad_ids: list[str | None] = [None] * len(bad)
-    readable = np.flatnonzero(parsed.reasons[bad] != R_UTF8)
-    for i, key in zip(
-        readable, parsed.first_column.take(pa.array(bad[readable])).to_pylist(), strict=True
-    ):
-        bad_ids[i] = key
+    bad_ids = [parsed.first_column.get(line) for line in bad.tolist()]
     return ParsedBlock(
         first_line=first_line,
         n_lines=parsed.n_lines,
@@ -457,7 +452,7 @@ class _Parsed:
     unknown_fields: Counter
     n_lines: int
     crlf: int  # lines that ended in CRLF (accepted)
-    first_column: pa.StringArray  # each line's text up to its first comma
+    first_column: dict[int, str]  # text up to the first comma of each quarantined, readable line
 
 
 # --- the block parser ------------------------------------------------------------------------
@@ -532,7 +527,8 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
     reasons[(n_commas != n_cols - 1) & (reasons == None)] = R_COLUMNS  # noqa: E711
     first_comma = np.full(n_lines, np.iinfo(np.int64).max)
     np.minimum.at(first_comma, comma_line, commas)
-    first_column = _spans(buffer, starts, np.minimum(first_comma, ends))
+    # Text up to the first comma, kept only for the lines that get a reason (quarantine.csv).
+    first_column_end = np.minimum(first_comma, ends)
 
     valid = np.flatnonzero(reasons == None)  # noqa: E711
     n_valid = len(valid)
@@ -640,6 +636,14 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
         )
         out_fields[ids_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(ids[mask]))
         out_fields[wts_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(wts[mask]))
+    bad = np.flatnonzero((reasons != None) & (reasons != R_UTF8))  # noqa: E711
+    first_column = dict(
+        zip(
+            bad.tolist(),
+            _spans(buffer, starts[bad], first_column_end[bad]).to_pylist(),
+            strict=True,
+        )
+    )
     return _Parsed(columns, out_fields, reasons, unknown, n_lines, int(crlf.sum()), first_column)
 
 
