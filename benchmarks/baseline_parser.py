@@ -53,13 +53,29 @@ def _last_ids(feature_list: str, fields: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _all_entries(feature_list: str, fields: tuple[str, ...]) -> list[str]:
+    """Every entry of each of `fields`, id and weight parsed, as `id:weight;id:weight` cells.
+
+    The `--keep-all` variant: the same information our ingestion keeps, parsed the plain way.
+    """
+    lists: dict[str, list[str]] = {}
+    for entry in feature_list.split("\x01"):
+        field, _, rest = entry.partition("\x02")
+        fid, _, value = rest.partition("\x03")
+        lists.setdefault(field, []).append(f"{int(fid)}:{float(value)}")
+    return [";".join(lists.get(f, ())) for f in fields]
+
+
+_fields_of = _last_ids
+
+
 def load_common(path: Path) -> dict[str, str]:
     """common_feature_index -> the CSV text of its common-field columns."""
     common: dict[str, str] = {}
     with open(path, encoding="utf-8", buffering=_BUFFER) as fh:
         for line in fh:
             key, _num, feature_list = line.rstrip("\r\n").split(",", 2)
-            common[key] = ",".join(_last_ids(feature_list, COMMON_FIELDS))
+            common[key] = ",".join(_fields_of(feature_list, COMMON_FIELDS))
     return common
 
 
@@ -86,7 +102,7 @@ def parse_split(raw_dir: Path, out_path: Path, split: str) -> dict[str, int]:
             if user is None:
                 dropped_key += 1
                 continue
-            item = ",".join(_last_ids(feature_list, SKELETON_FIELDS))
+            item = ",".join(_fields_of(feature_list, SKELETON_FIELDS))
             write(f"{sample_id},{click},{conversion},{user},{item}\n")
             written += 1
     return {
@@ -110,7 +126,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("raw_dir", type=Path)
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument(
+        "--keep-all",
+        action="store_true",
+        help="keep every entry with its parsed id and weight (the work our ingestion does) "
+        "instead of the last id of each field",
+    )
     args = parser.parse_args(argv)
+    if args.keep_all:
+        global _fields_of
+        _fields_of = _all_entries
     start = time.perf_counter()
     splits = parse_ali_ccp(args.raw_dir, args.out_dir)
     json.dump(
