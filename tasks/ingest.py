@@ -72,6 +72,7 @@ R_DUP_KEY = "duplicate common_feature_index"
 R_DUP_SAMPLE = "duplicate sample id"
 
 _MIN_CHUNKS_FOR_WORKERS = 8  # below this many chunks of input, parse in-process
+_MAX_ID_CHARS = 64  # longest sample id / key text copied into quarantine.csv
 
 
 class IngestError(RuntimeError):
@@ -527,8 +528,9 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
     reasons[(n_commas != n_cols - 1) & (reasons == None)] = R_COLUMNS  # noqa: E711
     first_comma = np.full(n_lines, np.iinfo(np.int64).max)
     np.minimum.at(first_comma, comma_line, commas)
-    # Text up to the first comma, kept only for the lines that get a reason (quarantine.csv).
-    first_column_end = np.minimum(first_comma, ends)
+    # Text up to the first comma (at most _MAX_ID_CHARS: a line without commas is no id),
+    # kept only for the lines that get a reason (quarantine.csv).
+    first_column_end = np.minimum(np.minimum(first_comma, ends), starts + _MAX_ID_CHARS)
 
     valid = np.flatnonzero(reasons == None)  # noqa: E711
     n_valid = len(valid)
