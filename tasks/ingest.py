@@ -639,13 +639,12 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
         out_fields[ids_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(ids[mask]))
         out_fields[wts_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(wts[mask]))
     bad = np.flatnonzero((reasons != None) & (reasons != R_UTF8))  # noqa: E711
-    first_column = dict(
-        zip(
-            bad.tolist(),
-            _spans(buffer, starts[bad], first_column_end[bad]).to_pylist(),
-            strict=True,
-        )
-    )
+    # Decoded leniently: the cap may cut a multi-byte character.
+    texts = _spans(buffer, starts[bad], first_column_end[bad]).cast(pa.binary()).to_pylist()
+    first_column = {
+        line: text.decode("utf-8", "replace")
+        for line, text in zip(bad.tolist(), texts, strict=True)
+    }
     return _Parsed(columns, out_fields, reasons, unknown, n_lines, int(crlf.sum()), first_column)
 
 

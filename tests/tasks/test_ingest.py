@@ -321,3 +321,16 @@ def test_seen_keys_matches_a_set():
             reference.add(key)
         assert seen.check_and_add(batch).tolist() == expected
     assert len(seen) == len(reference)
+
+
+def test_quarantined_id_text_is_capped_and_decoded_leniently(tmp_path):
+    """A long line without commas (wrong separator) does not copy the whole line as its id,
+    and a cut multi-byte character does not break the quarantine file."""
+    long_line = "x" + "é" * 100 + ";1;0\n"  # the 64-byte cap falls inside an é
+    raw = _write_raw(tmp_path / "raw", [*GOOD, long_line], COMMON)
+    ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    row = next(
+        r for r in _read_quarantine(tmp_path / "out") if r["file"] == "sample_skeleton_train.csv"
+    )
+    assert row["reason"] == ing.R_COLUMNS and row["line"] == "4"
+    assert len(row["sample_id"].encode()) <= 64 + 3  # the cap, plus a replacement character
