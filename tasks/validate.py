@@ -67,21 +67,29 @@ def pipeline_options(cfg: ValidateConfig):
     return PipelineOptions([f"--runner={cfg.beam_runner}", *cfg.beam_options])
 
 
-def generate_statistics(parquet_path: Path, out_path: Path, cfg: ValidateConfig):
-    """TFDV statistics of one Parquet table, computed by a Beam pipeline; saved to out_path."""
+def generate_statistics(tables: dict[str, Path], out_dir: Path, cfg: ValidateConfig) -> dict:
+    """TFDV statistics of several Parquet tables, computed in ONE Beam pipeline (one runner
+    start-up, one branch per table); each saved as `out_dir/<name>.stats.binpb`.
+
+    Returns:
+        {name: DatasetFeatureStatisticsList}.
+    """
     import apache_beam as beam
     import tensorflow_data_validation as tfdv
     from apache_beam.io.parquetio import ReadFromParquetBatched
 
+    out_dir = Path(out_dir)
+    paths = {name: out_dir / f"{name}.stats.binpb" for name in tables}
     with beam.Pipeline(options=pipeline_options(cfg)) as pipeline:
-        _ = (
-            pipeline
-            | "ReadParquet" >> ReadFromParquetBatched(str(parquet_path))
-            | "ToRecordBatch" >> beam.Map(to_tfdv_batch)
-            | "Statistics" >> tfdv.GenerateStatistics(tfdv.StatsOptions())
-            | "Write" >> tfdv.WriteStatisticsToBinaryFile(str(out_path))
-        )
-    return tfdv.load_stats_binary(str(out_path))
+        for name, parquet_path in tables.items():
+            _ = (
+                pipeline
+                | f"Read[{name}]" >> ReadFromParquetBatched(str(parquet_path))
+                | f"ToRecordBatch[{name}]" >> beam.Map(to_tfdv_batch)
+                | f"Statistics[{name}]" >> tfdv.GenerateStatistics(tfdv.StatsOptions())
+                | f"Write[{name}]" >> tfdv.WriteStatisticsToBinaryFile(str(paths[name]))
+            )
+    return {name: tfdv.load_stats_binary(str(path)) for name, path in paths.items()}
 
 
 def infer_schema(statistics):
@@ -115,13 +123,17 @@ def validate_data(
     out_dir.mkdir(parents=True, exist_ok=True)
     anomalies: list[str] = []
     num_examples: dict[str, int] = {}
-    for table, filename in TABLES.items():
+    inputs = {
+        f"{split}_{table}": Path(ingest_dir) / split / filename
+        for table, filename in TABLES.items()
+        for split in SPLITS
+    }
+    statistics = generate_statistics(inputs, out_dir, cfg)
+    for table in TABLES:
         schema_path = schema_dir / f"{table}.pbtxt"
         schema = tfdv.load_schema_text(str(schema_path)) if schema_path.is_file() else None
         for split in SPLITS:
-            stats = generate_statistics(
-                Path(ingest_dir) / split / filename, out_dir / f"{split}_{table}.stats.binpb", cfg
-            )
+            stats = statistics[f"{split}_{table}"]
             num_examples[f"{split}/{table}"] = sum(d.num_examples for d in stats.datasets)
             if schema is None:  # first run: propose a schema from the training split
                 schema = infer_schema(stats)

@@ -41,3 +41,34 @@ def test_label_outside_domain_is_named(tmp_path, ingested):
             pq.write_table(table, corrupt / split / name)
     with pytest.raises(DataValidationError, match=r"test/impressions: feature 'click'"):
         validate_data(corrupt, tmp_path / "out", tmp_path / "schema", ValidateConfig())
+
+
+def test_multi_process_statistics_equal_single_process(tmp_path, ingested):
+    """The same data profiled by one in-memory process and by two Beam worker processes
+    gives the same statistics (up to float summation order)."""
+    from tasks.validate import generate_statistics
+
+    tables = {"train_impressions": ingested / "train" / "impressions.parquet"}
+    runs = {}
+    for mode, workers in (("in_memory", 1), ("multi_processing", 2)):
+        cfg = ValidateConfig(
+            beam_options=[f"--direct_num_workers={workers}", f"--direct_running_mode={mode}"]
+        )
+        (tmp_path / mode).mkdir()
+        runs[mode] = generate_statistics(tables, tmp_path / mode, cfg)[
+            "train_impressions"
+        ].datasets[0]
+    one, two = runs["in_memory"], runs["multi_processing"]
+    assert one.num_examples == two.num_examples > 0
+    features_one = {f.path.step[0]: f for f in one.features}
+    features_two = {f.path.step[0]: f for f in two.features}
+    assert set(features_one) == set(features_two)
+    for name, a in features_one.items():
+        b = features_two[name]
+        assert a.type == b.type, name
+        sa, sb = a.num_stats, b.num_stats
+        assert sa.common_stats.num_non_missing == sb.common_stats.num_non_missing, name
+        assert sa.common_stats.tot_num_values == sb.common_stats.tot_num_values, name
+        assert (sa.min, sa.max, sa.num_zeros) == (sb.min, sb.max, sb.num_zeros), name
+        assert sa.mean == pytest.approx(sb.mean, rel=1e-9), name
+        assert sa.std_dev == pytest.approx(sb.std_dev, rel=1e-6), name
