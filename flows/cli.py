@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Raw-data versioning with DVC.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+schema_app = typer.Typer(help="The committed TFDV schemas (schema/*.pbtxt).", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
 
 PARAMS = typer.Option(
     Path("params.yaml"), "--params", "-p", help="Parameters file (one section per step)."
@@ -143,6 +145,41 @@ def data_add(
     typer.echo(
         f"record it in git: git add {p.paths.raw_dir}.dvc && git commit -m 'data: new raw batch'"
     )
+
+
+@schema_app.command("infer")
+def schema_infer(params: Path = PARAMS) -> None:
+    """Propose schemas from the ingested training split and show the diff to the committed ones."""
+    from tasks.layout import Layout
+    from tasks.validate import propose_schemas, schema_diff
+
+    p = _params(params)
+    layout = Layout.from_config(p.paths)
+    proposed = propose_schemas(layout.ingest_dir, layout.validate_dir / "proposed", p.validate_)
+    for table, text in proposed.items():
+        (layout.validate_dir / "proposed" / f"{table}.pbtxt").write_text(text)
+    diff = schema_diff(Path(p.validate_.schema_dir), proposed)
+    typer.echo(diff or "the proposed schemas equal the committed ones")
+    typer.echo(
+        f"proposed schemas: {layout.validate_dir / 'proposed'}; accept them with `esmm schema update`"
+    )
+
+
+@schema_app.command("update")
+def schema_update(params: Path = PARAMS) -> None:
+    """Accept a deliberate change: write the proposed schemas over schema_dir, showing the diff."""
+    from tasks.layout import Layout
+    from tasks.validate import propose_schemas, schema_diff
+
+    p = _params(params)
+    layout = Layout.from_config(p.paths)
+    schema_dir = Path(p.validate_.schema_dir)
+    proposed = propose_schemas(layout.ingest_dir, layout.validate_dir / "proposed", p.validate_)
+    typer.echo(schema_diff(schema_dir, proposed) or "no change")
+    schema_dir.mkdir(parents=True, exist_ok=True)
+    for table, text in proposed.items():
+        (schema_dir / f"{table}.pbtxt").write_text(text)
+    typer.echo(f"wrote {schema_dir}/; review and commit it")
 
 
 @app.command()

@@ -24,6 +24,7 @@ from models.features import COMMON_INDEX_KEY, LABEL_KEYS, SAMPLE_ID_KEY
 from tasks.config import ValidateConfig
 from tasks.ingest import SPLITS
 
+TRAINING, SERVING = "TRAINING", "SERVING"  # schema environments
 TABLES: dict[str, str] = {"impressions": "impressions.parquet", "common": "common.parquet"}
 # Keys identify rows; they are not features.
 _NOT_FEATURES = (SAMPLE_ID_KEY, COMMON_INDEX_KEY)
@@ -93,12 +94,18 @@ def generate_statistics(tables: dict[str, Path], out_dir: Path, cfg: ValidateCon
 
 
 def infer_schema(statistics):
-    """A schema from training statistics, relaxed to the guarantees of the raw format."""
+    """A schema from training statistics, relaxed to the guarantees of the raw format.
+
+    Environments: TRAINING (the default for pipeline data) and SERVING, where records carry
+    no labels.
+    """
     import tensorflow_data_validation as tfdv
 
     schema = tfdv.infer_schema(statistics, infer_feature_shape=False)
+    schema.default_environment.extend([TRAINING, SERVING])
     for feature in schema.feature:
         if feature.name in LABEL_KEYS:
+            feature.not_in_environment.append(SERVING)
             feature.presence.min_fraction = 1.0
             feature.value_count.min = feature.value_count.max = 1
             feature.int_domain.min, feature.int_domain.max = 0, 1
@@ -141,7 +148,7 @@ def validate_data(
                 tfdv.write_schema_text(schema, str(schema_path))
             if not num_examples[f"{split}/{table}"]:
                 continue  # an empty split (e.g. no validation contexts) has nothing to check
-            found = tfdv.validate_statistics(stats, schema)
+            found = tfdv.validate_statistics(stats, schema, environment=TRAINING)
             for name, info in sorted(found.anomaly_info.items()):
                 anomalies.append(
                     f"{split}/{table}: feature '{name}': {info.short_description} ({info.description})"
@@ -156,3 +163,66 @@ def validate_data(
     if anomalies:
         raise DataValidationError("data validation failed:\n  " + "\n  ".join(anomalies))
     return result
+
+
+def propose_schemas(ingest_dir: Path, out_dir: Path, cfg: ValidateConfig) -> dict[str, str]:
+    """Infer a schema per table from the training split; returns {table: pbtxt text}."""
+    from google.protobuf import text_format
+
+    inputs = {
+        f"train_{table}": Path(ingest_dir) / "train" / filename
+        for table, filename in TABLES.items()
+    }
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    statistics = generate_statistics(inputs, Path(out_dir), cfg)
+    return {
+        table: text_format.MessageToString(infer_schema(statistics[f"train_{table}"]))
+        for table in TABLES
+    }
+
+
+def schema_diff(schema_dir: Path, proposed: dict[str, str]) -> str:
+    """Unified diff from the committed schemas to the proposed ones ("" when identical)."""
+    import difflib
+
+    chunks = []
+    for table, text in proposed.items():
+        path = Path(schema_dir) / f"{table}.pbtxt"
+        old = path.read_text() if path.is_file() else ""
+        chunks.extend(
+            difflib.unified_diff(
+                old.splitlines(keepends=True),
+                text.splitlines(keepends=True),
+                str(path),
+                f"{path} (proposed)",
+            )
+        )
+    return "".join(chunks)
+
+
+def validate_records(
+    records: pa.Table, schema_path: Path, cfg: ValidateConfig, environment: str = SERVING
+) -> list[str]:
+    """Anomalies of in-memory records (by default serving records, which carry no labels)
+    against one environment of a schema."""
+    import tempfile
+
+    import apache_beam as beam
+    import tensorflow_data_validation as tfdv
+
+    schema = tfdv.load_schema_text(str(schema_path))
+    with tempfile.TemporaryDirectory() as tmp:
+        stats_path = Path(tmp) / "serving.stats.binpb"
+        with beam.Pipeline(options=pipeline_options(cfg)) as pipeline:
+            _ = (
+                pipeline
+                | beam.Create([to_tfdv_batch(records)])
+                | tfdv.GenerateStatistics(tfdv.StatsOptions())
+                | tfdv.WriteStatisticsToBinaryFile(str(stats_path))
+            )
+        stats = tfdv.load_stats_binary(str(stats_path))
+    found = tfdv.validate_statistics(stats, schema, environment=environment)
+    return [
+        f"feature '{name}': {info.short_description}"
+        for name, info in sorted(found.anomaly_info.items())
+    ]

@@ -72,3 +72,38 @@ def test_multi_process_statistics_equal_single_process(tmp_path, ingested):
         assert (sa.min, sa.max, sa.num_zeros) == (sb.min, sb.max, sb.num_zeros), name
         assert sa.mean == pytest.approx(sb.mean, rel=1e-9), name
         assert sa.std_dev == pytest.approx(sb.std_dev, rel=1e-6), name
+
+
+def test_serving_records_without_labels_validate_in_the_serving_environment(tmp_path, ingested):
+    """Records as a serving request sends them (no click/conversion) pass the SERVING
+    environment of the schema; the TRAINING environment would require the labels."""
+    import tensorflow_data_validation as tfdv
+
+    from tasks.validate import SERVING, TRAINING, validate_records
+
+    validate_data(ingested, tmp_path / "first", tmp_path / "schema", ValidateConfig())
+    schema_path = tmp_path / "schema" / "impressions.pbtxt"
+    schema = tfdv.load_schema_text(str(schema_path))
+    assert list(schema.default_environment) == [TRAINING, SERVING]
+    records = pq.read_table(ingested / "test" / "impressions.parquet").drop(["click", "conversion"])
+    assert validate_records(records, schema_path, ValidateConfig()) == []
+
+    # The same records are missing their labels as far as training is concerned.
+    anomalies = validate_records(records, schema_path, ValidateConfig(), environment=TRAINING)
+    assert any("'click'" in a for a in anomalies) and any("'conversion'" in a for a in anomalies)
+
+
+def test_schema_diff_shows_a_deliberate_change(tmp_path, ingested):
+    from tasks.validate import propose_schemas, schema_diff
+
+    proposed = propose_schemas(ingested, tmp_path / "proposed", ValidateConfig())
+    schema_dir = tmp_path / "schema"
+    schema_dir.mkdir()
+    for table, text in proposed.items():
+        (schema_dir / f"{table}.pbtxt").write_text(text)
+    assert schema_diff(schema_dir, proposed) == ""
+    (schema_dir / "impressions.pbtxt").write_text(
+        proposed["impressions"].replace('"SERVING"', '"LIVE"')
+    )
+    diff = schema_diff(schema_dir, proposed)
+    assert '-  not_in_environment: "LIVE"' in diff and '+  not_in_environment: "SERVING"' in diff
