@@ -81,6 +81,7 @@ def test_cli_help_lists_every_step():
     for command in (
         "synth",
         "data",
+        "schema",
         "ingest",
         "validate",
         "train",
