@@ -3,7 +3,7 @@
 #   make test   run the test suite
 # Both create .venv from requirements.lock first (installs never re-resolve).
 
-PYTHON ?= python3.11
+PYTHON ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
