@@ -147,38 +147,37 @@ def data_add(
     )
 
 
+def _propose_schemas(params: Path) -> tuple[Path, Path, dict[str, str]]:
+    """Infer schemas from the ingested training split and save them under
+    <artifacts>/validate/proposed; returns (the committed schema dir, that folder, the texts)."""
+    from tasks.layout import Layout
+    from tasks.validate import propose_schemas, write_schemas
+
+    p = _params(params)
+    proposed_dir = Layout.from_config(p.paths).validate_dir / "proposed"
+    proposed = propose_schemas(Layout.from_config(p.paths).ingest_dir, proposed_dir, p.validate_)
+    write_schemas(proposed_dir, proposed)
+    return Path(p.validate_.schema_dir), proposed_dir, proposed
+
+
 @schema_app.command("infer")
 def schema_infer(params: Path = PARAMS) -> None:
     """Propose schemas from the ingested training split and show the diff to the committed ones."""
-    from tasks.layout import Layout
-    from tasks.validate import propose_schemas, schema_diff
+    from tasks.validate import schema_diff
 
-    p = _params(params)
-    layout = Layout.from_config(p.paths)
-    proposed = propose_schemas(layout.ingest_dir, layout.validate_dir / "proposed", p.validate_)
-    for table, text in proposed.items():
-        (layout.validate_dir / "proposed" / f"{table}.pbtxt").write_text(text)
-    diff = schema_diff(Path(p.validate_.schema_dir), proposed)
-    typer.echo(diff or "the proposed schemas equal the committed ones")
-    typer.echo(
-        f"proposed schemas: {layout.validate_dir / 'proposed'}; accept them with `esmm schema update`"
-    )
+    schema_dir, proposed_dir, proposed = _propose_schemas(params)
+    typer.echo(schema_diff(schema_dir, proposed) or "the proposed schemas equal the committed ones")
+    typer.echo(f"proposed schemas: {proposed_dir}; accept them with `esmm schema update`")
 
 
 @schema_app.command("update")
 def schema_update(params: Path = PARAMS) -> None:
     """Accept a deliberate change: write the proposed schemas over schema_dir, showing the diff."""
-    from tasks.layout import Layout
-    from tasks.validate import propose_schemas, schema_diff
+    from tasks.validate import schema_diff, write_schemas
 
-    p = _params(params)
-    layout = Layout.from_config(p.paths)
-    schema_dir = Path(p.validate_.schema_dir)
-    proposed = propose_schemas(layout.ingest_dir, layout.validate_dir / "proposed", p.validate_)
+    schema_dir, _, proposed = _propose_schemas(params)
     typer.echo(schema_diff(schema_dir, proposed) or "no change")
-    schema_dir.mkdir(parents=True, exist_ok=True)
-    for table, text in proposed.items():
-        (schema_dir / f"{table}.pbtxt").write_text(text)
+    write_schemas(schema_dir, proposed)
     typer.echo(f"wrote {schema_dir}/; review and commit it")
 
 

@@ -181,6 +181,13 @@ def propose_schemas(ingest_dir: Path, out_dir: Path, cfg: ValidateConfig) -> dic
     }
 
 
+def write_schemas(folder: Path, schemas: dict[str, str]) -> None:
+    """Write {table: pbtxt text} as folder/<table>.pbtxt."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for table, text in schemas.items():
+        (Path(folder) / f"{table}.pbtxt").write_text(text)
+
+
 def schema_diff(schema_dir: Path, proposed: dict[str, str]) -> str:
     """Unified diff from the committed schemas to the proposed ones ("" when identical)."""
     import difflib
