@@ -14,9 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import steps
 from tasks.config import load_params
-from tasks.data import data_version
 from tasks.evaluate import format_metrics
-from tasks.layout import Layout
 
 ingest = task(steps.ingest, name="ingest", cache_policy=NO_CACHE)
 validate = task(steps.validate, name="validate", cache_policy=NO_CACHE)
@@ -85,7 +83,6 @@ class RunSummary:
 def retrain(params_path: str = "params.yaml") -> RunSummary:
     """Retrain ESMM on the current raw data version and register the result."""
     params = load_params(params_path)
-    layout = Layout.from_config(params.paths)
 
     # Ingest: raw Ali-CCP text -> split Parquet tables and id vocabularies.
     report = ingest(params)
@@ -99,7 +96,7 @@ def retrain(params_path: str = "params.yaml") -> RunSummary:
     registration = register(params)
 
     summary = RunSummary(
-        data_version=data_version(layout.raw_dir.parent / f"{layout.raw_dir.name}.dvc"),
+        data_version=registration.data_version,
         impressions=report.split_rows,
         rows_quarantined=report.rows_quarantined,
         validation=validation.summary(),

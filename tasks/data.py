@@ -21,6 +21,11 @@ class DataVersionError(RuntimeError):
     """The raw data is missing or does not match the version recorded in its .dvc file."""
 
 
+def dvc_file_for(raw_dir: Path, repo_root: Path) -> Path:
+    """The `.dvc` file that versions a raw folder: `<repo_root>/<folder name>.dvc`."""
+    return Path(repo_root) / f"{Path(raw_dir).name}.dvc"
+
+
 def data_version(dvc_file: Path) -> str:
     """The md5 recorded in a `.dvc` file for its (single) output."""
     dvc_file = Path(dvc_file)
@@ -79,7 +84,7 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
     from tasks.synth import synthesize_ali_ccp
 
     raw_dir = Path(raw_dir)
-    dvc_file = Path(repo_root) / f"{raw_dir.name}.dvc"
+    dvc_file = dvc_file_for(raw_dir, repo_root)
     version = data_version(dvc_file)
     repo = Repo(str(repo_root))
     if raw_dir.exists() and any(raw_dir.iterdir()):
@@ -130,6 +135,6 @@ def add_raw_data(repo_root: Path, raw_dir: Path, source: Path, link: bool = Fals
     incoming.rename(raw_dir)
     repo = Repo(str(repo_root))
     repo.add(str(raw_dir))
-    dvc_file = Path(repo_root) / f"{raw_dir.name}.dvc"
+    dvc_file = dvc_file_for(raw_dir, repo_root)
     _push(repo, dvc_file)
     return RawData(data_version(dvc_file), "added")

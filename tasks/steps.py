@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.data import data_version
+from tasks.data import data_version, dvc_file_for
 from tasks.evaluate import GateVerdict, evaluate_esmm, read_metrics
 from tasks.ingest import IngestReport, ingest_ali_ccp
 from tasks.layout import Layout
@@ -67,7 +67,7 @@ def register(params: Params) -> Registration:
     """Register the evaluated model in MLflow with its data version and aliases."""
     layout = _layout(params)
     metrics, verdict = read_metrics(layout.metrics_path)
-    version = data_version(layout.raw_dir.parent / f"{layout.raw_dir.name}.dvc")
+    version = data_version(dvc_file_for(layout.raw_dir, layout.raw_dir.parent))
     return register_esmm(layout.model_path, metrics, verdict, version, params, layout.register_dir)
 
 
