@@ -246,6 +246,46 @@ def retrain(params: Path = PARAMS) -> None:
     typer.echo("\n" + summary.to_text())
 
 
+@app.command()
+def schedule(
+    params: Path = PARAMS,
+    cron: str = typer.Option(None, help="Cron expression; default schedule.cron in params.yaml."),
+    port: int = typer.Option(None, help="Port of the local server; default schedule.port."),
+) -> None:
+    """Serve the retraining flow as a scheduled Prefect deployment (until Ctrl-C).
+
+    With PREFECT_API_URL unset, a Prefect server (API and UI) is started on 127.0.0.1 for as
+    long as this runs; set PREFECT_API_URL to use an existing server instead.
+    """
+    from flows.schedule import deployment_name, local_server
+    from tasks.layout import Layout
+
+    p = _params(params)
+    cfg = p.schedule.model_copy(
+        update={k: v for k, v in {"cron": cron, "port": port}.items() if v is not None}
+    )
+    if os.environ.get("PREFECT_API_URL"):
+        typer.echo(f"deploying to the Prefect server at {os.environ['PREFECT_API_URL']}")
+        _serve(cfg, params)
+        return
+    log = Layout.from_config(p.paths).artifacts / "prefect-server.log"
+    typer.echo(f"starting a Prefect server on {cfg.host}:{cfg.port} (log: {log})")
+    with local_server(cfg.host, cfg.port, log) as url:
+        os.environ["PREFECT_API_URL"] = url
+        typer.echo(f"Prefect UI: {url.removesuffix('/api')}")
+        typer.echo(
+            f"run now:    PREFECT_API_URL={url} prefect deployment run {deployment_name(cfg)}"
+        )
+        _serve(cfg, params)
+
+
+def _serve(cfg, params: Path) -> None:
+    from flows.schedule import serve_retraining
+
+    typer.echo(f"serving {cfg.deployment} on cron '{cfg.cron}' ({cfg.timezone}); Ctrl-C stops it")
+    serve_retraining(cfg, str(params))
+
+
 def _run(step):
     """Run a step; expected failures print one clear message and exit 1."""
     try:

@@ -37,6 +37,9 @@ class IngestConfig(_Section):
     )  # bytes of raw text parsed per chunk (peak memory ~40x)
     workers: int = Field(0, ge=0)  # parsing processes; 0 = cores - 1 on large inputs
     max_quarantine_fraction: float = Field(0.01, ge=0.0, le=1.0)  # fail above this share
+    # Training data = the train files of this many most recent data versions (1 = the
+    # latest batch only); the test split is always the latest version's.
+    window: int = Field(1, ge=1)
 
 
 class ValidateConfig(_Section):
@@ -83,6 +86,14 @@ class RegisterConfig(_Section):
     model_name: str = "esmm"
 
 
+class ScheduleConfig(_Section):
+    cron: str = "0 2 * * *"  # when the retraining deployment runs (nightly at 02:00)
+    timezone: str = "UTC"
+    deployment: str = "nightly"  # deployment name: esmm-retrain/<deployment>
+    host: str = "127.0.0.1"  # where `esmm schedule` starts a server when PREFECT_API_URL is unset
+    port: int = Field(4200, gt=0, lt=65536)
+
+
 class Params(_Section):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig = SynthConfig()
@@ -92,6 +103,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @field_validator("*", mode="before")
     @classmethod

@@ -138,3 +138,74 @@ def add_raw_data(repo_root: Path, raw_dir: Path, source: Path, link: bool = Fals
     dvc_file = dvc_file_for(raw_dir, repo_root)
     _push(repo, dvc_file)
     return RawData(data_version(dvc_file), "added")
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    md5: str
+    rev: str | None  # the git commit that recorded it (None: the uncommitted workspace .dvc)
+
+
+def version_history(repo_root: Path, dvc_file: Path) -> list[DataVersion]:
+    """Distinct data versions of `dvc_file`, newest first: the workspace's, then each one
+    recorded in git history (`git log -- <dvc_file>`)."""
+    import subprocess
+
+    repo_root, dvc_file = Path(repo_root), Path(dvc_file)
+    versions = [DataVersion(data_version(dvc_file), None)]
+    rel = dvc_file.resolve().relative_to(repo_root.resolve()).as_posix()
+    log = subprocess.run(
+        ["git", "log", "--format=%H", "--", rel], cwd=repo_root, capture_output=True, text=True
+    )
+    for rev in log.stdout.split() if log.returncode == 0 else []:
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:{rel}"], cwd=repo_root, capture_output=True, text=True
+        )
+        if shown.returncode:
+            continue  # the file was deleted in that commit
+        outs = (yaml.safe_load(shown.stdout) or {}).get("outs") or []
+        md5 = outs[0].get("md5") if len(outs) == 1 else None
+        if md5 and all(v.md5 != md5 for v in versions):
+            versions.append(DataVersion(str(md5), rev))
+    return versions
+
+
+def training_window(
+    repo_root: Path, raw_dir: Path, window: int, cache_dir: Path
+) -> list[tuple[str, Path]]:
+    """The `window - 1` data versions before the current one, as `(label, folder)` for
+    `ingest_ali_ccp(history=...)`: each is checked out once from the DVC cache (or the
+    remote) into `cache_dir/<md5>/`.
+
+    Raises:
+        DataVersionError: fewer earlier versions exist than the window asks for, or one
+            cannot be retrieved.
+    """
+    from dvc.api import DVCFileSystem
+    from dvc.exceptions import DvcException
+
+    raw_dir = Path(raw_dir)
+    dvc_file = dvc_file_for(raw_dir, repo_root)
+    earlier = version_history(repo_root, dvc_file)[1:window]
+    if len(earlier) < window - 1:
+        raise DataVersionError(
+            f"ingest.window = {window} needs {window - 1} earlier versions of {dvc_file.name} in "
+            f"git history, found {len(earlier)}; commit each new data version (git commit "
+            f"{dvc_file.name}) or lower the window"
+        )
+    out = []
+    for version in earlier:
+        folder = Path(cache_dir) / version.md5.removesuffix(".dir")
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                fs = DVCFileSystem(str(repo_root), rev=version.rev)
+                fs.get(raw_dir.name, str(folder), recursive=True)
+            except (DvcException, OSError) as err:
+                raise DataVersionError(
+                    f"cannot retrieve data version {version.md5} (commit {version.rev[:8]}) of "
+                    f"{raw_dir.name}/ from the DVC cache or remote: {err}"
+                ) from err
+            (folder / ".complete").touch()
+        out.append((version.md5[:8], folder))
+    return out

@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import tarfile
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -134,13 +134,22 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestReport:
+def ingest_ali_ccp(
+    raw_dir: Path,
+    out_dir: Path,
+    cfg: IngestConfig,
+    history: Sequence[tuple[str, Path]] = (),
+) -> IngestReport:
     """Parse the raw Ali-CCP files into split Parquet tables and id vocabularies.
 
     Args:
         raw_dir: folder holding the four raw files (plain or `.gz`).
         out_dir: where the layout described in the module docstring is written.
         cfg: ingestion parameters.
+        history: earlier raw batches `(label, folder)` whose train files join the train and
+            validation splits (a training window, see `ingest.window`). Their sample ids and
+            context keys are prefixed with `label:` so batches never collide; the test split
+            always comes from `raw_dir` alone.
 
     Returns:
         The ingestion report (also written to `out_dir/report.json`).
@@ -162,31 +171,48 @@ def ingest_ali_ccp(raw_dir: Path, out_dir: Path, cfg: IngestConfig) -> IngestRep
     for split in SPLITS:
         (out_dir / split).mkdir(exist_ok=True)
 
+    # (prefix, split, skeleton, common): the current batch, then the window's earlier ones.
+    batches = [("", split, *pair) for split, pair in sources.items()]
+    for label, folder in history:
+        batches.append((f"{label}:", "train", *find_raw_files(folder)["train"]))
     files: list[FileReport] = []
     split_rows = dict.fromkeys(SPLITS, 0)
     split_contexts = dict.fromkeys(SPLITS, 0)
+    impressions = _SplitWriters(out_dir, "impressions.parquet", SPLITS)
+    contexts = _SplitWriters(out_dir, "common.parquet", SPLITS)
     with open(out_dir / "quarantine.csv", "w", newline="") as qf:
         quarantine = csv.writer(qf)
         quarantine.writerow(["file", "line", "sample_id", "reason"])
-        for split, (skeleton, common) in sources.items():
+        for prefix, split, skeleton, common in batches:
             out_splits = ("train", "valid") if split == "train" else ("test",)
             # Common features first: their keys decide which impressions are joinable.
             rep, keys = _ingest_file(
-                common, "common", out_dir, out_splits, cfg, workers, quarantine, split_contexts
+                common,
+                "common",
+                contexts,
+                out_splits,
+                cfg,
+                workers,
+                quarantine,
+                split_contexts,
+                prefix=prefix,
             )
             files.append(rep)
             rep, _ = _ingest_file(
                 skeleton,
                 "skeleton",
-                out_dir,
+                impressions,
                 out_splits,
                 cfg,
                 workers,
                 quarantine,
                 split_rows,
                 known_keys=keys,
+                prefix=prefix,
             )
             files.append(rep)
+    impressions.close(_impression_schema())
+    contexts.close(_common_schema())
 
     vocab_sizes = _write_vocab(out_dir, cfg.min_count)
     report = IngestReport(files, split_rows, split_contexts, vocab_sizes)
@@ -697,22 +723,22 @@ def _schema(head: list[pa.Field], fields: tuple[str, ...]) -> pa.Schema:
 def _ingest_file(
     source: RawSource,
     kind: str,
-    out_dir: Path,
+    writers: _SplitWriters,
     out_splits: tuple[str, ...],
     cfg: IngestConfig,
     workers: int,
     quarantine,
     split_counts: dict[str, int],
     known_keys: pa.Array | None = None,
+    prefix: str = "",
 ) -> tuple[FileReport, pa.Array]:
     """Stream one raw file into its split Parquet tables; returns its report and the unique
-    keys written (context keys of a common file)."""
+    keys it holds (context keys of a common file, without `prefix`).
+
+    `prefix` is prepended to sample ids and context keys as written (earlier batches of a
+    training window); quarantine.csv names the file as `<prefix><file name>`."""
     skeleton = kind == "skeleton"
     rep = FileReport(str(source))
-    schema = _impression_schema() if skeleton else _common_schema()
-    writers = _SplitWriters(
-        out_dir, "impressions.parquet" if skeleton else "common.parquet", out_splits
-    )
     seen = SeenKeys()
     written_keys: list[pa.Array] = []
     blocks = (
@@ -738,7 +764,7 @@ def _ingest_file(
         entries = list(zip(pb.bad_lines.tolist(), pb.bad_ids, pb.bad_reasons, strict=True))
         entries += [(int(row_lines[i]), key_col[int(i)].as_py(), late[i]) for i in rejected]
         for line, key, reason in sorted(entries, key=lambda e: e[0]):
-            quarantine.writerow([source.name, pb.first_line + line, key, reason])
+            quarantine.writerow([prefix + source.name, pb.first_line + line, key, reason])
             rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
 
         kept = table.filter(pa.array(keep))
@@ -750,10 +776,21 @@ def _ingest_file(
             rep.unknown_fields[fid] = rep.unknown_fields.get(fid, 0) + n
         if not skeleton:
             written_keys.append(kept[COMMON_INDEX_KEY].combine_chunks())
+        if prefix:
+            kept = _prefixed(kept, prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
         _write_split(writers, kept, pb.in_valid_split[keep], out_splits, split_counts)
-    writers.close(schema)
     keys = pa.concat_arrays(written_keys) if written_keys else pa.array([], pa.string())
     return rep, keys
+
+
+def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Table:
+    """`table` with `prefix` prepended to each of `columns` it has."""
+    for name in columns:
+        if name in table.column_names:
+            i = table.column_names.index(name)
+            joined = pc.binary_join_element_wise(prefix, table[name], "")
+            table = table.set_column(i, table.field(i), joined)
+    return table
 
 
 def _write_split(

@@ -23,6 +23,11 @@ class Layout:
         return self.artifacts / "ingest"
 
     @property
+    def history_dir(self) -> Path:
+        """Earlier raw data versions checked out for a training window (ingest.window)."""
+        return self.artifacts / "raw-history"
+
+    @property
     def vocab_path(self) -> Path:
         return self.ingest_dir / "vocab.parquet"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.data import data_version, dvc_file_for
+from tasks.data import data_version, dvc_file_for, training_window
 from tasks.evaluate import GateVerdict, evaluate_esmm, read_metrics
 from tasks.ingest import IngestReport, ingest_ali_ccp
 from tasks.layout import Layout
@@ -35,7 +35,12 @@ def _layout(params: Params) -> Layout:
 def ingest(params: Params) -> IngestReport:
     """Raw files -> split Parquet tables, vocabularies, quarantine and report."""
     layout = _layout(params)
-    return ingest_ali_ccp(layout.raw_dir, layout.ingest_dir, params.ingest)
+    history = []
+    if params.ingest.window > 1:
+        history = training_window(
+            layout.raw_dir.parent, layout.raw_dir, params.ingest.window, layout.history_dir
+        )
+    return ingest_ali_ccp(layout.raw_dir, layout.ingest_dir, params.ingest, history)
 
 
 def validate(params: Params) -> ValidationResult:

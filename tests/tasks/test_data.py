@@ -136,3 +136,42 @@ def test_data_add_refuses_an_incomplete_batch(tmp_path, small_raw):
         add_raw_data(project, project / "data", batch)
     assert data_version(project / "data.dvc") == before
     assert (project / "data" / "common_features_test.csv").is_file()
+
+
+def test_training_window_ingests_the_latest_versions(tmp_path, small_raw, monkeypatch):
+    """ingest.window = 2 trains on the current and the previous data version (their keys
+    kept apart by a version prefix) and tests on the current one alone; a window longer
+    than the git history fails with the count it found."""
+    import pyarrow.parquet as pq
+
+    from tasks import steps
+    from tasks.data import add_raw_data, version_history
+
+    project = make_project(tmp_path / "project", small_raw)
+    first = data_version(project / "data.dvc")
+    batch = tmp_path / "batch2"
+    synthesize_ali_ccp(batch, 2000, 600, seed=8)
+    add_raw_data(project, project / "data", batch)
+    run(["git", "commit", "-q", "-am", "data: batch 2"], project)
+    assert [v.md5 for v in version_history(project, project / "data.dvc")] == [
+        data_version(project / "data.dvc"),
+        first,
+    ]
+
+    monkeypatch.chdir(project)
+    params = load_params("params.yaml")
+    latest_only = steps.ingest(params)
+    window = steps.ingest(
+        params.model_copy(update={"ingest": params.ingest.model_copy(update={"window": 2})})
+    )
+    train_ids = pq.read_table("artifacts/ingest/train/impressions.parquet")["sample_id"]
+    old = [s for s in train_ids.to_pylist() if s.startswith(first[:8] + ":")]
+    assert window.split_rows["train"] == len(train_ids) == len(old) + latest_only.split_rows["train"]
+    assert window.split_rows["train"] + window.split_rows["valid"] > SMALL["train"] * 0.99 + 1900
+    assert window.split_rows["test"] == latest_only.split_rows["test"] <= 600
+    common = pq.read_table("artifacts/ingest/train/common.parquet")["common_feature_index"]
+    assert any(k.startswith(first[:8] + ":") for k in common.to_pylist())
+    with pytest.raises(DataVersionError, match="needs 2 earlier versions"):
+        steps.ingest(
+            params.model_copy(update={"ingest": params.ingest.model_copy(update={"window": 3})})
+        )
