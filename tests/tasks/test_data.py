@@ -166,7 +166,9 @@ def test_training_window_ingests_the_latest_versions(tmp_path, small_raw, monkey
     )
     train_ids = pq.read_table("artifacts/ingest/train/impressions.parquet")["sample_id"]
     old = [s for s in train_ids.to_pylist() if s.startswith(first[:8] + ":")]
-    assert window.split_rows["train"] == len(train_ids) == len(old) + latest_only.split_rows["train"]
+    assert (
+        window.split_rows["train"] == len(train_ids) == len(old) + latest_only.split_rows["train"]
+    )
     assert window.split_rows["train"] + window.split_rows["valid"] > SMALL["train"] * 0.99 + 1900
     assert window.split_rows["test"] == latest_only.split_rows["test"] <= 600
     common = pq.read_table("artifacts/ingest/train/common.parquet")["common_feature_index"]
