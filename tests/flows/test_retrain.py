@@ -88,10 +88,12 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
 
     assert "Running stage" not in _repro(project)
 
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"]["learning_rate"] = 0.002
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    third = _repro(project)
+    # An experiment with one parameter changed reruns training and what follows it only.
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "first repro"], project)
+    third = run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.002"], project
+    ).stdout
     for stage in ("train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in third
     for stage in ("ingest", "validate"):
@@ -100,6 +102,27 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
         (project / "artifacts" / "register" / "registration.json").read_text()
     )
     assert registration["version"] == "2"
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
+    assert "0.002" in shown and "ctr_auc" in shown
+
+
+def test_flow_and_dvc_repro_give_the_same_metrics(
+    tmp_path, small_raw, prefect_harness, monkeypatch
+):
+    """Same data and parameters: the Prefect flow and `dvc repro` (separate processes, same
+    step functions) write identical metrics."""
+    from flows.retrain import retrain
+
+    by_flow = make_project(tmp_path / "flow", small_raw)
+    monkeypatch.chdir(by_flow)
+    retrain(params_path="params.yaml")
+    by_dvc = make_project(tmp_path / "dvc", small_raw)
+    _repro(by_dvc)
+    flow_metrics, dvc_metrics = (
+        json.loads((p / "artifacts" / "evaluate" / "metrics.json").read_text())
+        for p in (by_flow, by_dvc)
+    )
+    assert flow_metrics == dvc_metrics
 
 
 def test_run_summary_text_names_every_outcome():
