@@ -48,9 +48,17 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors that carry a message for the user rather than a traceback."""
     from tasks.data import DataVersionError
     from tasks.ingest import IngestError
+    from tasks.steps import StepFailed
     from tasks.validate import DataValidationError
 
-    return (ConfigError, IngestError, DataValidationError, DataVersionError, FileNotFoundError)
+    return (
+        ConfigError,
+        IngestError,
+        DataValidationError,
+        DataVersionError,
+        FileNotFoundError,
+        StepFailed,
+    )
 
 
 @app.command()

@@ -6,7 +6,10 @@ Retries are for I/O against external services only (the model registry), never f
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -15,13 +18,37 @@ from prefect.cache_policies import NO_CACHE
 from tasks import steps
 from tasks.config import load_params
 from tasks.evaluate import format_metrics
+from tasks.steps import StepFailed
 
-ingest = task(steps.ingest, name="ingest", cache_policy=NO_CACHE)
-validate = task(steps.validate, name="validate", cache_policy=NO_CACHE)
-train = task(steps.train, name="train", cache_policy=NO_CACHE)
-evaluate = task(steps.evaluate, name="evaluate", cache_policy=NO_CACHE)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _named(step: Callable[P, R]) -> Callable[P, R]:
+    """`step` raising `StepFailed` (step name, error type, reason) for any error, so the
+    failed task's and the flow run's state message say which step failed and why."""
+
+    @functools.wraps(step)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return step(*args, **kwargs)
+        except Exception as err:
+            raise StepFailed(f"step {step.__name__} failed: {type(err).__name__}: {err}") from err
+
+    return run
+
+
+ingest = task(_named(steps.ingest), name="ingest", cache_policy=NO_CACHE)
+validate = task(_named(steps.validate), name="validate", cache_policy=NO_CACHE)
+train = task(_named(steps.train), name="train", cache_policy=NO_CACHE)
+evaluate = task(_named(steps.evaluate), name="evaluate", cache_policy=NO_CACHE)
+# Retries only where a remote service is involved (the registry), never for computation.
 register = task(
-    steps.register, name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5
+    _named(steps.register),
+    name="register",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
 )
 
 

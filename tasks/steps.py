@@ -21,6 +21,10 @@ from tasks.train import TrainResult, train_esmm
 from tasks.validate import ValidationResult, validate_data
 
 
+class StepFailed(RuntimeError):
+    """A step raised inside the retraining flow; the message names the step and the reason."""
+
+
 @dataclass(frozen=True)
 class Evaluation:
     metrics: dict[str, float]

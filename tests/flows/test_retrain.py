@@ -70,6 +70,42 @@ def test_failed_gate_registers_challenger_only(tmp_path, small_raw, prefect_harn
     assert "champion" not in client.get_registered_model("esmm").aliases
 
 
+def test_each_new_data_version_retrains_and_corrupt_data_fails_the_run(
+    tmp_path, small_raw, prefect_harness, monkeypatch
+):
+    """Two data versions give two model versions (the champion moves to the second only
+    with a passed gate); a corrupt third batch fails the run at ingestion, naming the step
+    and the reason, and leaves the champion where it was."""
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from tasks.data import add_raw_data, data_version
+    from tasks.synth import synthesize_ali_ccp
+
+    project = make_project(tmp_path / "project", small_raw)
+    monkeypatch.chdir(project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    first = retrain(params_path="params.yaml")
+    assert first.model_version == "1"
+
+    synthesize_ali_ccp(tmp_path / "batch2", 4000, 1500, seed=8)
+    add_raw_data(project, project / "data", tmp_path / "batch2")
+    second = retrain(params_path="params.yaml")
+    assert second.model_version == "2" and second.data_version != first.data_version
+    assert second.data_version == data_version(project / "data.dvc")
+    assert client.get_model_version("esmm", "2").tags["data_version"] == second.data_version
+    champion = client.get_model_version_by_alias("esmm", "champion").version
+    assert str(champion) == ("2" if second.gate_passed else "1")
+
+    synthesize_ali_ccp(tmp_path / "batch3", 2000, 500, seed=9, defect_rate=0.2)
+    add_raw_data(project, project / "data", tmp_path / "batch3")
+    state = retrain(params_path="params.yaml", return_state=True)
+    assert state.is_failed()
+    assert "step ingest failed" in state.message and "max_quarantine_fraction" in state.message
+    assert client.get_model_version_by_alias("esmm", "champion").version == champion
+    assert len(client.search_model_versions("name='esmm'")) == 2
+
+
 def _repro(project) -> str:
     return run([sys.executable, "-m", "dvc", "repro"], project).stdout
 
