@@ -8,6 +8,7 @@ so `esmm --help` and light commands start fast.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -269,6 +270,8 @@ def schedule(
     from tasks.layout import Layout
 
     p = _params(params)
+    # A service manager stops us with SIGTERM: shut down like Ctrl-C, server included.
+    signal.signal(signal.SIGTERM, _interrupt)
     cfg = p.schedule.model_copy(
         update={k: v for k, v in {"cron": cron, "port": port}.items() if v is not None}
     )
@@ -285,6 +288,10 @@ def schedule(
             f"run now:    PREFECT_API_URL={url} prefect deployment run {deployment_name(cfg)}"
         )
         _serve(cfg, params)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _serve(cfg, params: Path) -> None:

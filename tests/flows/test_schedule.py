@@ -70,7 +70,7 @@ def test_esmm_schedule_serves_a_cron_deployment_that_runs_and_registers(tmp_path
             assert flow_run.state.is_completed(), flow_run.state.message
             assert flow_run.deployment_id == deployment.id
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
