@@ -332,9 +332,13 @@ def registry_lock(tracking_uri: str, model_name: str) -> Iterator[None]:
             client.create_registered_model(name, tags={"holder": holder})
             break
         except MlflowException as err:
-            if getattr(err, "error_code", "") != "RESOURCE_ALREADY_EXISTS" and (
-                "locked" not in str(err).lower()
-            ):
+            # Held by another process; or released between its insert failing and the
+            # store reading the holder back (RESOURCE_DOES_NOT_EXIST); or SQLite busy.
+            contended = getattr(err, "error_code", "") in (
+                "RESOURCE_ALREADY_EXISTS",
+                "RESOURCE_DOES_NOT_EXIST",
+            )
+            if not contended and "locked" not in str(err).lower():
                 raise
         try:
             lock = client.get_registered_model(name)
