@@ -459,7 +459,8 @@ def promote(
         raise PromotionError(
             f"{model_name} version {version} did not pass the gate "
             f"({target.tags.get('gate_reasons', 'no gate verdict recorded')}); "
-            "promote it anyway only with an explicit override and a reason"
+            "promote it anyway only with an explicit override and a reason "
+            "(esmm promote VERSION --force --reason TEXT)"
         )
     if override and not reason.strip():
         raise PromotionError("an override needs a reason (it is recorded in the registry)")
