@@ -48,7 +48,9 @@ def _fail(message: str) -> None:
 def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors that carry a message for the user rather than a traceback."""
     from tasks.data import DataVersionError
+    from tasks.evaluate import GateRefusedError
     from tasks.ingest import IngestError
+    from tasks.register import PromotionError
     from tasks.steps import StepFailed
     from tasks.validate import DataValidationError
 
@@ -59,6 +61,8 @@ def _expected_errors() -> tuple[type[Exception], ...]:
         DataVersionError,
         FileNotFoundError,
         StepFailed,
+        GateRefusedError,
+        PromotionError,
     )
 
 
@@ -218,31 +222,84 @@ def train(params: Path = PARAMS) -> None:
 
 @app.command()
 def evaluate(params: Path = PARAMS) -> None:
-    """Masked AUCs and loglosses on the test split; writes metrics.json with the gate verdict."""
+    """Metrics of the trained model and of the champion on the test split, plots, and the
+    gate verdict in metrics.json. Exits 0 on a refused model so that DVC records its
+    metrics; `esmm register` is the step that fails on it."""
     from tasks import steps
     from tasks.evaluate import format_metrics
 
     evaluation = _run(lambda: steps.evaluate(_params(params)))
-    typer.echo(format_metrics(evaluation.metrics, evaluation.oracle))
+    typer.echo(format_metrics(evaluation.metrics, evaluation.oracle, evaluation.champion))
+    if evaluation.champion is None:
+        typer.echo("no champion yet: gate on the floors only")
     typer.echo(
         "gate: "
         + (
             "passed"
             if evaluation.verdict.passed
-            else "FAILED\n  " + "\n  ".join(evaluation.verdict.reasons)
+            else "FAILED (esmm register will refuse to promote it)\n  "
+            + "\n  ".join(evaluation.verdict.reasons)
         )
     )
 
 
 @app.command()
 def register(params: Path = PARAMS) -> None:
-    """Register the evaluated model in MLflow: `challenger`, and `champion` if the gate passed."""
+    """Register the evaluated model in MLflow as `challenger`; promote it to `champion` if
+    the gate passed, else exit non-zero listing the failed checks."""
     from tasks import steps
+    from tasks.evaluate import GateRefusedError
 
     reg = _run(lambda: steps.register(_params(params)))
     typer.echo(
         f"registered {reg.model_name} version {reg.version} ({', '.join(reg.aliases)}), data version {reg.data_version}"
     )
+    if not reg.gate_passed:
+        _fail(f"{GateRefusedError(list(reg.gate_reasons))}\nthe champion is unchanged")
+
+
+@app.command()
+def promote(
+    version: str = typer.Argument(..., help="Registered model version to make `champion`."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the registry)."),
+    force: bool = typer.Option(
+        False, "--force", help="Override a failed gate (needs --reason; recorded as an override)."
+    ),
+    params: Path = PARAMS,
+) -> None:
+    """Move `champion` to VERSION; refused unless its gate passed (or --force --reason)."""
+    from tasks import steps
+
+    event = _run(lambda: steps.promote(_params(params), version, reason, override=force))
+    typer.echo(
+        f"champion: version {event.previous or '-'} -> {event.version}"
+        + (" (gate OVERRIDDEN)" if event.override else "")
+    )
+
+
+@app.command()
+def rollback(
+    reason: str = typer.Option("", "--reason", help="Why (recorded in the registry)."),
+    params: Path = PARAMS,
+) -> None:
+    """Move `champion` back to the previous champion."""
+    from tasks import steps
+
+    event = _run(lambda: steps.rollback(_params(params), reason))
+    typer.echo(f"champion: version {event.previous} -> {event.version} (rolled back)")
+
+
+@app.command()
+def champions(params: Path = PARAMS) -> None:
+    """The history of `champion`, oldest first, as recorded in the registry."""
+    from tasks import steps
+
+    events = _run(lambda: steps.champions(_params(params)))
+    typer.echo(" seq  at                         action   move       user  reason")
+    for event in events:
+        typer.echo(event.to_text())
+    if not events:
+        typer.echo("no champion yet")
 
 
 @app.command()

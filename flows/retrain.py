@@ -1,4 +1,4 @@
-"""The retraining flow: ingest -> validate -> train -> evaluate -> register.
+"""The retraining flow: ingest -> validate -> train -> evaluate -> register (-> promote).
 
 A thin recipe: every step is a plain function in `tasks.steps`, wrapped here as a Prefect task.
 Retries are for I/O against external services only (the model registry), never for training.
@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks import steps
 from tasks.config import load_params
-from tasks.evaluate import format_metrics
+from tasks.evaluate import GateRefusedError, format_metrics
 from tasks.steps import StepFailed
 
 P = ParamSpec("P")
@@ -66,19 +66,36 @@ class RunSummary:
     model_version: str
     aliases: list[str]
     tracking_uri: str
+    champion: dict | None = None  # the champion's metrics on the same test split (+ version)
+    previous_champion: str | None = None  # the champion this run replaced, if it was promoted
+
+    def _verdict(self) -> str:
+        against = (
+            f"against champion version {self.champion['version']}"
+            if self.champion
+            else "no champion yet: floors only"
+        )
+        if self.gate_passed:
+            return f"passed ({against})"
+        return "FAILED: " + "; ".join(self.gate_reasons) + f" ({against}; champion unchanged)"
+
+    def _registered(self) -> str:
+        text = f"{self.model_name} version {self.model_version} as {', '.join(self.aliases)}"
+        if self.previous_champion:
+            text += f" (champion was version {self.previous_champion})"
+        return text
 
     def to_text(self) -> str:
         """The summary `esmm retrain` prints."""
         split_rows = ", ".join(f"{split} {n:,}" for split, n in self.impressions.items())
-        verdict = "passed" if self.gate_passed else "FAILED: " + "; ".join(self.gate_reasons)
         return "\n".join(
             [
                 f"data version      {self.data_version}",
                 f"impressions       {split_rows} ({self.rows_quarantined:,} raw lines quarantined)",
                 f"validation        {self.validation}",
-                format_metrics(self.metrics, self.oracle),
-                f"gate              {verdict}",
-                f"registered        {self.model_name} version {self.model_version} as {', '.join(self.aliases)}",
+                format_metrics(self.metrics, self.oracle, self.champion),
+                f"gate              {self._verdict()}",
+                f"registered        {self._registered()}",
                 f"MLflow UI         mlflow ui --backend-store-uri {self.tracking_uri}"
                 "  (then open http://127.0.0.1:5000)",
             ]
@@ -91,17 +108,20 @@ class RunSummary:
             + f"; {self.rows_quarantined:,} raw lines quarantined",
             f"**validation** {self.validation}",
             "",
-            "| metric | model | oracle |",
-            "|---|---|---|",
+            "| metric | model | oracle |" + (" champion | delta |" if self.champion else ""),
+            "|---|---|---|" + ("---|---|" if self.champion else ""),
         ]
         for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
             oracle = f"{self.oracle[name]:.4f}" if self.oracle and name in self.oracle else "n/a"
-            lines.append(f"| {name} | {self.metrics[name]:.4f} | {oracle} |")
-        verdict = "passed" if self.gate_passed else "FAILED: " + "; ".join(self.gate_reasons)
+            row = f"| {name} | {self.metrics[name]:.4f} | {oracle} |"
+            if self.champion:
+                champ = self.champion[name]
+                row += f" {champ:.4f} | {self.metrics[name] - champ:+.4f} |"
+            lines.append(row)
         lines += [
             "",
-            f"**gate** {verdict}",
-            f"**registered** `{self.model_name}` version {self.model_version}, aliases {', '.join(self.aliases)}",
+            f"**gate** {self._verdict()}",
+            f"**registered** `{self.model_name}` {self._registered()}",
         ]
         return "\n".join(lines)
 
@@ -117,9 +137,9 @@ def retrain(params_path: str = "params.yaml") -> RunSummary:
     validation = validate(params)
     # Train: ESMM with shared embeddings and the weighted CTR + CTCVR loss.
     train(params, verbose=2)
-    # Evaluate: masked AUCs on the test split and the gate verdict.
+    # Evaluate: candidate and champion on the test split; floors and no-regression gate.
     evaluation = evaluate(params)
-    # Register: a new model version, `challenger`, and `champion` if the gate passed.
+    # Register: a new model version as `challenger`; promoted to `champion` if the gate passed.
     registration = register(params)
 
     summary = RunSummary(
@@ -135,8 +155,13 @@ def retrain(params_path: str = "params.yaml") -> RunSummary:
         model_version=registration.version,
         aliases=registration.aliases,
         tracking_uri=registration.tracking_uri,
+        champion=evaluation.champion,
+        previous_champion=registration.previous_champion,
     )
     create_markdown_artifact(
         summary.to_markdown(), key="esmm-retrain-summary", description="ESMM retraining run"
     )
+    if not evaluation.verdict.passed:
+        # Registered as challenger and summarised; the run still ends Failed.
+        raise GateRefusedError(evaluation.verdict.reasons, detail=summary.to_text())
     return summary

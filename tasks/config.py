@@ -7,7 +7,7 @@ key's dotted path, never fall back to a default. Loading has no side effects.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -73,11 +73,33 @@ class TrainConfig(_Section):
     seed: int = 42
 
 
+GateableMetric = Literal[
+    "ctr_auc",
+    "ctcvr_auc",
+    "cvr_auc_clicked",
+    "ctr_gauc",
+    "ctcvr_gauc",
+    "cvr_gauc_clicked",
+    "ctr_logloss",
+    "ctcvr_logloss",
+    "cvr_logloss_clicked",
+]
+
+
 class EvaluateConfig(_Section):
     # Gate floors: the candidate is refused when a metric is below its floor.
     min_ctr_auc: float = Field(0.55, ge=0.0, le=1.0)
     min_ctcvr_auc: float = Field(0.55, ge=0.0, le=1.0)
     min_cvr_auc_clicked: float = Field(0.5, ge=0.0, le=1.0)
+    # No regression against the champion (scored on the same test split) by more than this;
+    # AUCs and GAUCs must not drop, loglosses must not rise, beyond the tolerance.
+    max_regression: dict[GateableMetric, Annotated[float, Field(ge=0.0)]] = {
+        "ctr_auc": 0.005,
+        "ctcvr_auc": 0.005,
+        "cvr_auc_clicked": 0.01,
+    }
+    reliability_bins: int = Field(10, ge=2)  # quantile bins of the reliability diagrams
+    position_min_impressions: int = Field(1000, ge=1)  # rarer positions pooled as "other"
 
 
 class RegisterConfig(_Section):

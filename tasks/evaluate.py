@@ -1,18 +1,25 @@
-"""Evaluation step: masked ESMM metrics on the test split and the gate verdict.
+"""Evaluation step: masked ESMM metrics on the test split, plots, and the gate verdict.
 
 CTR and CTCVR are scored over all impressions; CVR = P(conversion | click) is scored over
-clicked impressions only, because that is the population its label is defined on.
+clicked impressions only, because that is the population its label is defined on. Names
+follow `{task}_{measure}` with a `_clicked` suffix for CVR (`cvr_auc_clicked`).
+
+The gate checks absolute floors and, when a champion exists, that no gated metric regressed
+against it beyond a tolerance; both models are scored on the same test split in one run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import log_loss, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
 from models.features import CLICK_LABEL_KEY, CONVERSION_LABEL_KEY
 from tasks.config import EvaluateConfig
@@ -23,6 +30,14 @@ GATED_METRICS: dict[str, str] = {
     "ctcvr_auc": "min_ctcvr_auc",
     "cvr_auc_clicked": "min_cvr_auc_clicked",
 }
+TASKS = ("ctr", "ctcvr", "cvr")
+# Metrics compared with the champion (shown side by side, with deltas).
+HEADLINE = tuple(
+    f"{task}_{measure}{'_clicked' if task == 'cvr' else ''}"
+    for measure in ("auc", "logloss", "gauc", "calibration")
+    for task in TASKS
+)
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
 @dataclass(frozen=True)
@@ -31,9 +46,61 @@ class GateVerdict:
     reasons: list[str] = field(default_factory=list)  # one line per failed check
 
 
+class GateRefusedError(RuntimeError):
+    """The gate refused the candidate; the message lists every failed check."""
+
+    def __init__(self, reasons: list[str], detail: str = ""):
+        self.reasons = list(reasons)
+        lines = ["the gate refused the model:"] + [f"  - {r}" for r in reasons]
+        super().__init__("\n".join(([detail, ""] if detail else []) + lines))
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The registered champion to compare against: its version and local `.keras` file."""
+
+    version: str
+    model_path: Path
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    metrics: dict  # the candidate's metrics (flat)
+    champion: dict | None  # {"version": ..., headline metrics} of the champion, if any
+    verdict: GateVerdict
+
+
+def _task(predictions: pd.DataFrame, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, scores, row mask) of one task: CVR only on clicked rows."""
+    click = predictions[CLICK_LABEL_KEY].to_numpy().astype(np.int64)
+    ctcvr = click * predictions[CONVERSION_LABEL_KEY].to_numpy().astype(np.int64)
+    mask = click == 1 if task == "cvr" else np.ones(len(click), bool)
+    labels = click if task == "ctr" else ctcvr
+    return labels[mask], predictions[f"p_{task}"].to_numpy(np.float64)[mask], mask
+
+
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC, or NaN when only one class is present (AUC is undefined there)."""
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
+
+
+def delong_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """AUC and its DeLong standard error (Sun & Xu 2014, midranks: O(n log n)).
+
+    NaN for both when only one class is present.
+    """
+    labels = np.asarray(labels)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    m, n = len(pos), len(neg)
+    if m == 0 or n == 0:
+        return float("nan"), float("nan")
+    overall = rankdata(np.concatenate([pos, neg]))
+    v_pos = (overall[:m] - rankdata(pos)) / n  # per positive: share of negatives ranked below
+    v_neg = 1.0 - (overall[m:] - rankdata(neg)) / m  # per negative: share of positives above
+    auc = float(v_pos.mean())
+    var_pos = v_pos.var(ddof=1) / m if m > 1 else 0.0
+    var_neg = v_neg.var(ddof=1) / n if n > 1 else 0.0
+    return auc, float(math.sqrt(var_pos + var_neg))
 
 
 def _logloss(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -44,26 +111,91 @@ def _logloss(labels: np.ndarray, scores: np.ndarray) -> float:
     )
 
 
+def group_auc(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray) -> tuple[float, int, int]:
+    """GAUC: per-group AUC weighted by the group's impressions.
+
+    Returns (gauc, groups scored, groups skipped because they hold a single class).
+    """
+    frame = pd.DataFrame({"g": groups, "y": labels, "s": scores})
+    frame["r"] = frame.groupby("g")["s"].rank(method="average")
+    per = frame.groupby("g").agg(n=("y", "size"), pos=("y", "sum"))
+    per["rank_pos"] = frame[frame["y"] == 1].groupby("g")["r"].sum()
+    both = (per["pos"] > 0) & (per["pos"] < per["n"])
+    scored = per[both]
+    if scored.empty:
+        return float("nan"), 0, int(len(per))
+    neg = scored["n"] - scored["pos"]
+    auc = (scored["rank_pos"] - scored["pos"] * (scored["pos"] + 1) / 2) / (scored["pos"] * neg)
+    gauc = float((auc * scored["n"]).sum() / scored["n"].sum())
+    return gauc, int(len(scored)), int(len(per) - len(scored))
+
+
 def compute_metrics(predictions: pd.DataFrame) -> dict[str, float]:
-    """ESMM metrics from a frame with click, conversion, p_ctr, p_cvr, p_ctcvr columns."""
-    click = predictions[CLICK_LABEL_KEY].to_numpy()
-    ctcvr = click * predictions[CONVERSION_LABEL_KEY].to_numpy()
-    clicked = click == 1
-    return {
-        "ctr_auc": _auc(click, predictions["p_ctr"].to_numpy()),
-        "ctcvr_auc": _auc(ctcvr, predictions["p_ctcvr"].to_numpy()),
-        "cvr_auc_clicked": _auc(ctcvr[clicked], predictions["p_cvr"].to_numpy()[clicked]),
-        "ctr_logloss": _logloss(click, predictions["p_ctr"].to_numpy()),
-        "ctcvr_logloss": _logloss(ctcvr, predictions["p_ctcvr"].to_numpy()),
-        "cvr_logloss_clicked": _logloss(ctcvr[clicked], predictions["p_cvr"].to_numpy()[clicked]),
-        "impressions": int(len(click)),
-        "clicks": int(clicked.sum()),
-        "conversions": int(ctcvr.sum()),
+    """ESMM metrics from a frame with click, conversion, p_ctr, p_cvr, p_ctcvr columns
+    (and `user` for GAUC): per task AUC with DeLong SE and 95% interval, logloss, GAUC,
+    calibration (mean predicted / observed rate), and the counts."""
+    metrics: dict[str, float] = {}
+    users = predictions["user"].to_numpy() if "user" in predictions else None
+    for task in TASKS:
+        sfx = "_clicked" if task == "cvr" else ""
+        labels, scores, mask = _task(predictions, task)
+        auc, se = delong_auc(labels, scores)
+        observed = float(labels.mean()) if len(labels) else float("nan")
+        predicted = float(scores.mean()) if len(scores) else float("nan")
+        metrics |= {
+            f"{task}_auc{sfx}": auc,
+            f"{task}_auc_se{sfx}": se,
+            f"{task}_auc_ci_low{sfx}": max(0.0, auc - Z95 * se),
+            f"{task}_auc_ci_high{sfx}": min(1.0, auc + Z95 * se),
+            f"{task}_logloss{sfx}": _logloss(labels, scores),
+            f"{task}_mean_predicted{sfx}": predicted,
+            f"{task}_observed_rate{sfx}": observed,
+            f"{task}_calibration{sfx}": predicted / observed if observed > 0 else float("nan"),
+        }
+        if users is not None:
+            gauc, scored, skipped = group_auc(labels, scores, users[mask])
+            metrics |= {
+                f"{task}_gauc{sfx}": gauc,
+                f"{task}_gauc_users{sfx}": scored,
+                f"{task}_gauc_users_skipped{sfx}": skipped,
+            }
+    metrics |= {
+        "impressions": int(len(predictions)),
+        "clicks": int(predictions[CLICK_LABEL_KEY].sum()),
+        "conversions": int(_task(predictions, "ctcvr")[0].sum()),
     }
+    return metrics
 
 
-def gate(metrics: dict[str, float], cfg: EvaluateConfig) -> GateVerdict:
-    """Absolute floors from params.yaml; an undefined (NaN) metric fails its check."""
+def metrics_by_position(predictions: pd.DataFrame, min_impressions: int) -> dict[str, dict]:
+    """CTR and CTCVR metrics per position id (field 301); positions with fewer than
+    `min_impressions` impressions are pooled under "other"."""
+    counts = predictions["position"].value_counts()
+    small = counts.index[counts < min_impressions]
+    keys = predictions["position"].astype(str).where(~predictions["position"].isin(small), "other")
+    out: dict[str, dict] = {}
+    for key, part in predictions.groupby(keys, sort=False):
+        ctr_labels, ctr_scores, _ = _task(part, "ctr")
+        ctcvr_labels, ctcvr_scores, _ = _task(part, "ctcvr")
+        out[str(key)] = {
+            "impressions": int(len(part)),
+            "ctr_auc": _auc(ctr_labels, ctr_scores),
+            "ctcvr_auc": _auc(ctcvr_labels, ctcvr_scores),
+            "ctr_calibration": float(ctr_scores.mean() / ctr_labels.mean())
+            if ctr_labels.sum()
+            else float("nan"),
+        }
+    order = sorted(out, key=lambda k: (k == "other", int(k) if k != "other" else 0))
+    return {k: out[k] for k in order}
+
+
+def gate(
+    metrics: dict[str, float],
+    cfg: EvaluateConfig,
+    champion: dict[str, float] | None = None,
+) -> GateVerdict:
+    """Absolute floors, then no regression beyond `cfg.max_regression` against the champion
+    (skipped when there is none). An undefined (NaN) candidate metric fails its check."""
     reasons = []
     for name, floor_key in GATED_METRICS.items():
         floor = getattr(cfg, floor_key)
@@ -72,44 +204,192 @@ def gate(metrics: dict[str, float], cfg: EvaluateConfig) -> GateVerdict:
             reasons.append(
                 f"{name} = {value:.4f} is below the floor evaluate.{floor_key} = {floor}"
             )
+    for name, tolerance in (cfg.max_regression if champion else {}).items():
+        value, best = metrics[name], champion[name]
+        if math.isnan(best):
+            continue  # nothing to compare with: the champion's metric is undefined
+        lower_is_better = "logloss" in name
+        regression = value - best if lower_is_better else best - value
+        if not regression <= tolerance:  # also catches a NaN candidate
+            reasons.append(
+                f"{name} = {value:.4f} regressed by {regression:.4f} against champion version "
+                f"{champion['version']} ({best:.4f}); evaluate.max_regression.{name} = {tolerance}"
+            )
     return GateVerdict(not reasons, reasons)
 
 
-def evaluate_esmm(
-    model_path: Path, test_dir: Path, out_dir: Path, cfg: EvaluateConfig
-) -> tuple[dict, GateVerdict]:
-    """Score the test split, write `metrics.json` (with the verdict) and `predictions.parquet`."""
+def _curves(predictions: pd.DataFrame, bins: int) -> dict[str, dict]:
+    out = {}
+    for task in TASKS:
+        labels, scores, _ = _task(predictions, task)
+        if not 0 < labels.sum() < len(labels):
+            continue
+        fpr, tpr, _ = roc_curve(labels, scores)
+        observed, predicted = calibration_curve(labels, scores, n_bins=bins, strategy="quantile")
+        out[task] = {"fpr": fpr, "tpr": tpr, "observed": observed, "predicted": predicted}
+    return out
+
+
+def write_plots(
+    predictions: pd.DataFrame,
+    plots_dir: Path,
+    bins: int,
+    champion_predictions: pd.DataFrame | None = None,
+) -> list[Path]:
+    """ROC curves and reliability diagrams of the three tasks as PNGs (the champion's
+    curves drawn too when given)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    curves = {"candidate": _curves(predictions, bins)}
+    if champion_predictions is not None:
+        curves["champion"] = _curves(champion_predictions, bins)
+    title = {"ctr": "CTR (all impressions)", "ctcvr": "CTCVR (all impressions)"}
+    title["cvr"] = "CVR (clicked impressions)"
+    written = []
+    for task in TASKS:
+        for kind in ("roc", "reliability"):
+            fig = Figure(figsize=(4.5, 4.5))
+            ax = fig.subplots()
+            for who, by_task in curves.items():
+                c = by_task.get(task)
+                if c is None:
+                    continue
+                if kind == "roc":
+                    ax.plot(c["fpr"], c["tpr"], label=who)
+                else:
+                    ax.plot(c["predicted"], c["observed"], marker="o", label=who)
+            if kind == "roc":
+                ax.plot([0, 1], [0, 1], ls=":", color="grey")
+                ax.set(xlabel="false positive rate", ylabel="true positive rate")
+            else:
+                drawn = [by_task[task] for by_task in curves.values() if task in by_task]
+                top = max([max(c["predicted"].max(), c["observed"].max()) for c in drawn] or [1.0])
+                ax.plot([0, top], [0, top], ls=":", color="grey")
+                ax.set(xlabel="mean predicted", ylabel="observed rate")
+            ax.set_title(f"{kind}: {title[task]}")
+            ax.legend(loc="best")
+            fig.tight_layout()
+            path = plots_dir / f"{kind}_{task}.png"
+            fig.savefig(path, dpi=80)
+            written.append(path)
+    return written
+
+
+def _predict(model_path: Path, test_dir: Path) -> pd.DataFrame:
     import keras
 
     import models.esmm  # noqa: F401  (registers the custom layers for loading)
     from tasks.train import predict_split
 
-    model = keras.models.load_model(model_path)
-    predictions = predict_split(model, test_dir)
+    return predict_split(keras.models.load_model(model_path), test_dir)
+
+
+def evaluate_esmm(
+    model_path: Path,
+    test_dir: Path,
+    out_dir: Path,
+    cfg: EvaluateConfig,
+    champion: Champion | None = None,
+) -> EvaluationResult:
+    """Score the candidate (and the champion, if any) on the test split; write
+    `metrics.json` (candidate metrics, champion metrics, deltas, verdict),
+    `by_position.json`, `predictions.parquet` and `plots/*.png`."""
+    predictions = _predict(model_path, test_dir)
     metrics = compute_metrics(predictions)
-    verdict = gate(metrics, cfg)
+    champion_metrics = champion_predictions = None
+    if champion is not None:
+        try:
+            champion_predictions = _predict(champion.model_path, test_dir)
+        except Exception as err:  # an incompatible champion must be named, not a traceback
+            raise RuntimeError(
+                f"could not score champion version {champion.version} "
+                f"({champion.model_path}) on {test_dir}: {err}"
+            ) from err
+        scored = compute_metrics(champion_predictions)
+        champion_metrics = {"version": champion.version} | {k: scored[k] for k in HEADLINE}
+    verdict = gate(metrics, cfg, champion_metrics)
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_parquet(out_dir / "predictions.parquet", index=False)
-    document = {**metrics, "gate_passed": verdict.passed, "gate_reasons": verdict.reasons}
-    (out_dir / "metrics.json").write_text(json.dumps(document, indent=2, sort_keys=True))
-    return metrics, verdict
+    write_plots(predictions, out_dir / "plots", cfg.reliability_bins, champion_predictions)
+    by_position = metrics_by_position(predictions, cfg.position_min_impressions)
+    (out_dir / "by_position.json").write_text(_dumps(by_position))
+    write_metrics(out_dir / "metrics.json", metrics, champion_metrics, verdict)
+    return EvaluationResult(metrics, champion_metrics, verdict)
 
 
-def read_metrics(path: Path) -> tuple[dict, GateVerdict]:
-    """Metrics and verdict as written by `evaluate_esmm`."""
+def write_metrics(path: Path, metrics: dict, champion: dict | None, verdict: GateVerdict) -> dict:
+    """The DVC metrics file: the candidate's metrics at the top level, the champion's and the
+    deltas under `champion` / `delta`, and the verdict (`gate_summary` holds the reasons as
+    one string, since DVC shows strings but not lists)."""
+    document: dict = dict(metrics)
+    if champion is not None:
+        document["champion"] = {"version": int(champion["version"])} | {
+            k: champion[k] for k in HEADLINE
+        }
+        document["delta"] = {k: metrics[k] - champion[k] for k in HEADLINE}
+    document |= {
+        "gate_passed": verdict.passed,
+        "gate_failed_checks": len(verdict.reasons),
+        "gate_summary": "; ".join(verdict.reasons) or "all checks passed",
+        "gate_reasons": verdict.reasons,
+    }
+    Path(path).write_text(_dumps(document))
+    return document
+
+
+def _dumps(document: dict) -> str:
+    """JSON with NaN written as null (JSON has no NaN; DVC then leaves the value out)."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return value
+
+    return json.dumps(clean(document), indent=2, sort_keys=True)
+
+
+def read_metrics(path: Path) -> tuple[dict, dict | None, GateVerdict]:
+    """Candidate metrics, champion metrics (or None) and verdict as written by `evaluate_esmm`."""
     document = json.loads(Path(path).read_text())
     verdict = GateVerdict(document.pop("gate_passed"), document.pop("gate_reasons"))
-    return document, verdict
+    for key in ("gate_failed_checks", "gate_summary", "delta"):
+        document.pop(key, None)
+    champion = document.pop("champion", None)
+    if champion is not None:
+        champion["version"] = str(champion["version"])
+    nan = float("nan")
+    metrics = {k: nan if v is None else v for k, v in document.items()}
+    if champion is not None:
+        champion = {k: nan if v is None else v for k, v in champion.items()}
+    return metrics, champion, verdict
 
 
-def format_metrics(metrics: dict[str, float], oracle: dict[str, float] | None) -> str:
-    """The three AUCs side by side with the oracle's, as a small table."""
-    rows = [f"{'metric':<18}{'model':>8}{'oracle':>8}{'gap':>8}"]
+def format_metrics(
+    metrics: dict[str, float],
+    oracle: dict[str, float] | None,
+    champion: dict[str, float] | None = None,
+) -> str:
+    """The three AUCs (with 95% intervals) next to the oracle's and the champion's."""
+    rows = [
+        f"{'metric':<18}{'model':>8}{'95% CI':>18}{'oracle':>8}{'gap':>8}"
+        + (f"{'champion v' + str(champion['version']):>14}{'delta':>9}" if champion else "")
+    ]
     for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
         value = metrics[name]
+        low = metrics.get(name.replace("_auc", "_auc_ci_low"))
+        high = metrics.get(name.replace("_auc", "_auc_ci_high"))
+        ci = f"[{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
         best = (oracle or {}).get(name)
         gap = f"{best - value:>8.4f}" if best is not None else f"{'':>8}"
         shown = "n/a" if best is None else f"{best:.4f}"
-        rows.append(f"{name:<18}{value:>8.4f}{shown:>8}{gap}")
+        row = f"{name:<18}{value:>8.4f}{ci:>18}{shown:>8}{gap}"
+        if champion:
+            row += f"{champion[name]:>14.4f}{value - champion[name]:>+9.4f}"
+        rows.append(row)
     return "\n".join(rows)

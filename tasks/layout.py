@@ -55,6 +55,14 @@ class Layout:
         return self.evaluate_dir / "metrics.json"
 
     @property
+    def by_position_path(self) -> Path:
+        return self.evaluate_dir / "by_position.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.evaluate_dir / "plots"
+
+    @property
     def register_dir(self) -> Path:
         return self.artifacts / "register"
 

@@ -8,15 +8,24 @@ Paths come from `tasks.layout.Layout`, relative to the working directory (the re
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks import register as registry
 from tasks.config import Params
 from tasks.data import data_version, dvc_file_for, training_window
 from tasks.evaluate import GateVerdict, evaluate_esmm, read_metrics
 from tasks.ingest import IngestReport, ingest_ali_ccp
 from tasks.layout import Layout
-from tasks.register import Registration, register_esmm
+from tasks.register import (
+    ChampionEvent,
+    Registration,
+    champion_history,
+    fetch_champion,
+    register_esmm,
+    resolve_tracking_uri,
+)
 from tasks.train import TrainResult, train_esmm
 from tasks.validate import ValidationResult, validate_data
 
@@ -30,6 +39,7 @@ class Evaluation:
     metrics: dict[str, float]
     verdict: GateVerdict
     oracle: dict[str, float] | None  # Bayes-oracle AUCs of the test split, when known
+    champion: dict[str, float] | None = None  # the champion's metrics on the same split
 
 
 def _layout(params: Params) -> Layout:
@@ -64,20 +74,68 @@ def train(params: Params, verbose: int = 1) -> TrainResult:
 
 
 def evaluate(params: Params) -> Evaluation:
-    """Masked metrics of the trained model on the test split, and the gate verdict."""
+    """Metrics of the trained model and of the registered champion on the test split, plots,
+    and the gate verdict (floors, and no regression against the champion)."""
     layout = _layout(params)
-    metrics, verdict = evaluate_esmm(
-        layout.model_path, layout.split_dir("test"), layout.evaluate_dir, params.evaluate
+    with tempfile.TemporaryDirectory(prefix="esmm-champion-") as tmp:
+        champion = fetch_champion(params.register_, Path(tmp))
+        result = evaluate_esmm(
+            layout.model_path,
+            layout.split_dir("test"),
+            layout.evaluate_dir,
+            params.evaluate,
+            champion,
+        )
+    return Evaluation(
+        result.metrics, result.verdict, read_oracle(layout.oracle_path), result.champion
     )
-    return Evaluation(metrics, verdict, read_oracle(layout.oracle_path))
 
 
 def register(params: Params) -> Registration:
-    """Register the evaluated model in MLflow with its data version and aliases."""
+    """Register the evaluated model in MLflow with its data version, digests, metrics, plots
+    and verdict as `challenger`; promote it to `champion` when the gate passed."""
     layout = _layout(params)
-    metrics, verdict = read_metrics(layout.metrics_path)
+    metrics, champion, verdict = read_metrics(layout.metrics_path)
     version = data_version(dvc_file_for(layout.raw_dir, layout.raw_dir.parent))
-    return register_esmm(layout.model_path, metrics, verdict, version, params, layout.register_dir)
+    artifacts = [
+        ("evaluation", layout.metrics_path),
+        ("evaluation", layout.by_position_path),
+        ("evaluation/plots", layout.plots_dir),
+        ("validation", layout.validate_dir / "report.html"),
+        ("validation", layout.validate_dir / "report.txt"),
+    ]
+    return register_esmm(
+        layout.model_path,
+        metrics,
+        verdict,
+        version,
+        params,
+        layout.register_dir,
+        champion_metrics=champion,
+        artifacts=artifacts,
+    )
+
+
+def promote(
+    params: Params, version: str, reason: str = "", override: bool = False
+) -> ChampionEvent:
+    """Move `champion` to a registered version (its gate passed, or an explicit override)."""
+    cfg = params.register_
+    return registry.promote(
+        resolve_tracking_uri(cfg.tracking_uri), cfg.model_name, version, reason, override
+    )
+
+
+def rollback(params: Params, reason: str = "") -> ChampionEvent:
+    """Move `champion` back to the previous champion."""
+    cfg = params.register_
+    return registry.rollback(resolve_tracking_uri(cfg.tracking_uri), cfg.model_name, reason)
+
+
+def champions(params: Params) -> list[ChampionEvent]:
+    """The history of `champion`, oldest first, from the registry."""
+    cfg = params.register_
+    return champion_history(resolve_tracking_uri(cfg.tracking_uri), cfg.model_name)
 
 
 def read_oracle(path: Path) -> dict[str, float] | None:

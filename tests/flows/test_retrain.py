@@ -55,16 +55,27 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(
     assert run_data.params["train.epochs"] == str(params["train"]["epochs"])
 
 
-def test_failed_gate_registers_challenger_only(tmp_path, small_raw, prefect_harness, monkeypatch):
-    """A model below a floor is registered as `challenger` but never becomes `champion`."""
+def test_failed_gate_registers_challenger_then_fails_the_run(
+    tmp_path, small_raw, prefect_harness, monkeypatch
+):
+    """A model below a floor is registered as `challenger`, never becomes `champion`, and
+    the flow run fails with the failed checks after writing its registration."""
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
+    from tasks.evaluate import GateRefusedError
 
     project = make_project(tmp_path / "project", small_raw, {"evaluate": {"min_ctr_auc": 0.999}})
     monkeypatch.chdir(project)
-    summary = retrain(params_path="params.yaml")
-    assert not summary.gate_passed and "ctr_auc" in summary.gate_reasons[0]
+    with pytest.raises(GateRefusedError) as refused:
+        retrain(params_path="params.yaml")
+    assert "ctr_auc" in refused.value.reasons[0]
+    assert "evaluate.min_ctr_auc" in str(refused.value)
+    assert "esmm version 1 as challenger" in str(refused.value)  # the summary comes first
+    registration = json.loads(
+        (project / "artifacts" / "register" / "registration.json").read_text()
+    )
+    assert registration["version"] == "1" and registration["gate_passed"] is False
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("esmm", "challenger").version) == "1"
     assert "champion" not in client.get_registered_model("esmm").aliases
@@ -90,12 +101,12 @@ def test_each_new_data_version_retrains_and_corrupt_data_fails_the_run(
 
     synthesize_ali_ccp(tmp_path / "batch2", 4000, 1500, seed=8)
     add_raw_data(project, project / "data", tmp_path / "batch2")
-    second = retrain(params_path="params.yaml")
-    assert second.model_version == "2" and second.data_version != first.data_version
-    assert second.data_version == data_version(project / "data.dvc")
-    assert client.get_model_version("esmm", "2").tags["data_version"] == second.data_version
+    second = retrain(params_path="params.yaml", return_state=True)  # Failed if refused
+    assert client.get_model_version_by_alias("esmm", "challenger").version in (2, "2")
+    second_version = client.get_model_version("esmm", "2").tags["data_version"]
+    assert second_version == data_version(project / "data.dvc") != first.data_version
     champion = client.get_model_version_by_alias("esmm", "champion").version
-    assert str(champion) == ("2" if second.gate_passed else "1")
+    assert str(champion) == ("2" if second.is_completed() else "1")
 
     synthesize_ali_ccp(tmp_path / "batch3", 2000, 500, seed=9, defect_rate=0.2)
     add_raw_data(project, project / "data", tmp_path / "batch3")
@@ -113,7 +124,11 @@ def _repro(project) -> str:
 def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
     """`dvc repro` runs all stages; a second run does nothing; a training parameter change
     reruns training and what follows it, never ingestion or validation."""
-    project = make_project(tmp_path / "project", small_raw)
+    # No regression check here: this test is about what reruns, not about the gate.
+    no_regression_check = {"ctr_auc": 1.0, "ctcvr_auc": 1.0, "cvr_auc_clicked": 1.0}
+    project = make_project(
+        tmp_path / "project", small_raw, {"evaluate": {"max_regression": no_regression_check}}
+    )
     first = _repro(project)
     for stage in ("ingest", "validate", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first
@@ -138,6 +153,10 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
         (project / "artifacts" / "register" / "registration.json").read_text()
     )
     assert registration["version"] == "2"
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
+    assert "champion.ctr_auc" in shown and "delta.ctr_auc" in shown  # scored against v1
+    run([sys.executable, "-m", "dvc", "plots", "show"], project)
+    assert "roc_ctr.png" in (project / "dvc_plots" / "index.html").read_text()
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
     assert "0.002" in shown and "ctr_auc" in shown
 
@@ -163,7 +182,8 @@ def test_flow_and_dvc_repro_give_the_same_metrics(
 
 def test_run_summary_text_names_every_outcome():
     """The summary `esmm retrain` prints: data version, impressions, validation, the three
-    AUCs next to the oracle's, the verdict, the registered version and the MLflow UI."""
+    AUCs next to the oracle's and the champion's, the verdict, the registered version and
+    the MLflow UI."""
     from flows.retrain import RunSummary
 
     summary = RunSummary(
@@ -179,6 +199,7 @@ def test_run_summary_text_names_every_outcome():
         model_version="3",
         aliases=["challenger"],
         tracking_uri="sqlite:////x/mlflow.db",
+        champion={"version": "2", "ctr_auc": 0.72, "ctcvr_auc": 0.70, "cvr_auc_clicked": 0.6},
     )
     text = summary.to_text()
     for expected in (
@@ -191,6 +212,9 @@ def test_run_summary_text_names_every_outcome():
         "FAILED: ctr_auc",
         "esmm version 3 as challenger",
         "mlflow ui --backend-store-uri sqlite:////x/mlflow.db",
+        "champion v2",
+        "-0.0200",  # CTR AUC against the champion's
+        "against champion version 2; champion unchanged",
     ):
         assert expected in text
-    assert "| ctr_auc | 0.7000 | 0.7700 |" in summary.to_markdown()
+    assert "| ctr_auc | 0.7000 | 0.7700 | 0.7200 | -0.0200 |" in summary.to_markdown()

@@ -1,15 +1,29 @@
-"""Masked metrics and the gate verdict."""
+"""Masked metrics, standard errors, GAUC, calibration, plots, and the gate verdict."""
 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_project, run
+from pydantic import ValidationError
+from sklearn.metrics import roc_auc_score
 
 from tasks.config import EvaluateConfig
-from tasks.evaluate import compute_metrics, gate
+from tasks.evaluate import (
+    HEADLINE,
+    GateVerdict,
+    compute_metrics,
+    delong_auc,
+    gate,
+    metrics_by_position,
+    read_metrics,
+    write_metrics,
+    write_plots,
+)
 
 
 def _frame(click, conversion, p_ctr, p_cvr) -> pd.DataFrame:
@@ -68,3 +82,116 @@ def test_gate_names_the_failed_floor(floor_key, metric):
         and floor_key in verdict.reasons[0]
     )
     assert gate(metrics, EvaluateConfig(**{floor_key: 0.6})).passed
+
+
+def _champion(version="1", **values) -> dict:
+    base = {name: 0.7 for name in HEADLINE}
+    return {"version": version, **base, **values}
+
+
+def test_gate_refuses_a_regression_against_the_champion_beyond_the_tolerance():
+    """Floors pass, but CTR AUC dropped 0.02 against the champion (tolerance 0.005)."""
+    cfg = EvaluateConfig(min_ctr_auc=0.5, min_ctcvr_auc=0.5, min_cvr_auc_clicked=0.5)
+    metrics = {name: 0.7 for name in HEADLINE} | {"ctr_auc": 0.68}
+    verdict = gate(metrics, cfg, _champion("4"))
+    assert not verdict.passed and len(verdict.reasons) == 1
+    assert "ctr_auc" in verdict.reasons[0] and "champion version 4" in verdict.reasons[0]
+    assert gate(metrics | {"ctr_auc": 0.696}, cfg, _champion("4")).passed  # within tolerance
+    assert gate(metrics, cfg, None).passed  # no champion: floors only
+
+
+def test_gate_regression_direction_of_logloss_and_undefined_champion_metric():
+    """A logloss regresses when it rises; a champion metric that is NaN is not compared."""
+    cfg = EvaluateConfig(
+        min_ctr_auc=0.5,
+        min_ctcvr_auc=0.5,
+        min_cvr_auc_clicked=0.5,
+        max_regression={"ctr_logloss": 0.01, "cvr_auc_clicked": 0.0},
+    )
+    metrics = {name: 0.7 for name in HEADLINE} | {"ctr_logloss": 0.65}
+    assert gate(metrics, cfg, _champion(ctr_logloss=0.66)).passed  # lower logloss is better
+    refused = gate(metrics, cfg, _champion(ctr_logloss=0.63))
+    assert not refused.passed and "ctr_logloss" in refused.reasons[0]
+    assert gate(metrics, cfg, _champion(cvr_auc_clicked=float("nan"))).passed
+
+
+def test_max_regression_rejects_unknown_metric_names():
+    with pytest.raises(ValidationError, match="max_regression"):
+        EvaluateConfig(max_regression={"ctr_accuracy": 0.01})
+
+
+def test_delong_standard_error_matches_the_bootstrap():
+    """DeLong's SE of the AUC agrees with a 400-sample bootstrap within 15%."""
+    rng = np.random.default_rng(3)
+    score = rng.normal(size=2000)
+    labels = (rng.random(2000) < 1 / (1 + np.exp(-(score - 1.5)))).astype(int)
+    auc, se = delong_auc(labels, score)
+    assert auc == pytest.approx(roc_auc_score(labels, score), abs=1e-12)
+    idx = rng.integers(0, len(labels), (400, len(labels)))
+    boot = np.std([roc_auc_score(labels[i], score[i]) for i in idx])
+    assert se == pytest.approx(boot, rel=0.15)
+
+
+def test_gauc_weights_users_by_impressions_and_counts_single_class_users():
+    """User a ranks perfectly (4 impressions), user b inversely (2); user c has one class."""
+    frame = _frame(
+        [1, 1, 0, 0, 1, 0, 0, 0],
+        [0] * 8,
+        [0.9, 0.8, 0.2, 0.1, 0.1, 0.9, 0.5, 0.6],
+        [0.5] * 8,
+    ).assign(user=["a", "a", "a", "a", "b", "b", "c", "c"])
+    metrics = compute_metrics(frame)
+    assert metrics["ctr_gauc"] == pytest.approx((4 * 1.0 + 2 * 0.0) / 6)
+    assert metrics["ctr_gauc_users"] == 2 and metrics["ctr_gauc_users_skipped"] == 1
+
+
+def test_calibration_is_mean_predicted_over_observed_rate():
+    frame = _frame([1, 0, 0, 0], [1, 0, 0, 0], [0.5] * 4, [0.5] * 4).assign(user=1)
+    metrics = compute_metrics(frame)
+    assert metrics["ctr_calibration"] == pytest.approx(0.5 / 0.25)
+    assert metrics["cvr_calibration_clicked"] == pytest.approx(0.5 / 1.0)
+
+
+def test_metrics_by_position_pool_rare_positions():
+    rng = np.random.default_rng(0)
+    n = 600
+    frame = _frame(rng.integers(0, 2, n), np.zeros(n, int), rng.random(n), rng.random(n)).assign(
+        position=[1] * 300 + [2] * 250 + [3] * 30 + [4] * 20
+    )
+    by_position = metrics_by_position(frame, min_impressions=100)
+    assert list(by_position) == ["1", "2", "other"]
+    assert by_position["other"]["impressions"] == 50
+    assert sum(p["impressions"] for p in by_position.values()) == n
+
+
+def test_plots_are_written_for_the_three_tasks(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 500
+    click = rng.integers(0, 2, n)
+    frame = _frame(click, click * rng.integers(0, 2, n), rng.random(n), rng.random(n))
+    written = write_plots(frame, tmp_path, bins=5, champion_predictions=frame)
+    assert sorted(p.name for p in written) == sorted(
+        f"{kind}_{task}.png" for kind in ("roc", "reliability") for task in ("ctr", "ctcvr", "cvr")
+    )
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_metrics_file_works_with_dvc_metrics_show_and_diff(tmp_path, small_raw):
+    """metrics.json as written by the evaluate step: `dvc metrics show` lists the candidate,
+    the champion, the deltas and the verdict; `dvc metrics diff` shows the change."""
+    project = make_project(tmp_path / "project", small_raw)
+    path = project / "artifacts" / "evaluate" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    metrics = {name: 0.7 for name in HEADLINE} | {"impressions": 100}
+    write_metrics(path, metrics, None, GateVerdict(True))
+    run(["git", "add", "-f", str(path)], project)
+    run(["git", "commit", "-q", "-m", "metrics"], project)
+    refused = GateVerdict(False, ["ctr_auc = 0.6000 regressed by 0.1000 against champion"])
+    write_metrics(path, metrics | {"ctr_auc": 0.6}, _champion("3"), refused)
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
+    for column in ("ctr_auc", "champion.ctr_auc", "delta.ctr_auc", "gate_passed", "gate_summary"):
+        assert column in shown
+    assert "regressed by 0.1000" in shown
+    diff = run([sys.executable, "-m", "dvc", "metrics", "diff"], project).stdout
+    assert "ctr_auc" in diff and "-0.1" in diff
+    assert read_metrics(path)[1]["version"] == "3" and read_metrics(path)[2] == refused
