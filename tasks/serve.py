@@ -134,6 +134,17 @@ def records_to_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
                 )
                 continue
             for j, pair in enumerate(entries):
+                # Fast path for what JSON decodes to: exact types, no ABC checks.
+                if type(pair) is list and len(pair) == 2:
+                    fid, weight = pair
+                    if (
+                        type(fid) is int
+                        and 0 <= fid < _MAX_ID
+                        and (type(weight) is float and weight - weight == 0 or type(weight) is int)
+                    ):  # w - w == 0 only for finite w
+                        ids[name].append(fid)
+                        wts[name].append(weight)
+                        continue
                 problem = _pair_problem(pair)
                 if problem:
                     problems.append(f"{where}, entry {j}: {problem}")
