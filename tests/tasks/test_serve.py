@@ -266,12 +266,13 @@ def test_server_answers_with_the_in_process_numbers(server, store, keras_model, 
     model loaded in process."""
     import mlflow
 
-    response = _invoke(server, {"inputs": [{"features": r} for r in test_records]})
-    assert response.status_code == 200, response.text
-    served = pd.DataFrame(response.json()["predictions"])[list(OUTPUT_KEYS)]
     expected = _in_process(keras_model, test_records)
-    np.testing.assert_allclose(served.to_numpy(), expected.to_numpy(), rtol=1e-6, atol=1e-7)
-    assert served["p_ctr"].std() > 1e-3  # the records really differ
+    for form in ("dataframe_records", "inputs"):
+        response = _invoke(server, {form: [{"features": r} for r in test_records]})
+        assert response.status_code == 200, response.text
+        served = pd.DataFrame(response.json()["predictions"])[list(OUTPUT_KEYS)]
+        np.testing.assert_allclose(served.to_numpy(), expected.to_numpy(), rtol=1e-6, atol=1e-7)
+    assert expected["p_ctr"].std() > 1e-3  # the records really differ
 
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     local = pyfunc.predict([{"features": r} for r in test_records])
@@ -285,12 +286,19 @@ def test_server_answers_with_the_in_process_numbers(server, store, keras_model, 
     )
 
 
+def test_esmm_serve_binds_loopback_by_default(server, store):
+    """Started without --host, `esmm serve` listens on 127.0.0.1 only."""
+    log = (store["root"] / "server.log").read_text()
+    assert f"Uvicorn running on {server} " in log
+    assert "0.0.0.0" not in log
+
+
 def test_unknown_ids_go_to_the_oov_bucket(server, keras_model, test_records, ingested):
     """Two different unknown item ids score the same; a known one does not."""
     base = test_records[0]
     known = int(load_vocabularies(ingested / "vocab.parquet")["205"][0])
     records = [{**base, "205": [[i, 1.0]]} for i in (*UNKNOWN_IDS, known)]
-    response = _invoke(server, {"inputs": [{"features": r} for r in records]})
+    response = _invoke(server, {"dataframe_records": [{"features": r} for r in records]})
     assert response.status_code == 200, response.text
     p = pd.DataFrame(response.json()["predictions"])["p_ctr"].to_numpy()
     assert p[0] == p[1]
@@ -301,26 +309,27 @@ def test_unknown_ids_go_to_the_oov_bucket(server, keras_model, test_records, ing
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"inputs": [{"features": {"101": [[1, 1.0]], "999": [[5, 1.0]]}}]}, "999"),
+        ({"dataframe_records": [{"features": {"101": [[1, 1.0]], "999": [[5, 1.0]]}}]}, "999"),
         (
-            {"inputs": [{"features": {"101": [["abc", 1.0]]}}]},
+            {"dataframe_records": [{"features": {"101": [["abc", 1.0]]}}]},
             "record 0, field '101', entry 0: id must be an integer, got str 'abc'",
         ),
         (
-            '{"inputs": [{"features": {"109_14": [[1, NaN]]}}]}',
+            '{"dataframe_records": [{"features": {"109_14": [[1, NaN]]}}]}',
             "field '109_14', entry 0: weight must be finite, got nan",
         ),
         (
-            {"inputs": [{"features": {}}, {"features": {"205": [[1, 1.0, 2.0]]}}]},
+            {"dataframe_records": [{"features": {}}, {"features": {"205": [[1, 1.0, 2.0]]}}]},
             "record 1, field '205', entry 0: must be an [id, weight] pair, got 3 value(s)",
         ),
         (
-            {"inputs": [{"features": {"205": 7}}]},
+            {"dataframe_records": [{"features": {"205": 7}}]},
             "field '205': must be a list of [id, weight] pairs, got int 7",
         ),
-        ({"inputs": [{"feature": {"205": [[1, 1.0]]}}]}, "missing inputs ['features']"),
+        ({"dataframe_records": [{"feature": {"205": [[1, 1.0]]}}]}, "missing inputs ['features']"),
         ({"inputs": [{"features": 5}]}, "Expected data to be dictionary, got int"),
         ({"inputs": []}, "'[]'"),
+        ({"dataframe_records": []}, "missing inputs ['features']"),
         (
             {"dataframe_split": {"columns": ["features"], "data": []}},
             "the request holds no records",
@@ -336,6 +345,7 @@ def test_unknown_ids_go_to_the_oov_bucket(server, keras_model, test_records, ing
         "no-features-key",
         "record-not-an-object",
         "empty-inputs",
+        "empty-records",
         "empty-dataframe",
         "not-json",
     ],
@@ -415,3 +425,19 @@ def test_esmm_score_command_uses_the_champion(store, small_raw, tmp_path):
     assert result.exit_code == 0, result.output
     assert "scored 1,500 of 1,500 impressions" in result.output
     assert pq.read_table(out).num_rows == 1500
+
+
+def test_score_reads_gzip_files_like_plain_ones(small_raw, keras_model, tmp_path):
+    import gzip
+
+    for name in ("sample_skeleton_test.csv", "common_features_test.csv"):
+        (tmp_path / "gz").mkdir(exist_ok=True)
+        (tmp_path / "gz" / f"{name}.gz").write_bytes(gzip.compress((small_raw / name).read_bytes()))
+        (tmp_path / "plain").mkdir(exist_ok=True)
+        shutil.copy(small_raw / name, tmp_path / "plain" / name)
+    score_raw(tmp_path / "gz", tmp_path / "gz.parquet", keras_model, progress=False)
+    score_raw(tmp_path / "plain", tmp_path / "plain.parquet", keras_model, progress=False)
+    gz = pq.read_table(tmp_path / "gz.parquet").to_pandas()
+    plain = pq.read_table(tmp_path / "plain.parquet").to_pandas()
+    assert len(gz) == 1500
+    pd.testing.assert_frame_equal(gz.drop(columns="file"), plain.drop(columns="file"))
