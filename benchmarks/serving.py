@@ -231,8 +231,9 @@ def markdown_rows(results: Path = RESULTS) -> str:
     for path in sorted(results.glob("serving-*.json")):
         r = json.loads(path.read_text())
         m = r["machine"]
-        single, batch = r["http_single"], r["http_batch_100"]
-        inputs = r["http_batch_100_inputs_format"]
+        missing = {"median_ms": "n/a", "p99_ms": "n/a"}
+        single, inputs = r["http_single"], r["http_batch_100_inputs_format"]
+        batch = r.get("http_batch_100", missing)  # absent from runs that sent only `inputs`
         local_single, local_batch = r["in_process_pyfunc_single"], r["in_process_pyfunc_batch_100"]
         rows.append(
             f"| {m['date'][:10]} | {m['cores']} cores, {m['cpu'].split()[0]} "

@@ -251,7 +251,7 @@ def serve(
     model_uri: str = typer.Option(
         None,
         "--model-uri",
-        help="Model to serve [default: models:/<register.model_name>@champion].",
+        help="Model to serve (default: models:/NAME@champion, NAME = register.model_name).",
     ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it to the network."
@@ -286,7 +286,7 @@ def score(
     model_uri: str = typer.Option(
         None,
         "--model-uri",
-        help="Model to score with [default: models:/<register.model_name>@champion].",
+        help="Model to score with (default: models:/NAME@champion, NAME = register.model_name).",
     ),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Impressions per model call."),
     params: Path = PARAMS,

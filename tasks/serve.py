@@ -16,7 +16,7 @@ the object under `"features"`, in MLflow's `dataframe_records` request form:
     {"predictions": [{"p_ctr": 0.041, "p_cvr": 0.012, "p_ctcvr": 0.00049}]}
 
 `{"inputs": [...]}` with the same records works too, but MLflow deep-copies that form while
-parsing it: on 2 cores a batch of 100 realistic records took 3x longer (benchmarks/serving.py).
+parsing it: on 2 cores a batch of 100 realistic records took 2.5x longer (benchmarks/serving.py).
 A malformed request is answered 400 with a message naming the record, field, entry and what
 is wrong. The model signature declares `features` as an object whose properties are the 23
 fields (optional, values `Any`): MLflow's schema check then rejects unknown fields by name,
