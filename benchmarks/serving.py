@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -196,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
     pyfunc = mlflow.pyfunc.load_model("models:/esmm@champion")
     local_single = _time_in_process(pyfunc, singles, args.warmup)
     local_batch = _time_in_process(pyfunc, batches, args.warmup)
+    if not args.keep:
+        shutil.rmtree(work)
 
     dirty = _git("status", "--porcelain", "--", "tasks", "models", "flows", "benchmarks/serving.py")
     return {
@@ -263,6 +266,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10, help="untimed requests of each kind")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--keep", action="store_true", help="keep the scratch work folder")
     parser.add_argument("--markdown", action="store_true", help="print the README table rows")
     args = parser.parse_args()
     if args.markdown:
