@@ -261,6 +261,28 @@ def test_logged_model_is_code_with_the_keras_file_and_a_signature(store):
     assert (local / "code" / "models" / "esmm.py").is_file()
 
 
+@pytest.mark.slow  # a fresh interpreter importing TensorFlow: 10-30 s on 2 cores
+def test_logged_model_loads_its_own_shipped_code(store, tmp_path):
+    """In a fresh process outside the repository, the model runs the code logged with it."""
+    script = (
+        "import mlflow, sys\n"
+        f"mlflow.set_tracking_uri({store['tracking_uri']!r})\n"
+        "model = mlflow.pyfunc.load_model('models:/esmm@champion')\n"
+        "import tasks.serve\n"
+        "print(tasks.serve.__file__)\n"
+        "print(model.predict([{'features': {'101': [[5, 1.0]]}}]).shape)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    module_file, shape = proc.stdout.strip().splitlines()[-2:]
+    assert Path(module_file).parts[-3:] == ("code", "tasks", "serve.py")
+    assert str(REPO) not in module_file
+    assert shape == "(1, 3)"
+
+
 def test_server_answers_with_the_in_process_numbers(server, store, keras_model, test_records):
     """A batch and a single record, served over HTTP, match the Keras model and the pyfunc
     model loaded in process."""
