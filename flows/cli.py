@@ -358,6 +358,69 @@ def _serve(cfg, params: Path) -> None:
     serve_retraining(cfg, str(params))
 
 
+@app.command()
+def serve(
+    model_uri: str = typer.Option(
+        None,
+        "--model-uri",
+        help="Model to serve (default: models:/NAME@champion, NAME = register.model_name).",
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it to the network."
+    ),
+    port: int = typer.Option(5001, "--port", help="Port to listen on."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server worker processes."),
+    params: Path = PARAMS,
+) -> None:
+    """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
+    import subprocess
+
+    from tasks.register import CHAMPION, resolve_tracking_uri
+    from tasks.serve import serve_command
+
+    cfg = _params(params).register_
+    uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": resolve_tracking_uri(cfg.tracking_uri)}
+    typer.echo(f"serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", err=True)
+    try:
+        code = subprocess.run(serve_command(uri, host, port, workers), env=env).returncode
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+@app.command()
+def score(
+    raw_dir: Path = typer.Argument(
+        ..., help="Folder with sample_skeleton_X.csv[.gz] + common_features_X.csv[.gz] pairs."
+    ),
+    out: Path = typer.Option(Path("predictions.parquet"), "--out", help="Predictions file."),
+    model_uri: str = typer.Option(
+        None,
+        "--model-uri",
+        help="Model to score with (default: models:/NAME@champion, NAME = register.model_name).",
+    ),
+    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Impressions per model call."),
+    params: Path = PARAMS,
+) -> None:
+    """Score raw Ali-CCP files in batch: sample_id, labels and p_ctr/p_cvr/p_ctcvr to Parquet."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from tasks.register import CHAMPION, resolve_tracking_uri
+    from tasks.serve import load_keras_model, score_raw
+
+    cfg = _params(params).register_
+    uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        model = load_keras_model(uri)
+    except MlflowException as err:
+        _fail(f"cannot load {uri} (tracking URI {tracking_uri}): {err.message}")
+    typer.echo(_run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size)).summary())
+
+
 def _run(step):
     """Run a step; expected failures print one clear message and exit 1."""
     try:

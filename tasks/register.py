@@ -41,8 +41,6 @@ LOCK_SUFFIX = ".promotion-lock"
 LOCK_STALE_SECONDS = 120  # a lock older than this was left by a crashed process
 LOCK_TIMEOUT_SECONDS = 120
 
-# What the logged model needs to be loaded again; pinned like requirements.lock.
-MODEL_REQUIREMENTS = ["tensorflow==2.16.2", "keras==3.15.1", "numpy==1.26.4"]
 
 
 class PromotionError(RuntimeError):
@@ -193,19 +191,14 @@ def fetch_champion(cfg: RegisterConfig, dest: Path) -> Champion | None:
 
 
 def _log_model(model_path: Path, cfg: RegisterConfig):
-    """Log the trained model to the active run; returns its `ModelInfo`.
+    """Log the trained model to the active run as the serving model; returns its `ModelInfo`.
 
-    The one place that decides how the model is logged (the registry only needs the
-    returned `model_uri`, and the evaluate step only a `.keras` file somewhere in it).
+    The serving model (tasks/serve.py) is a models-from-code pyfunc taking raw records; it
+    carries the `.keras` file, which the evaluate step re-scores for the champion.
     """
-    import keras
-    import mlflow
+    from tasks.serve import log_serving_model
 
-    import models.esmm  # noqa: F401  (registers the custom layers for loading)
-
-    return mlflow.keras.log_model(
-        keras.models.load_model(model_path), name="model", pip_requirements=MODEL_REQUIREMENTS
-    )
+    return log_serving_model(model_path, name="model")
 
 
 def _metric_tags(metrics: dict, champion: dict | None) -> dict[str, str]:

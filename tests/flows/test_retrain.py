@@ -95,13 +95,13 @@ def test_each_new_data_version_retrains_and_corrupt_data_fails_the_run(
 
     project = make_project(tmp_path / "project", small_raw)
     monkeypatch.chdir(project)
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     first = retrain(params_path="params.yaml")
     assert first.model_version == "1"
 
     synthesize_ali_ccp(tmp_path / "batch2", 4000, 1500, seed=8)
     add_raw_data(project, project / "data", tmp_path / "batch2")
     second = retrain(params_path="params.yaml", return_state=True)  # Failed if refused
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert client.get_model_version_by_alias("esmm", "challenger").version in (2, "2")
     second_version = client.get_model_version("esmm", "2").tags["data_version"]
     assert second_version == data_version(project / "data.dvc") != first.data_version

@@ -87,7 +87,13 @@ def test_cli_help_lists_every_step():
         "train",
         "evaluate",
         "register",
+        "promote",
+        "rollback",
+        "champions",
         "retrain",
+        "schedule",
+        "serve",
+        "score",
     ):
         assert command in proc.stdout
 
