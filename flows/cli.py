@@ -222,9 +222,11 @@ def train(params: Path = PARAMS) -> None:
 
 @app.command()
 def evaluate(params: Path = PARAMS) -> None:
-    """Metrics of the trained model and of the champion on the test split, plots, and the
-    gate verdict in metrics.json. Exits 0 on a refused model so that DVC records its
-    metrics; `esmm register` is the step that fails on it."""
+    """Score the model and the champion on the test split; metrics, plots, gate verdict.
+
+    Exits 0 on a refused model so that DVC records its metrics; `esmm register` is the
+    step that fails on it.
+    """
     from tasks import steps
     from tasks.evaluate import format_metrics
 
@@ -245,8 +247,10 @@ def evaluate(params: Path = PARAMS) -> None:
 
 @app.command()
 def register(params: Path = PARAMS) -> None:
-    """Register the evaluated model in MLflow as `challenger`; promote it to `champion` if
-    the gate passed, else exit non-zero listing the failed checks."""
+    """Register the model as `challenger`; promote it to `champion` if the gate passed.
+
+    On a failed gate the champion stays and the command exits 1 listing the failed checks.
+    """
     from tasks import steps
     from tasks.evaluate import GateRefusedError
 

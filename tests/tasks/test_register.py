@@ -129,6 +129,7 @@ print(done)
 """
 
 
+@pytest.mark.slow  # two fresh Python processes importing MLflow: 15-40 s on 2 busy cores
 def test_racing_promotions_leave_one_champion_and_a_consistent_history(tmp_path, empty_db):
     """Two processes promote their own version four times each, released together: every
     successful promotion is in the history exactly once, each event's `previous` is the
