@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import Params
-from tasks.data import data_version, dvc_file_for
+from tasks.data import DataVersionError, data_version, dvc_file_for
 from tasks.evaluate import GateVerdict, evaluate_esmm, read_metrics
 from tasks.ingest import IngestReport, ingest_ali_ccp
 from tasks.layout import Layout
@@ -39,10 +39,23 @@ def ingest(params: Params) -> IngestReport:
 
 
 def validate(params: Params) -> ValidationResult:
-    """TFDV statistics and schema checks of every split; raises on anomalies."""
+    """TFDV statistics, schema, drift and skew checks of every split; raises on anomalies.
+
+    This data version's training statistics join the history that the next version's drift
+    is measured against; without a `.dvc` file for the raw data there is no drift check.
+    """
     layout = _layout(params)
+    try:
+        version = data_version(dvc_file_for(layout.raw_dir, layout.raw_dir.parent))
+    except DataVersionError:
+        version = None
     return validate_data(
-        layout.ingest_dir, layout.validate_dir, Path(params.validate_.schema_dir), params.validate_
+        layout.ingest_dir,
+        layout.validate_dir,
+        Path(params.validate_.schema_dir),
+        params.validate_,
+        data_version=version,
+        history_dir=layout.validate_history_dir,
     )
 
 
