@@ -34,12 +34,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.features import (
+    ALL_FIELDS,
     CLICK_LABEL_KEY,
     COMMON_INDEX_KEY,
     CONVERSION_LABEL_KEY,
     LABEL_KEYS,
     MULTI_VALUED_FIELDS,
     SAMPLE_ID_KEY,
+    ids_key,
+    wts_key,
 )
 from tasks.config import DriftConfig, ValidateConfig
 from tasks.ingest import SPLITS
@@ -280,10 +283,6 @@ def _with_comparators(schema, cfg: DriftConfig, kind: str):
     """A copy of `schema` carrying drift or skew comparators with the configured thresholds."""
     from tensorflow_metadata.proto.v0 import schema_pb2
 
-    names = {f.name for f in schema.feature}
-    unknown = sorted(set(cfg.features) - names)
-    if unknown:
-        raise ValueError(f"validate.{kind}.features: unknown feature(s) {unknown}")
     schema = copy.deepcopy(schema)
     for feature in schema.feature:
         if feature.name in LABEL_COLUMNS:
@@ -428,6 +427,11 @@ def validate_data(
 
     from tasks.validate_report import write_reports
 
+    known = {key(f) for f in ALL_FIELDS for key in (ids_key, wts_key)}
+    for kind, section in (("drift", cfg.drift), ("skew", cfg.skew)):
+        unknown = sorted(set(section.features) - known)
+        if unknown:
+            raise ValueError(f"validate.{kind}.features: unknown feature(s) {unknown}")
     out_dir, schema_dir = Path(out_dir), Path(schema_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("report.json", "report.txt", "report.html"):  # never show an old verdict

@@ -166,7 +166,9 @@ def test_value_domains_list_the_training_ids(ingested, tmp_path):
     )["train_common"]
     schema = infer_schema(stats, value_domains=True)
     domain = tfdv.get_domain(schema, "ids_124").value
-    seen = pc.unique(pc.list_flatten(pq.read_table(ingested / "train" / "common.parquet")["ids_124"]))
+    seen = pc.unique(
+        pc.list_flatten(pq.read_table(ingested / "train" / "common.parquet")["ids_124"])
+    )
     assert sorted(domain) == sorted(str(v) for v in seen.to_pylist())
 
 
@@ -296,6 +298,7 @@ def test_reports_are_self_contained(tmp_path, ingested, schema_dir):
     assert "Statistics train/common" in text
 
 
+@pytest.mark.slow  # two Beam worker processes start up: about 45 s on 2 shared cores
 def test_multi_process_statistics_equal_single_process(tmp_path, ingested):
     """The same data profiled by one in-memory process and by two Beam worker processes
     gives the same statistics (up to float summation order)."""
