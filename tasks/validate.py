@@ -192,6 +192,8 @@ def generate_statistics(tables: dict[str, Path], out_dir: Path, cfg: ValidateCon
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"{name}.stats.binpb" for name in tables}
+    for path in paths.values():  # a fresh run, not Beam's warning about overwriting
+        path.unlink(missing_ok=True)
     with beam.Pipeline(options=pipeline_options(cfg)) as pipeline:
         for name, parquet_path in tables.items():
             _ = (
@@ -518,7 +520,7 @@ def validate_data(
                 previous_statistics=old,
             )
             anomalies += _anomaly_lines(
-                f"drift train/{table} vs {previous[:12]}", found, _is_comparator
+                f"drift train/{table} vs {previous}", found, _is_comparator
             )
             comparisons += _comparisons(found, "drift", table)
             if table == "impressions":
