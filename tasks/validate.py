@@ -519,9 +519,7 @@ def validate_data(
                 environment=TRAINING,
                 previous_statistics=old,
             )
-            anomalies += _anomaly_lines(
-                f"drift train/{table} vs {previous}", found, _is_comparator
-            )
+            anomalies += _anomaly_lines(f"drift train/{table} vs {previous}", found, _is_comparator)
             comparisons += _comparisons(found, "drift", table)
             if table == "impressions":
                 anomalies += _label_drift(rates["previous"], rates["train"], cfg.label_drift)
