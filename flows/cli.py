@@ -205,10 +205,17 @@ def ingest(params: Path = PARAMS) -> None:
 
 @app.command()
 def validate(params: Path = PARAMS) -> None:
-    """TFDV statistics and schema checks; exits non-zero on anomalies, naming each feature."""
+    """TFDV statistics, schema, drift and skew checks; exits non-zero on anomalies, naming
+    each feature; writes report.txt and report.html either way."""
     from tasks import steps
+    from tasks.layout import Layout
 
-    typer.echo(_run(lambda: steps.validate(_params(params))).summary())
+    layout = Layout.from_config(_params(params).paths)
+    try:
+        typer.echo(_run(lambda: steps.validate(_params(params))).summary())
+    finally:
+        if layout.validate_report_html.is_file():
+            typer.echo(f"reports: {layout.validate_report_text} and {layout.validate_report_html}")
 
 
 @app.command()

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks import steps
 from tasks.config import load_params
 from tasks.evaluate import GateRefusedError, format_metrics
+from tasks.layout import Layout
 from tasks.steps import StepFailed
 
 P = ParamSpec("P")
@@ -126,6 +127,23 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def attach_validation_reports(layout: Layout) -> None:
+    """The validation text summary as a markdown artefact and a link to the HTML report."""
+    if not layout.validate_report_text.is_file():
+        return
+    create_markdown_artifact(
+        "```\n" + layout.validate_report_text.read_text() + "```",
+        key="esmm-validation-report",
+        description="Data validation: statistics, anomalies, drift and skew",
+    )
+    create_link_artifact(
+        layout.validate_report_html.resolve().as_uri(),
+        link_text="validation report (HTML, self-contained)",
+        key="esmm-validation-report-html",
+        description=str(layout.validate_report_html.resolve()),
+    )
+
+
 @flow(name="esmm-retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml") -> RunSummary:
     """Retrain ESMM on the current raw data version and register the result."""
@@ -133,8 +151,12 @@ def retrain(params_path: str = "params.yaml") -> RunSummary:
 
     # Ingest: raw Ali-CCP text -> split Parquet tables and id vocabularies.
     report = ingest(params)
-    # Validate: TFDV statistics against the schema; anomalies stop the flow here.
-    validation = validate(params)
+    # Validate: TFDV statistics, schema, drift and skew; anomalies stop the flow here, after
+    # the reports are attached to the run.
+    try:
+        validation = validate(params)
+    finally:
+        attach_validation_reports(Layout.from_config(params.paths))
     # Train: ESMM with shared embeddings and the weighted CTR + CTCVR loss.
     train(params, verbose=2)
     # Evaluate: candidate and champion on the test split; floors and no-regression gate.

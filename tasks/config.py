@@ -42,11 +42,53 @@ class IngestConfig(_Section):
     window: int = Field(1, ge=1)
 
 
+class ComparatorConfig(_Section):
+    """One feature's thresholds; a key left out keeps the section default, null turns it off."""
+
+    jensen_shannon: float | None = Field(None, gt=0.0, le=1.0)
+    infinity_norm: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class DriftConfig(_Section):
+    """TFDV comparator thresholds for every feature (labels excepted), with overrides."""
+
+    jensen_shannon: float | None = Field(0.1, gt=0.0, le=1.0)  # numeric and categorical
+    infinity_norm: float | None = Field(0.1, gt=0.0, le=1.0)  # categorical (id) features only
+    features: dict[str, ComparatorConfig] = {}  # per-feature overrides, e.g. {ids_301: {...}}
+    # Compare only when both sides have this many rows: on small samples both measures are
+    # dominated by sampling noise (too few rows is noted in the report, not an anomaly).
+    min_examples: int = Field(5000, ge=1)
+
+    def thresholds(self, feature: str) -> tuple[float | None, float | None]:
+        """(Jensen-Shannon, L-infinity) thresholds of one feature; None = not checked."""
+        override = self.features.get(feature)
+        set_keys = override.model_fields_set if override else set()
+        return (
+            override.jensen_shannon if "jensen_shannon" in set_keys else self.jensen_shannon,
+            override.infinity_norm if "infinity_norm" in set_keys else self.infinity_norm,
+        )
+
+
+class LabelDriftConfig(_Section):
+    """Largest relative change of a label rate from the previous data version (checked when
+    both versions have at least `drift.min_examples` impressions)."""
+
+    max_ctr_change: float | None = Field(0.2, gt=0.0)  # |CTR_new / CTR_old - 1|
+    max_cvr_change: float | None = Field(0.3, gt=0.0)  # conversion rate given click
+
+
 class ValidateConfig(_Section):
     schema_dir: str = "schema"  # impressions.pbtxt and common.pbtxt; inferred when absent
     beam_runner: str = "DirectRunner"
-    # Extra Beam flags, e.g. ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]
-    beam_options: list[str] = ["--direct_num_workers=1", "--direct_running_mode=in_memory"]
+    # Extra Beam flags (Flink, Spark, Dataflow...); the default is one worker process per core.
+    beam_options: list[str] = ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+    # `esmm schema infer`: id fields with at most this many distinct values get a bound on it
+    max_domain_size: int = Field(100, gt=0)
+    # ... and their training values as a domain (off: synthetic ids depend on the seed)
+    value_domains: bool = False
+    drift: DriftConfig = DriftConfig()  # new training data against the previous data version
+    skew: DriftConfig = DriftConfig()  # test split against the training split
+    label_drift: LabelDriftConfig = LabelDriftConfig()
 
 
 class TowerConfig(_Section):

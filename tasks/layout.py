@@ -39,6 +39,19 @@ class Layout:
         return self.artifacts / "validate"
 
     @property
+    def validate_report_html(self) -> Path:
+        return self.validate_dir / "report.html"
+
+    @property
+    def validate_report_text(self) -> Path:
+        return self.validate_dir / "report.txt"
+
+    @property
+    def validate_history_dir(self) -> Path:
+        """Training statistics of each data version, `<data version>/*.stats.binpb`."""
+        return self.artifacts / "validate_history"
+
+    @property
     def train_dir(self) -> Path:
         return self.artifacts / "train"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tasks import register as registry
 from tasks.config import Params
-from tasks.data import data_version, dvc_file_for, training_window
+from tasks.data import DataVersionError, data_version, dvc_file_for, training_window
 from tasks.evaluate import GateVerdict, evaluate_esmm, read_metrics
 from tasks.ingest import IngestReport, ingest_ali_ccp
 from tasks.layout import Layout
@@ -58,10 +58,23 @@ def ingest(params: Params) -> IngestReport:
 
 
 def validate(params: Params) -> ValidationResult:
-    """TFDV statistics and schema checks of every split; raises on anomalies."""
+    """TFDV statistics, schema, drift and skew checks of every split; raises on anomalies.
+
+    This data version's training statistics join the history that the next version's drift
+    is measured against; without a `.dvc` file for the raw data there is no drift check.
+    """
     layout = _layout(params)
+    try:
+        version = data_version(dvc_file_for(layout.raw_dir, layout.raw_dir.parent))
+    except DataVersionError:
+        version = None
     return validate_data(
-        layout.ingest_dir, layout.validate_dir, Path(params.validate_.schema_dir), params.validate_
+        layout.ingest_dir,
+        layout.validate_dir,
+        Path(params.validate_.schema_dir),
+        params.validate_,
+        data_version=version,
+        history_dir=layout.validate_history_dir,
     )
 
 
@@ -101,8 +114,8 @@ def register(params: Params) -> Registration:
         ("evaluation", layout.metrics_path),
         ("evaluation", layout.by_position_path),
         ("evaluation/plots", layout.plots_dir),
-        ("validation", layout.validate_dir / "report.html"),
-        ("validation", layout.validate_dir / "report.txt"),
+        ("validation", layout.validate_report_html),
+        ("validation", layout.validate_report_text),
     ]
     return register_esmm(
         layout.model_path,
