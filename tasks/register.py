@@ -42,7 +42,6 @@ LOCK_STALE_SECONDS = 120  # a lock older than this was left by a crashed process
 LOCK_TIMEOUT_SECONDS = 120
 
 
-
 class PromotionError(RuntimeError):
     """`champion` cannot move as asked; the message says why and what to do."""
 
