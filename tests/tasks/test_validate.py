@@ -233,6 +233,7 @@ def test_shifted_click_rate_is_label_drift(tmp_path, ingested, schema_dir):
     )
 
 
+@pytest.mark.slow  # two validation runs: about 35 s on 2 shared cores
 def test_history_keeps_each_version_and_drift_uses_the_latest_other(tmp_path, ingested, schema_dir):
     from tasks.validate import previous_version
 
