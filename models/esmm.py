@@ -22,6 +22,11 @@ Semantics, written down once:
   over ALL impressions, with NO direct loss on p_cvr: the CVR tower learns only through
   the product, over the entire impression space. The conversion label of an unclicked
   impression is multiplied out by its click label.
+- Ablations of the paper (`model.variant`): `esmm_ns` gives each tower its own embedding
+  tables (two per field) with the same loss; `base` also has separate tables and trains
+  the CTR tower with BCE(click, p_ctr) on all impressions and the CVR tower with
+  BCE(conversion, p_cvr) on clicked impressions only; p_ctcvr = p_ctr * p_cvr is formed
+  from the two. All variants have the same inputs and the same three outputs.
 - CTR and CTCVR AUC are measured on all impressions; CVR AUC only on clicked ones
   (`p_cvr_auc_clicked`). The compiled AUCs are Keras' thresholded approximations, for
   monitoring training; gate decisions belong to the evaluation step.
@@ -44,6 +49,7 @@ from tasks.config import ModelConfig, TowerConfig
 _PACKAGE = "esmm"
 _NUM_OOV_INDICES = 1  # index 0 of every lookup is the bucket for ids outside the vocabulary
 _PADDING_ID = 0  # models.features: padding is id 0 with weight 0
+VARIANTS = ("esmm", "esmm_ns", "base")  # model.variant, see build_esmm
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -182,6 +188,10 @@ class EsmmModel(keras.Model):
     ) -> dict[str, Any]:
         if not isinstance(y, Mapping):
             return super().compute_metrics(x, y, y_pred, sample_weight)
+        if "p_ctr" in y and "p_cvr" in y and "p_ctcvr" not in y:
+            # BASE labels (`esmm_targets(..., variant="base")`): conversion, -1 if unclicked.
+            clicked = ops.cast(ops.greater_equal(y["p_cvr"], 0.0), "float32")
+            y = {"p_ctr": y["p_ctr"], "p_ctcvr": clicked * ops.maximum(y["p_cvr"], 0.0)}
         if "p_ctr" in y and "p_ctcvr" in y:
             clicked = ops.cast(y["p_ctr"], "float32")
             if sample_weight is not None and not isinstance(sample_weight, Mapping):
@@ -205,6 +215,18 @@ def binary_crossentropy_per_row(y_true: Any, y_pred: Any) -> Any:
     return keras.losses.binary_crossentropy(y_true, y_pred)  # (batch,)
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+def binary_crossentropy_clicked(y_true: Any, y_pred: Any) -> Any:
+    """BASE's CVR loss: BCE(conversion, p_cvr) on clicked rows, 0 on rows labelled -1.
+
+    The compiled reduction divides by the batch size, as a sample weight equal to the click
+    label would, so clicked rows weigh as much here as in the CTR term.
+    """
+    y_true = ops.cast(y_true, "float32")
+    clicked = ops.cast(ops.greater_equal(y_true, 0.0), "float32")  # (batch,)
+    return clicked * binary_crossentropy_per_row(ops.maximum(y_true, 0.0), y_pred)  # (batch,)
+
+
 def build_esmm(
     config: ModelConfig,
     vocabularies: Mapping[str, Sequence[int] | np.ndarray],
@@ -214,7 +236,9 @@ def build_esmm(
     """Build the (uncompiled) ESMM model.
 
     Args:
-        config: the `model:` section of params.yaml.
+        config: the `model:` section of params.yaml (`variant` picks ESMM, ESMM-NS or BASE;
+            the embedding layers are `embedding_F`, or `ctr_embedding_F` and
+            `cvr_embedding_F` in the two ablations).
         vocabularies: per raw field name (e.g. `"205"`, not `"ids_205"`), the raw feature
             ids that get their own embedding row; any other id maps to the OOV row. Every
             field of `models.features.ALL_FIELDS` needs an entry (possibly empty).
@@ -232,10 +256,14 @@ def build_esmm(
     """
     _check_config(config)
     vocab_arrays = _check_vocabularies(vocabularies)
-    ctr_seed, cvr_seed, *embedding_seeds = _derive_seeds(seed, 2 + len(ALL_FIELDS))
+    n_fields = len(ALL_FIELDS)
+    # ESMM's seeds come first and stay as they were; ESMM-NS and BASE add one more table
+    # seed per field for the CVR tower's own embeddings.
+    ctr_seed, cvr_seed, *embedding_seeds = _derive_seeds(seed, 2 + 2 * n_fields)
+    separate = config.variant != "esmm"
 
     inputs: dict[str, keras.KerasTensor] = {}
-    pooled_fields = []
+    pooled: dict[str, list[keras.KerasTensor]] = {"ctr": [], "cvr": []}
     for i, field in enumerate(ALL_FIELDS):
         ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(field))
         weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(field))
@@ -247,24 +275,32 @@ def build_esmm(
             num_oov_indices=_NUM_OOV_INDICES,
             name=f"lookup_{field}",
         )
-        embedding = EmbeddingBag(
-            input_dim=len(vocab_arrays[field]) + _NUM_OOV_INDICES,
-            output_dim=config.embedding_dim,
-            pooling=config.pooling,
-            embeddings_initializer=keras.initializers.RandomUniform(
-                -0.05, 0.05, seed=embedding_seeds[i]
-            ),
-            name=f"embedding_{field}",
-        )
-        # (batch, length) raw ids -> (batch, length) rows -> (batch, embedding_dim)
-        pooled_fields.append(embedding([lookup(ids), weights]))
+        rows = lookup(ids)  # (batch, length) raw ids -> (batch, length) table rows
+        tables = (("ctr", "cvr"),) if not separate else (("ctr",), ("cvr",))
+        for j, towers in enumerate(tables):
+            embedding = EmbeddingBag(
+                input_dim=len(vocab_arrays[field]) + _NUM_OOV_INDICES,
+                output_dim=config.embedding_dim,
+                pooling=config.pooling,
+                embeddings_initializer=keras.initializers.RandomUniform(
+                    -0.05, 0.05, seed=embedding_seeds[i + j * n_fields]
+                ),
+                name=f"embedding_{field}" if not separate else f"{towers[0]}_embedding_{field}",
+            )
+            bag = embedding([rows, weights])  # (batch, embedding_dim)
+            for tower in towers:
+                pooled[tower].append(bag)
 
-    # (batch, n_fields * embedding_dim), the one representation both towers read.
-    shared = keras.layers.Concatenate(axis=-1, name="shared_embeddings")(pooled_fields)
+    # (batch, n_fields * embedding_dim): in ESMM the one representation both towers read.
+    if separate:
+        ctr_in = keras.layers.Concatenate(axis=-1, name="ctr_embeddings")(pooled["ctr"])
+        cvr_in = keras.layers.Concatenate(axis=-1, name="cvr_embeddings")(pooled["cvr"])
+    else:
+        ctr_in = cvr_in = keras.layers.Concatenate(axis=-1, name="shared_embeddings")(pooled["ctr"])
 
-    p_ctr = Probability(name="p_ctr")(_tower(shared, config.ctr_tower, "ctr", ctr_seed))
-    p_cvr = Probability(name="p_cvr")(_tower(shared, config.cvr_tower, "cvr", cvr_seed))
-    # CTCVR = CTR * CVR: the only path by which the CVR tower receives a training signal.
+    p_ctr = Probability(name="p_ctr")(_tower(ctr_in, config.ctr_tower, "ctr", ctr_seed))
+    p_cvr = Probability(name="p_cvr")(_tower(cvr_in, config.cvr_tower, "cvr", cvr_seed))
+    # CTCVR = CTR * CVR: in ESMM the only path by which the CVR tower learns.
     p_ctcvr = keras.layers.Multiply(name="p_ctcvr")([p_ctr, p_cvr])  # (batch,)
 
     return EsmmModel(
@@ -274,17 +310,19 @@ def build_esmm(
     )
 
 
-def esmm_targets(click: Any, conversion: Any) -> dict[str, np.ndarray]:
-    """Labels for a model compiled by `compile_esmm`.
+def esmm_targets(click: Any, conversion: Any, variant: str = "esmm") -> dict[str, np.ndarray]:
+    """Labels for a model compiled by `compile_esmm` with the same `variant`.
 
     Args:
         click: 0/1 click label per impression.
         conversion: 0/1 conversion label per impression; its value on unclicked rows is
-            irrelevant, it is multiplied by the click label.
+            irrelevant, it is multiplied by the click label (or masked out, for BASE).
+        variant: `model.variant`; `esmm` and `esmm_ns` share the ESMM labels.
 
     Returns:
-        `{"p_ctr": click, "p_ctcvr": click * conversion}`, float32 arrays of shape `(n,)`.
-        There is deliberately no `p_cvr` key: ESMM puts no loss on p_cvr.
+        ESMM: `{"p_ctr": click, "p_ctcvr": click * conversion}`, with deliberately no
+        `p_cvr` key: ESMM puts no loss on p_cvr. BASE: `{"p_ctr": click, "p_cvr":
+        conversion where clicked, else -1}` (-1 = no CVR label). Float32 arrays, `(n,)`.
 
     Raises:
         ValueError: the two label arrays differ in length, or hold values other than 0/1.
@@ -299,6 +337,9 @@ def esmm_targets(click: Any, conversion: Any) -> dict[str, np.ndarray]:
     for name, labels in (("click", click), ("conversion", conversion)):
         if not np.isin(labels, (0.0, 1.0)).all():
             raise ValueError(f"{name} labels must be 0 or 1, got {np.unique(labels)[:5]}")
+    _check_variant(variant)
+    if variant == "base":
+        return {"p_ctr": click, "p_cvr": np.where(click == 1, conversion, -1.0).astype(np.float32)}
     return {"p_ctr": click, "p_ctcvr": click * conversion}
 
 
@@ -308,11 +349,14 @@ def compile_esmm(
     learning_rate: float,
     ctr_loss_weight: float,
     ctcvr_loss_weight: float,
+    variant: str = "esmm",
 ) -> None:
-    """Compile `model` with the ESMM loss and the CTR/CTCVR AUC metrics.
+    """Compile `model` with the loss of its variant and the CTR/CTCVR AUC metrics.
 
-    The loss is w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(click * conversion, p_ctcvr);
-    p_cvr has no loss. Fit/evaluate it with `y=esmm_targets(click, conversion)`. Logged
+    ESMM and ESMM-NS: w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(click * conversion, p_ctcvr);
+    p_cvr has no loss. BASE: w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(conversion, p_cvr)
+    over clicked impressions only (`binary_crossentropy_clicked`); p_ctcvr has no loss.
+    Fit/evaluate it with `y=esmm_targets(click, conversion, variant)`. Logged
     names: `loss`, `p_ctr_loss`, `p_ctcvr_loss`, `p_ctr_auc`, `p_ctcvr_auc`, and
     `p_cvr_auc_clicked` (see `EsmmModel`). The compile config is saved with the model, so a
     reloaded model can be evaluated or trained further as is.
@@ -321,7 +365,8 @@ def compile_esmm(
         model: a model from `build_esmm`.
         learning_rate: Adam step size.
         ctr_loss_weight: weight w_ctr of the CTR term.
-        ctcvr_loss_weight: weight w_ctcvr of the CTCVR term.
+        ctcvr_loss_weight: weight w_ctcvr of the CTCVR term (BASE: of the clicked CVR term).
+        variant: `model.variant` the model was built with (`esmm`, `esmm_ns`, `base`).
 
     Raises:
         TypeError: `model` was not built by `build_esmm`.
@@ -348,10 +393,13 @@ def compile_esmm(
     # (multi-output partial mappings have had bugs, keras-team/keras#18959;
     # tests/models/test_esmm.py pins the behaviour). The compiled metrics do not accept
     # the partial labels; EsmmModel.compute_metrics works around that.
+    _check_variant(variant)
+    second = "p_cvr" if variant == "base" else "p_ctcvr"
+    second_loss = binary_crossentropy_clicked if variant == "base" else binary_crossentropy_per_row
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss={"p_ctr": binary_crossentropy_per_row, "p_ctcvr": binary_crossentropy_per_row},
-        loss_weights={"p_ctr": ctr_loss_weight, "p_ctcvr": ctcvr_loss_weight},
+        loss={"p_ctr": binary_crossentropy_per_row, second: second_loss},
+        loss_weights={"p_ctr": ctr_loss_weight, second: ctcvr_loss_weight},
         metrics={
             "p_ctr": [keras.metrics.AUC(name="auc")],
             "p_ctcvr": [keras.metrics.AUC(name="auc")],
@@ -398,8 +446,14 @@ def _derive_seeds(seed: int, n: int) -> list[int]:
     return [int(s) % (2**31 - 1) for s in state]
 
 
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"model.variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
 def _check_config(config: ModelConfig) -> None:
     """Reject config values the model cannot use (pydantic checks are bypassable)."""
+    _check_variant(config.variant)
     if config.embedding_dim <= 0:
         raise ValueError(f"model.embedding_dim must be > 0, got {config.embedding_dim}")
     if config.pooling not in ("mean", "sum"):

@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     pooling: Literal["mean", "sum"] = "mean"  # how weighted multi-valued fields are pooled
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
+    # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;
+    # base: own embeddings, CTR on all impressions and CVR on clicked ones (the paper's BASE).
+    variant: Literal["esmm", "esmm_ns", "base"] = "esmm"
 
 
 class TrainConfig(_Section):

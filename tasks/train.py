@@ -176,6 +176,7 @@ def train_esmm(
         learning_rate=train_cfg.learning_rate,
         ctr_loss_weight=train_cfg.ctr_loss_weight,
         ctcvr_loss_weight=train_cfg.ctcvr_loss_weight,
+        variant=model_cfg.variant,
     )
     train = SplitReader(Path(ingest_dir) / "train")
     valid = SplitReader(Path(ingest_dir) / "valid")
