@@ -6,7 +6,12 @@ Approach for Estimating Post-Click Conversion Rate", SIGIR 2018, arXiv:1804.0793
 Semantics, written down once:
 
 - Inputs are the 23 Ali-CCP fields of `models.features.ALL_FIELDS`. Field `F` arrives as
-  `ids_F` (int64, `(batch, None)`, RAW feature ids) and `wts_F` (float32, same shape).
+  `ids_F` (int64, RAW feature ids) and `wts_F` (float32, same shape): `(batch, None)` for
+  the impression-side fields, `(n_contexts, None)` for the user-side `COMMON_FIELDS`, with
+  `context_row` (int32, `(batch,)`) naming each impression's row of the user-side inputs.
+  The user side is pooled, and multiplied by its part of each tower's first layer, once
+  per context (`ContextDense`). Records that carry their own user fields (serving, one
+  per context) use `per_impression_inputs`, which adds `context_row = -1` ("own row").
   Padding is id 0 with weight 0 and an absent field is a row of zero weights, so neither
   ever contributes.
 - The id mapping lives inside the model: per field an `IntegerLookup` over that field's
@@ -43,13 +48,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from models.features import ALL_FIELDS, ids_key, wts_key
+from models.features import ALL_FIELDS, COMMON_FIELDS, SKELETON_FIELDS, ids_key, wts_key
 from tasks.config import ModelConfig, TowerConfig
 
 _PACKAGE = "esmm"
 _NUM_OOV_INDICES = 1  # index 0 of every lookup is the bucket for ids outside the vocabulary
 _PADDING_ID = 0  # models.features: padding is id 0 with weight 0
 VARIANTS = ("esmm", "esmm_ns", "base")  # model.variant, see build_esmm
+CONTEXT_ROW_KEY = "context_row"  # input: each impression's row in the user-side inputs
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -155,6 +161,83 @@ class EmbeddingBag(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class ContextDense(keras.layers.Layer):
+    """A tower's first Dense layer over [user part per context, item part per impression].
+
+    Equals `Dense(units)` applied to `concat([take(user, context_row), item])`, with one
+    `(user_dim + item_dim, units)` kernel, but multiplies the user part once per context:
+    `take(user @ K[:user_dim], context_row) + item @ K[user_dim:] + b`. With ~15-25
+    impressions per context that removes most of the first layer's work on the user side.
+
+    Call args:
+        inputs: `[user, item, context_row]`: `(n_contexts, user_dim)`,
+            `(batch, item_dim)` and `(batch,)` int row of each impression's context
+            (-1: the impression's own row, when user fields come per impression).
+
+    Returns:
+        `(batch, units)`.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        kernel_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.activation = keras.activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+    def build(self, input_shape: Sequence[tuple]) -> None:
+        user_shape, item_shape, _ = input_shape
+        self.user_dim = int(user_shape[-1])
+        self.kernel = self.add_weight(
+            shape=(self.user_dim + int(item_shape[-1]), self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            name="kernel",
+        )
+        self.bias = (
+            self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+            if self.use_bias
+            else None
+        )
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        user, item, context_row = inputs
+        per_context = ops.matmul(user, self.kernel[: self.user_dim])  # (n_contexts, units)
+        context_row = ops.cast(context_row, "int32")
+        # -1: the impression's own row (user fields given per impression). Unlike
+        # arange(n), this survives Keras slicing and shuffling arrays into batches.
+        own = ops.arange(ops.shape(context_row)[0], dtype="int32")
+        context_row = ops.where(context_row < 0, own, context_row)
+        x = ops.take(per_context, context_row, axis=0)  # (batch, units)
+        x = x + ops.matmul(item, self.kernel[self.user_dim :])  # (batch, units)
+        if self.bias is not None:
+            x = x + self.bias
+        return self.activation(x)
+
+    def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
+        return (input_shape[1][0], self.units)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
+        }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class Probability(keras.layers.Layer):
     """Turns a tower's `(batch, 1)` logit into a `(batch,)` probability."""
 
@@ -246,8 +329,9 @@ def build_esmm(
             from it, so the same seed always builds the same weights.
 
     Returns:
-        A functional `keras.Model` taking a dict with `ids_F` (int64, `(batch, None)`) and
-        `wts_F` (float32, `(batch, None)`) for every field `F`, and returning a dict with
+        A functional `keras.Model` taking a dict with `ids_F` (int64) and `wts_F` (float32)
+        for every field `F`, `(n_contexts, None)` for user-side fields and `(batch, None)`
+        for the others, and `context_row` (int32, `(batch,)`), and returning a dict with
         `p_ctr`, `p_cvr`, `p_ctcvr`, each float32 of shape `(batch,)`.
 
     Raises:
@@ -263,7 +347,10 @@ def build_esmm(
     separate = config.variant != "esmm"
 
     inputs: dict[str, keras.KerasTensor] = {}
-    pooled: dict[str, list[keras.KerasTensor]] = {"ctr": [], "cvr": []}
+    # user (per context) and item (per impression) pooled fields, per tower
+    pooled: dict[str, dict[bool, list[keras.KerasTensor]]] = {
+        tower: {True: [], False: []} for tower in ("ctr", "cvr")
+    }
     for i, field in enumerate(ALL_FIELDS):
         ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(field))
         weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(field))
@@ -275,7 +362,7 @@ def build_esmm(
             num_oov_indices=_NUM_OOV_INDICES,
             name=f"lookup_{field}",
         )
-        rows = lookup(ids)  # (batch, length) raw ids -> (batch, length) table rows
+        rows = lookup(ids)  # (rows, length) raw ids -> (rows, length) table rows
         tables = (("ctr", "cvr"),) if not separate else (("ctr",), ("cvr",))
         for j, towers in enumerate(tables):
             embedding = EmbeddingBag(
@@ -287,19 +374,30 @@ def build_esmm(
                 ),
                 name=f"embedding_{field}" if not separate else f"{towers[0]}_embedding_{field}",
             )
-            bag = embedding([rows, weights])  # (batch, embedding_dim)
+            bag = embedding([rows, weights])  # (rows, embedding_dim)
             for tower in towers:
-                pooled[tower].append(bag)
+                pooled[tower][field in COMMON_FIELDS].append(bag)
+    context_row = keras.Input(shape=(), dtype="int32", name=CONTEXT_ROW_KEY)
+    inputs[CONTEXT_ROW_KEY] = context_row
 
-    # (batch, n_fields * embedding_dim): in ESMM the one representation both towers read.
-    if separate:
-        ctr_in = keras.layers.Concatenate(axis=-1, name="ctr_embeddings")(pooled["ctr"])
-        cvr_in = keras.layers.Concatenate(axis=-1, name="cvr_embeddings")(pooled["cvr"])
-    else:
-        ctr_in = cvr_in = keras.layers.Concatenate(axis=-1, name="shared_embeddings")(pooled["ctr"])
+    # Per tower: user fields (n_contexts, 13 * dim) and item fields (batch, 10 * dim),
+    # in ALL_FIELDS order. In ESMM both towers read the same tensors.
+    towers = {}
+    for tower in ("ctr", "cvr") if separate else ("ctr",):
+        prefix = f"{tower}_" if separate else "shared_"
+        towers[tower] = tuple(
+            keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_embeddings")(
+                pooled[tower][is_user]
+            )
+            for is_user, side in ((True, "user"), (False, "item"))
+        )
+    if not separate:
+        towers["cvr"] = towers["ctr"]
 
-    p_ctr = Probability(name="p_ctr")(_tower(ctr_in, config.ctr_tower, "ctr", ctr_seed))
-    p_cvr = Probability(name="p_cvr")(_tower(cvr_in, config.cvr_tower, "cvr", cvr_seed))
+    ctr_logit = _tower(*towers["ctr"], context_row, config.ctr_tower, "ctr", ctr_seed)
+    cvr_logit = _tower(*towers["cvr"], context_row, config.cvr_tower, "cvr", cvr_seed)
+    p_ctr = Probability(name="p_ctr")(ctr_logit)
+    p_cvr = Probability(name="p_cvr")(cvr_logit)
     # CTCVR = CTR * CVR: in ESMM the only path by which the CVR tower learns.
     p_ctcvr = keras.layers.Multiply(name="p_ctcvr")([p_ctr, p_cvr])  # (batch,)
 
@@ -308,6 +406,32 @@ def build_esmm(
         outputs={"p_ctr": p_ctr, "p_cvr": p_cvr, "p_ctcvr": p_ctcvr},
         name="esmm",
     )
+
+
+def per_impression_inputs(features: Mapping[str, Any]) -> dict[str, Any]:
+    """Model inputs for records that each carry their own user-side fields.
+
+    Ingestion joined per impression and serving requests (one record = one context) give
+    every row its own `ids_F`/`wts_F` for the user-side fields too; the model then needs
+    `context_row = -1` (each impression's own row), which this adds. (Unlike
+    `arange(batch)`, -1 stays right when Keras slices or shuffles the arrays into batches.)
+
+    Args:
+        features: `ids_F` and `wts_F` for every field, all with the same number of rows.
+
+    Returns:
+        A new dict: `features` plus `context_row` (int32, `(batch,)`, all -1).
+
+    Raises:
+        ValueError: `features` already has a `context_row`, or no `ids_F` of a field.
+    """
+    if CONTEXT_ROW_KEY in features:
+        raise ValueError(f"features already have a {CONTEXT_ROW_KEY!r} input")
+    key = ids_key(SKELETON_FIELDS[0])
+    if key not in features:
+        raise ValueError(f"features have no {key!r} input")
+    n = int(np.shape(features[key])[0])
+    return {**features, CONTEXT_ROW_KEY: np.full(n, -1, dtype=np.int32)}
 
 
 def esmm_targets(click: Any, conversion: Any, variant: str = "esmm") -> dict[str, np.ndarray]:
@@ -408,23 +532,32 @@ def compile_esmm(
 
 
 def _tower(
-    shared: keras.KerasTensor, tower: TowerConfig, name: str, seed: int
+    user: keras.KerasTensor,
+    item: keras.KerasTensor,
+    context_row: keras.KerasTensor,
+    tower: TowerConfig,
+    name: str,
+    seed: int,
 ) -> keras.KerasTensor:
-    """An MLP tower from `(batch, n_fields * embedding_dim)` to a `(batch, 1)` logit."""
+    """An MLP tower from the pooled user (per context) and item (per impression) embeddings
+    to a `(batch, 1)` logit; the first layer is a `ContextDense`, the rest plain `Dense`."""
     layer_seeds = _derive_seeds(seed, 2 * len(tower.units) + 1)
     regularizer = keras.regularizers.L2(tower.l2) if tower.l2 > 0 else None
-    x = shared
+    x = None
     for i, units in enumerate(tower.units):
-        x = keras.layers.Dense(
-            units,
-            # Batch norm sits between the affine map and the activation, and makes the bias
-            # redundant.
-            activation=None if tower.batch_norm else tower.activation,
-            use_bias=not tower.batch_norm,
-            kernel_initializer=keras.initializers.GlorotUniform(seed=layer_seeds[2 * i]),
-            kernel_regularizer=regularizer,
-            name=f"{name}_dense_{i}",
-        )(x)  # (batch, units)
+        # Batch norm sits between the affine map and the activation, and makes the bias
+        # redundant.
+        options = {
+            "activation": None if tower.batch_norm else tower.activation,
+            "use_bias": not tower.batch_norm,
+            "kernel_initializer": keras.initializers.GlorotUniform(seed=layer_seeds[2 * i]),
+            "kernel_regularizer": regularizer,
+            "name": f"{name}_dense_{i}",
+        }
+        if x is None:
+            x = ContextDense(units, **options)([user, item, context_row])  # (batch, units)
+        else:
+            x = keras.layers.Dense(units, **options)(x)  # (batch, units)
         if tower.batch_norm:
             x = keras.layers.BatchNormalization(name=f"{name}_batch_norm_{i}")(x)
             x = keras.layers.Activation(tower.activation, name=f"{name}_activation_{i}")(x)
@@ -432,12 +565,14 @@ def _tower(
             x = keras.layers.Dropout(
                 tower.dropout, seed=layer_seeds[2 * i + 1], name=f"{name}_dropout_{i}"
             )(x)
-    return keras.layers.Dense(
-        1,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=layer_seeds[-1]),
-        kernel_regularizer=regularizer,
-        name=f"{name}_logit",
-    )(x)  # (batch, 1)
+    options = {
+        "kernel_initializer": keras.initializers.GlorotUniform(seed=layer_seeds[-1]),
+        "kernel_regularizer": regularizer,
+        "name": f"{name}_logit",
+    }
+    if x is None:  # no hidden layer: the logit layer is the first
+        return ContextDense(1, **options)([user, item, context_row])  # (batch, 1)
+    return keras.layers.Dense(1, **options)(x)  # (batch, 1)
 
 
 def _derive_seeds(seed: int, n: int) -> list[int]:

@@ -14,14 +14,17 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
 from models.esmm import (
+    CONTEXT_ROW_KEY,
     EmbeddingBag,
     EsmmModel,
     build_esmm,
     compile_esmm,
     esmm_targets,
+    per_impression_inputs,
 )
 from models.features import (
     ALL_FIELDS,
+    COMMON_FIELDS,
     MULTI_VALUED_FIELDS,
     OUTPUT_KEYS,
     WEIGHTED_FIELDS,
@@ -67,13 +70,13 @@ def make_batch(
         weights = rng.uniform(0.5, 2.0, (n, length)) if field in WEIGHTED_FIELDS else 1.0
         batch[ids_key(field)] = np.where(real, ids, 0).astype(np.int64)
         batch[wts_key(field)] = np.where(real, weights, 0.0).astype(np.float32)
-    return batch
+    return per_impression_inputs(batch)
 
 
 def pad(batch: dict[str, np.ndarray], extra: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """The same batch with `extra` more zero-weight columns of random ids per field."""
     rng = np.random.default_rng(seed)
-    padded = {}
+    padded = {CONTEXT_ROW_KEY: batch[CONTEXT_ROW_KEY]}
     for field in ALL_FIELDS:
         ids, weights = batch[ids_key(field)], batch[wts_key(field)]
         junk = rng.integers(1, 2**40, size=(len(ids), extra))
@@ -120,7 +123,10 @@ def test_inputs_are_ids_and_weights_of_every_field(model):
     """Inputs: ids_F int64 and wts_F float32, both (batch, None), for each of the 23 fields."""
     inputs = {tensor.name: tensor for tensor in model.inputs}
 
-    assert set(inputs) == {key(f) for f in ALL_FIELDS for key in (ids_key, wts_key)}
+    assert set(inputs) == {key(f) for f in ALL_FIELDS for key in (ids_key, wts_key)} | {
+        CONTEXT_ROW_KEY
+    }
+    assert inputs[CONTEXT_ROW_KEY].dtype == "int32"
     for field in ALL_FIELDS:
         assert inputs[ids_key(field)].dtype == "int64"
         assert inputs[wts_key(field)].dtype == "float32"
@@ -604,3 +610,58 @@ def test_variants_learn_and_round_trip_through_keras_files(vocabularies, variant
     again = predict(loaded, test_x)
     for key in OUTPUT_KEYS:
         np.testing.assert_array_equal(again[key], out[key])
+
+
+# --- Per-context batches ----------------------------------------------------------------
+
+
+def grouped_and_per_impression(
+    vocabularies: dict[str, np.ndarray], n: int, n_contexts: int, *, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The same impressions twice: user fields once per context with `context_row`, and
+    copied into every impression's row (`per_impression_inputs`)."""
+    rng = np.random.default_rng(seed)
+    contexts = make_batch(n_contexts, vocabularies, seed=seed)
+    impressions = make_batch(n, vocabularies, seed=seed + 1)
+    row = rng.integers(0, n_contexts, n).astype(np.int32)
+    grouped, flat = {CONTEXT_ROW_KEY: row}, {}
+    for field in ALL_FIELDS:
+        for key in (ids_key(field), wts_key(field)):
+            if field in COMMON_FIELDS:
+                grouped[key], flat[key] = contexts[key], contexts[key][row]
+            else:
+                grouped[key] = flat[key] = impressions[key]
+    return grouped, per_impression_inputs(flat)
+
+
+@pytest.mark.parametrize("variant", ["esmm", "esmm_ns"])
+def test_per_context_inputs_give_the_per_impression_predictions(vocabularies, variant):
+    """User fields sent once per context with context_row give the same outputs (and loss
+    gradients) as the same impressions with their user fields copied per row."""
+    config = SMALL_CONFIG.model_copy(
+        update={"variant": variant, "cvr_tower": TowerConfig(units=[8, 4], batch_norm=True)}
+    )
+    model = build_esmm(config, vocabularies, seed=8)
+    grouped, flat = grouped_and_per_impression(vocabularies, 40, 6, seed=3)
+
+    def outputs_and_grads(inputs):
+        with tf.GradientTape() as tape:
+            out = model(inputs, training=False)
+            total = tf.reduce_sum(out["p_ctr"]) + tf.reduce_sum(out["p_ctcvr"])
+        grads = tape.gradient(total, model.trainable_variables)
+        return out, [tf.convert_to_tensor(g).numpy() for g in grads]
+
+    (out_g, grads_g), (out_f, grads_f) = outputs_and_grads(grouped), outputs_and_grads(flat)
+    for key in OUTPUT_KEYS:
+        np.testing.assert_allclose(np.asarray(out_g[key]), np.asarray(out_f[key]), rtol=1e-5)
+    for a, b in zip(grads_g, grads_f, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_per_impression_inputs_mark_every_row_as_its_own_context(batch):
+    """context_row = -1 everywhere; an existing context_row is not silently replaced."""
+    flat = {key: value for key, value in batch.items() if key != CONTEXT_ROW_KEY}
+    inputs = per_impression_inputs(flat)
+    np.testing.assert_array_equal(inputs[CONTEXT_ROW_KEY], np.full(32, -1, np.int32))
+    with pytest.raises(ValueError, match="already have a 'context_row'"):
+        per_impression_inputs(inputs)
