@@ -72,6 +72,14 @@ class ModelConfig(_Section):
     variant: Literal["esmm", "esmm_ns", "base"] = "esmm"
 
 
+class EarlyStoppingConfig(_Section):
+    monitor: str = "val_loss"  # a Keras log name: val_loss, val_p_ctcvr_auc, ...
+    patience: int = Field(1, ge=0)  # epochs without improvement before stopping
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: max for *auc*, min otherwise
+    min_delta: float = Field(0.0, ge=0.0)
+    restore_best_weights: bool = True
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(1024, gt=0)
     epochs: int = Field(2, gt=0)
@@ -79,6 +87,11 @@ class TrainConfig(_Section):
     ctr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctr in the ESMM loss
     ctcvr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctcvr in the ESMM loss
     seed: int = 42
+    early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()  # null: no stopping
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at the end of each epoch only
+    resume: bool = True  # resume from a checkpoint of the same config and data, if any
+    tensorboard: bool = False  # TensorBoard logs under <train dir>/tensorboard
+    deterministic: bool = True  # tf op determinism: same seed, same weights
 
 
 class EvaluateConfig(_Section):
