@@ -86,8 +86,11 @@ def _pad(*columns_and_dtypes: Any) -> list[np.ndarray]:
 class SplitReader:
     """Batches of model inputs from one ingested split (impressions joined with contexts)."""
 
-    def __init__(self, split_dir: Path):
+    def __init__(self, split_dir: Path, first_id_only: bool = False):
+        """`first_id_only`: keep only each field's first entry (and its weight), the input
+        of the usual one-id-per-field reproductions; a baseline for benchmarks."""
         self.split_dir = Path(split_dir)
+        self.first_id_only = first_id_only
         self._impressions = pq.ParquetFile(self.split_dir / "impressions.parquet")
         self._common = pq.read_table(self.split_dir / "common.parquet")
         self._index = pd.Index(self._common[COMMON_INDEX_KEY].to_pandas())
@@ -151,9 +154,10 @@ class SplitReader:
         feats: dict[str, np.ndarray] = {CONTEXT_ROW_KEY: context_row}
         for source, fields in ((table, SKELETON_FIELDS), (common, COMMON_FIELDS)):
             for f in fields:
-                feats[ids_key(f)], feats[wts_key(f)] = _pad(
-                    source[ids_key(f)], source[wts_key(f)], [np.int64, np.float32]
-                )
+                ids, wts = _pad(source[ids_key(f)], source[wts_key(f)], [np.int64, np.float32])
+                if self.first_id_only:
+                    ids, wts = ids[:, :1], wts[:, :1]
+                feats[ids_key(f)], feats[wts_key(f)] = ids, wts
         return feats
 
 
@@ -186,21 +190,35 @@ def make_dataset(
     variant: str = "esmm",
     epoch: int = 0,
     start: int = 0,
+    parallel: int = 2,
 ):
     """A finite tf.data.Dataset of (inputs, targets): one pass, from batch `start`.
 
     With a seed the pass is epoch `epoch`'s order (see `SplitReader.tables`); without one,
-    file order (the dataset can then be iterated again, e.g. for validation).
+    file order (the dataset can then be iterated again, e.g. for validation). `parallel`
+    generator threads build batches i, i + parallel, ...; a deterministic interleave puts
+    them back in order, so the result does not depend on `parallel`.
     """
     import tensorflow as tf
 
     from models.esmm import esmm_targets
 
-    def generate():
-        for table in reader.tables(batch_size, seed, epoch, start):
-            yield reader.features(table), esmm_targets(*_labels(table), variant)
+    def generate(shard):
+        for i, table in enumerate(reader.tables(batch_size, seed, epoch, start)):
+            if i % parallel == shard:
+                yield reader.features(table), esmm_targets(*_labels(table), variant)
 
-    ds = tf.data.Dataset.from_generator(generate, output_signature=input_signature(variant))
+    signature = input_signature(variant)
+    shards = tf.data.Dataset.range(parallel)
+    ds = shards.interleave(
+        lambda shard: tf.data.Dataset.from_generator(
+            generate, output_signature=signature, args=(shard,)
+        ),
+        cycle_length=parallel,
+        block_length=1,
+        num_parallel_calls=parallel,
+        deterministic=True,
+    )
     n = reader.num_batches(batch_size) - start
     ds = ds.apply(tf.data.experimental.assert_cardinality(max(n, 0)))
     return ds.prefetch(tf.data.AUTOTUNE)
@@ -326,6 +344,7 @@ def train_esmm(
     verbose: int = 1,
     callbacks: Sequence[Any] = (),
     resume: bool | None = None,
+    first_id_only: bool = False,
 ) -> TrainResult:
     """Fit ESMM on the train split with early stopping on the validation split; save `.keras`.
 
@@ -341,6 +360,7 @@ def train_esmm(
         verbose: Keras progress output (1 = progress bar with samples/s).
         callbacks: extra Keras callbacks, run after ours.
         resume: overrides `train_cfg.resume` (`esmm train --no-resume`).
+        first_id_only: feed only each field's first entry (benchmark baseline).
 
     Returns:
         Where the model was saved, the training history and the checkpoint resumed from.
@@ -354,8 +374,8 @@ def train_esmm(
     from models.esmm import build_esmm, compile_esmm
 
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
-    train = SplitReader(ingest_dir / "train")
-    valid = SplitReader(ingest_dir / "valid")
+    train = SplitReader(ingest_dir / "train", first_id_only)
+    valid = SplitReader(ingest_dir / "valid", first_id_only)
     if train.num_rows == 0:
         raise ValueError(f"{train.split_dir}: the train split is empty")
     stop = train_cfg.early_stopping
@@ -366,7 +386,7 @@ def train_esmm(
         )
 
     ckpt_dir = out_dir / "checkpoints"
-    fingerprint = run_fingerprint(ingest_dir, model_cfg, train_cfg)
+    fingerprint = run_fingerprint(ingest_dir, model_cfg, train_cfg) + ("-first" * first_id_only)
     state_path = ckpt_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
     if not (train_cfg.resume if resume is None else resume) or (
@@ -438,9 +458,11 @@ def train_esmm(
     return TrainResult(model_path, state["epoch"], history, resumed_from)
 
 
-def predict_split(model, split_dir: Path, batch_size: int = 4096) -> pd.DataFrame:
+def predict_split(
+    model, split_dir: Path, batch_size: int = 4096, first_id_only: bool = False
+) -> pd.DataFrame:
     """Predictions for every impression of a split, with labels, user id and position."""
-    reader = SplitReader(split_dir)
+    reader = SplitReader(split_dir, first_id_only=first_id_only)
     frames = []
     for table in reader.tables(batch_size):
         common, context_row = reader.contexts(table)
