@@ -84,21 +84,26 @@ def matmul_gflops(batch: int, inputs: int, units: int, seconds: float = 3.0) -> 
     return 2 * batch * inputs * units * n / (time.perf_counter() - start) / 1e9
 
 
-def time_fit(model, dataset, steps: int, warmup: int) -> float:
-    """Seconds per training step over `steps` steps after `warmup` untimed ones."""
+def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[float]:
+    """Seconds per training step in `repeats` segments of `steps` steps, after `warmup`."""
     import keras
 
-    marks: dict[str, float] = {}
+    marks: list[float] = []
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            if batch == warmup - 1:
-                marks["start"] = time.perf_counter()
-            if batch == warmup + steps - 1:
-                marks["end"] = time.perf_counter()
+            if batch >= warmup - 1 and (batch - warmup + 1) % steps == 0:
+                marks.append(time.perf_counter())
 
-    model.fit(dataset, steps_per_epoch=warmup + steps, epochs=1, verbose=0, callbacks=[Clock()])
-    return (marks["end"] - marks["start"]) / steps
+    model.fit(
+        dataset,
+        steps_per_epoch=warmup + steps * repeats,
+        epochs=1,
+        verbose=0,
+        shuffle=False,
+        callbacks=[Clock()],
+    )
+    return [(b - a) / steps for a, b in zip(marks[:-1], marks[1:], strict=True)]
 
 
 def main() -> None:
@@ -111,12 +116,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
     parser.add_argument("--steps", type=int, default=150, help="timed steps per setting")
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed segments per setting (median reported)"
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "esmm-bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
     import keras
+    import numpy as np
     import tensorflow as tf
 
     from benchmarks.machine import machine_info
@@ -137,7 +146,7 @@ def main() -> None:
     results: dict[str, dict] = {}
     for first_id_only in (False, True):
         reader = SplitReader(ingest / "train", first_id_only=first_id_only)
-        needed = args.warmup + args.steps
+        needed = args.warmup + args.steps * args.repeats
         if reader.num_batches(batch_size) < needed:
             raise SystemExit(f"--train too small: {reader.num_batches(batch_size)} batches")
         sample = reader.features(next(reader.tables(batch_size, seed=1)))
@@ -153,14 +162,16 @@ def main() -> None:
             )
             ds = make_dataset(reader, batch_size, seed=1, variant=model_cfg.variant)
             if source == "in_memory":
-                ds = ds.take(min(needed, 100)).cache().repeat()
-                for _ in ds.take(min(needed, 100)):  # fill the cache before timing
+                ds = ds.take(100).cache().repeat()
+                for _ in ds.take(100):  # fill the cache before timing
                     pass
-            step = time_fit(model, ds, args.steps, args.warmup)
+            segments = time_fit(model, ds, args.steps, args.warmup, args.repeats)
+            step = float(np.median(segments))
             key = f"{'first_id' if first_id_only else 'all_entries'}/{source}"
             results[key] = {
                 "seconds_per_step": round(step, 5),
                 "samples_per_s": round(batch_size / step),
+                "samples_per_s_segments": [round(batch_size / t) for t in segments],
             }
             print(f"{key:<26} {step * 1e3:7.1f} ms/step  {batch_size / step:9,.0f} samples/s")
         flops = dense_flops(model_cfg, sample)
@@ -175,7 +186,8 @@ def main() -> None:
     from models.features import ALL_FIELDS
 
     first_units = model_cfg.ctr_tower.units[0]
-    matmul = matmul_gflops(batch_size, len(ALL_FIELDS) * d, first_units)
+    matmuls = [matmul_gflops(batch_size, len(ALL_FIELDS) * d, first_units) for _ in range(3)]
+    matmul = float(np.median(matmuls))
     print(
         f"plain matmul ({batch_size} x {len(ALL_FIELDS) * d}) x ({len(ALL_FIELDS) * d} x {first_units}): {matmul:.1f} GFLOP/s"
     )
@@ -199,6 +211,8 @@ def main() -> None:
         "deterministic": train_cfg.deterministic,
         "results": results,
         "plain_matmul_first_layer_gflops_per_s": round(matmul, 1),
+        "plain_matmul_runs_gflops_per_s": [round(x, 1) for x in matmuls],
+        "plain_matmul_shape": [batch_size, len(ALL_FIELDS) * d, first_units],
         "model": model_cfg.model_dump(mode="json"),
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,7 @@ class EmbeddingBag(keras.layers.Layer):
         pooling: str = "mean",
         embeddings_initializer: Any = "uniform",
         epsilon: float = 1e-8,
+        embeddings_regularizer: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -106,12 +107,14 @@ class EmbeddingBag(keras.layers.Layer):
         self.pooling = pooling
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.epsilon = epsilon
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
         self.supports_jit = False  # the sparse path has no XLA kernel
 
     def build(self, input_shape: Sequence[tuple]) -> None:
         self.embeddings = self.add_weight(
             shape=(self.input_dim, self.output_dim),
             initializer=self.embeddings_initializer,
+            regularizer=self.embeddings_regularizer,
             name="embeddings",
         )
 
@@ -157,6 +160,7 @@ class EmbeddingBag(keras.layers.Layer):
             "pooling": self.pooling,
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "epsilon": self.epsilon,
+            "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
         }
 
 
@@ -373,6 +377,9 @@ def build_esmm(
                     -0.05, 0.05, seed=embedding_seeds[i + j * n_fields]
                 ),
                 name=f"embedding_{field}" if not separate else f"{towers[0]}_embedding_{field}",
+                embeddings_regularizer=(
+                    keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
+                ),
             )
             bag = embedding([rows, weights])  # (rows, embedding_dim)
             for tower in towers:

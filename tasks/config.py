@@ -65,6 +65,7 @@ class TowerConfig(_Section):
 class ModelConfig(_Section):
     embedding_dim: int = Field(12, gt=0)
     pooling: Literal["mean", "sum"] = "mean"  # how weighted multi-valued fields are pooled
+    embedding_l2: float = Field(0.0, ge=0.0)  # L2 penalty on every embedding table
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
     # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;

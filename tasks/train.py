@@ -279,7 +279,10 @@ def _make_callbacks(keras):
             self.ckpt_dir = ckpt_dir
             self.state = state
             self.cfg = train_cfg
-            self.start = state["step"]  # batches of this epoch done before this fit call
+            self.start = 0  # batches of the current epoch done before this fit call
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.start = self.state["step"]  # > 0 only in a resumed epoch
 
         def save(self) -> None:
             self.model.save_weights(self.ckpt_dir / "latest.weights.h5")
@@ -433,19 +436,44 @@ def train_esmm(
     extra = [Throughput(batch_size)]
     if train_cfg.tensorboard:
         extra.append(keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")))
-    # One fit call per epoch: epoch e's data always starts at its recorded step.
-    while state["epoch"] < train_cfg.epochs and not state["stopped"]:
-        epoch = state["epoch"]
+    n_batches = train.num_batches(batch_size)
+
+    def fit(first_epoch: int, last_epoch: int, start: int) -> None:
+        """Epochs [first_epoch, last_epoch), the first one from batch `start`."""
+        import tensorflow as tf
+
+        data = None
+        for e in range(first_epoch, last_epoch):
+            part = make_dataset(
+                train,
+                batch_size,
+                train_cfg.seed,
+                variant=variant,
+                epoch=e,
+                start=start if e == first_epoch else 0,
+            )
+            data = part if data is None else data.concatenate(part)
         model.fit(
-            make_dataset(
-                train, batch_size, train_cfg.seed, variant=variant, epoch=epoch, start=state["step"]
+            data.apply(
+                tf.data.experimental.assert_cardinality(
+                    (last_epoch - first_epoch) * n_batches - start
+                )
             ),
             validation_data=validation,
-            initial_epoch=epoch,
-            epochs=epoch + 1,
+            initial_epoch=first_epoch,
+            epochs=last_epoch,
+            steps_per_epoch=n_batches - start,  # start > 0 only for a single epoch
+            shuffle=False,  # the pipeline shuffles, by (seed, epoch)
             callbacks=[Checkpointer(ckpt_dir, state, train_cfg), *extra, *callbacks],
             verbose=verbose,
         )
+
+    # Epoch e's data always starts at its recorded step: a resumed, part-done epoch is
+    # fitted on its own first, then the remaining epochs in one call (one iterator).
+    if state["step"] and state["epoch"] < train_cfg.epochs and not state["stopped"]:
+        fit(state["epoch"], state["epoch"] + 1, state["step"])
+    if state["epoch"] < train_cfg.epochs and not state["stopped"]:
+        fit(state["epoch"], train_cfg.epochs, 0)
 
     if stop is not None and stop.restore_best_weights and (ckpt_dir / "best.weights.h5").is_file():
         model.load_weights(ckpt_dir / "best.weights.h5")

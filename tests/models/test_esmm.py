@@ -359,6 +359,7 @@ def test_keras_round_trip_reproduces_predictions_and_training_state(vocabularies
     config = SMALL_CONFIG.model_copy(
         update={
             "pooling": "sum",
+            "embedding_l2": 1e-5,
             "cvr_tower": TowerConfig(units=[8, 4], batch_norm=True, dropout=0.2, l2=1e-4),
         }
     )
