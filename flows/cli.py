@@ -205,7 +205,7 @@ def train(
         True,
         "--resume/--no-resume",
         help="Continue from the checkpoint of an interrupted run with the same config and "
-        "data, if there is one; --no-resume starts over [default: resume].",
+        "data, if there is one; --no-resume starts over.",
     ),
 ) -> None:
     """Train ESMM on the ingested train split (early stopping on the validation split)."""
