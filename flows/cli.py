@@ -219,11 +219,22 @@ def validate(params: Path = PARAMS) -> None:
 
 
 @app.command()
-def train(params: Path = PARAMS) -> None:
+def train(
+    params: Path = PARAMS,
+    resume: bool = typer.Option(
+        True,
+        "--resume/--no-resume",
+        help="Continue from the checkpoint of an interrupted run with the same config and "
+        "data, if there is one; --no-resume starts over.",
+    ),
+) -> None:
     """Train ESMM on the ingested train split (early stopping on the validation split)."""
     from tasks import steps
 
-    result = _run(lambda: steps.train(_params(params)))
+    result = _run(lambda: steps.train(_params(params), resume=None if resume else False))
+    if result.resumed_from is not None:
+        epoch, step = result.resumed_from
+        typer.echo(f"resumed from the checkpoint at epoch {epoch + 1}, step {step}")
     typer.echo(f"saved {result.model_path} after {result.epochs_run} epochs")
 
 

@@ -6,7 +6,12 @@ Approach for Estimating Post-Click Conversion Rate", SIGIR 2018, arXiv:1804.0793
 Semantics, written down once:
 
 - Inputs are the 23 Ali-CCP fields of `models.features.ALL_FIELDS`. Field `F` arrives as
-  `ids_F` (int64, `(batch, None)`, RAW feature ids) and `wts_F` (float32, same shape).
+  `ids_F` (int64, RAW feature ids) and `wts_F` (float32, same shape): `(batch, None)` for
+  the impression-side fields, `(n_contexts, None)` for the user-side `COMMON_FIELDS`, with
+  `context_row` (int32, `(batch,)`) naming each impression's row of the user-side inputs.
+  The user side is pooled, and multiplied by its part of each tower's first layer, once
+  per context (`ContextDense`). Records that carry their own user fields (serving, one
+  per context) use `per_impression_inputs`, which adds `context_row = -1` ("own row").
   Padding is id 0 with weight 0 and an absent field is a row of zero weights, so neither
   ever contributes.
 - The id mapping lives inside the model: per field an `IntegerLookup` over that field's
@@ -22,6 +27,11 @@ Semantics, written down once:
   over ALL impressions, with NO direct loss on p_cvr: the CVR tower learns only through
   the product, over the entire impression space. The conversion label of an unclicked
   impression is multiplied out by its click label.
+- Ablations of the paper (`model.variant`): `esmm_ns` gives each tower its own embedding
+  tables (two per field) with the same loss; `base` also has separate tables and trains
+  the CTR tower with BCE(click, p_ctr) on all impressions and the CVR tower with
+  BCE(conversion, p_cvr) on clicked impressions only; p_ctcvr = p_ctr * p_cvr is formed
+  from the two. All variants have the same inputs and the same three outputs.
 - CTR and CTCVR AUC are measured on all impressions; CVR AUC only on clicked ones
   (`p_cvr_auc_clicked`). The compiled AUCs are Keras' thresholded approximations, for
   monitoring training; gate decisions belong to the evaluation step.
@@ -38,12 +48,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from models.features import ALL_FIELDS, ids_key, wts_key
+from models.features import ALL_FIELDS, COMMON_FIELDS, SKELETON_FIELDS, ids_key, wts_key
 from tasks.config import ModelConfig, TowerConfig
 
 _PACKAGE = "esmm"
 _NUM_OOV_INDICES = 1  # index 0 of every lookup is the bucket for ids outside the vocabulary
 _PADDING_ID = 0  # models.features: padding is id 0 with weight 0
+VARIANTS = ("esmm", "esmm_ns", "base")  # model.variant, see build_esmm
+CONTEXT_ROW_KEY = "context_row"  # input: each impression's row in the user-side inputs
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -77,6 +89,7 @@ class EmbeddingBag(keras.layers.Layer):
         pooling: str = "mean",
         embeddings_initializer: Any = "uniform",
         epsilon: float = 1e-8,
+        embeddings_regularizer: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -94,12 +107,14 @@ class EmbeddingBag(keras.layers.Layer):
         self.pooling = pooling
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.epsilon = epsilon
+        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
         self.supports_jit = False  # the sparse path has no XLA kernel
 
     def build(self, input_shape: Sequence[tuple]) -> None:
         self.embeddings = self.add_weight(
             shape=(self.input_dim, self.output_dim),
             initializer=self.embeddings_initializer,
+            regularizer=self.embeddings_regularizer,
             name="embeddings",
         )
 
@@ -145,6 +160,84 @@ class EmbeddingBag(keras.layers.Layer):
             "pooling": self.pooling,
             "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
             "epsilon": self.epsilon,
+            "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
+        }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ContextDense(keras.layers.Layer):
+    """A tower's first Dense layer over [user part per context, item part per impression].
+
+    Equals `Dense(units)` applied to `concat([take(user, context_row), item])`, with one
+    `(user_dim + item_dim, units)` kernel, but multiplies the user part once per context:
+    `take(user @ K[:user_dim], context_row) + item @ K[user_dim:] + b`. With ~15-25
+    impressions per context that removes most of the first layer's work on the user side.
+
+    Call args:
+        inputs: `[user, item, context_row]`: `(n_contexts, user_dim)`,
+            `(batch, item_dim)` and `(batch,)` int row of each impression's context
+            (-1: the impression's own row, when user fields come per impression).
+
+    Returns:
+        `(batch, units)`.
+    """
+
+    def __init__(
+        self,
+        units: int,
+        activation: Any = None,
+        use_bias: bool = True,
+        kernel_initializer: Any = "glorot_uniform",
+        kernel_regularizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.units = units
+        self.activation = keras.activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+
+    def build(self, input_shape: Sequence[tuple]) -> None:
+        user_shape, item_shape, _ = input_shape
+        self.user_dim = int(user_shape[-1])
+        self.kernel = self.add_weight(
+            shape=(self.user_dim + int(item_shape[-1]), self.units),
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            name="kernel",
+        )
+        self.bias = (
+            self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
+            if self.use_bias
+            else None
+        )
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        user, item, context_row = inputs
+        per_context = ops.matmul(user, self.kernel[: self.user_dim])  # (n_contexts, units)
+        context_row = ops.cast(context_row, "int32")
+        # -1: the impression's own row (user fields given per impression). Unlike
+        # arange(n), this survives Keras slicing and shuffling arrays into batches.
+        own = ops.arange(ops.shape(context_row)[0], dtype="int32")
+        context_row = ops.where(context_row < 0, own, context_row)
+        x = ops.take(per_context, context_row, axis=0)  # (batch, units)
+        x = x + ops.matmul(item, self.kernel[self.user_dim :])  # (batch, units)
+        if self.bias is not None:
+            x = x + self.bias
+        return self.activation(x)
+
+    def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
+        return (input_shape[1][0], self.units)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "activation": keras.activations.serialize(self.activation),
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
         }
 
 
@@ -182,6 +275,10 @@ class EsmmModel(keras.Model):
     ) -> dict[str, Any]:
         if not isinstance(y, Mapping):
             return super().compute_metrics(x, y, y_pred, sample_weight)
+        if "p_ctr" in y and "p_cvr" in y and "p_ctcvr" not in y:
+            # BASE labels (`esmm_targets(..., variant="base")`): conversion, -1 if unclicked.
+            clicked = ops.cast(ops.greater_equal(y["p_cvr"], 0.0), "float32")
+            y = {"p_ctr": y["p_ctr"], "p_ctcvr": clicked * ops.maximum(y["p_cvr"], 0.0)}
         if "p_ctr" in y and "p_ctcvr" in y:
             clicked = ops.cast(y["p_ctr"], "float32")
             if sample_weight is not None and not isinstance(sample_weight, Mapping):
@@ -205,6 +302,18 @@ def binary_crossentropy_per_row(y_true: Any, y_pred: Any) -> Any:
     return keras.losses.binary_crossentropy(y_true, y_pred)  # (batch,)
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+def binary_crossentropy_clicked(y_true: Any, y_pred: Any) -> Any:
+    """BASE's CVR loss: BCE(conversion, p_cvr) on clicked rows, 0 on rows labelled -1.
+
+    The compiled reduction divides by the batch size, as a sample weight equal to the click
+    label would, so clicked rows weigh as much here as in the CTR term.
+    """
+    y_true = ops.cast(y_true, "float32")
+    clicked = ops.cast(ops.greater_equal(y_true, 0.0), "float32")  # (batch,)
+    return clicked * binary_crossentropy_per_row(ops.maximum(y_true, 0.0), y_pred)  # (batch,)
+
+
 def build_esmm(
     config: ModelConfig,
     vocabularies: Mapping[str, Sequence[int] | np.ndarray],
@@ -214,7 +323,9 @@ def build_esmm(
     """Build the (uncompiled) ESMM model.
 
     Args:
-        config: the `model:` section of params.yaml.
+        config: the `model:` section of params.yaml (`variant` picks ESMM, ESMM-NS or BASE;
+            the embedding layers are `embedding_F`, or `ctr_embedding_F` and
+            `cvr_embedding_F` in the two ablations).
         vocabularies: per raw field name (e.g. `"205"`, not `"ids_205"`), the raw feature
             ids that get their own embedding row; any other id maps to the OOV row. Every
             field of `models.features.ALL_FIELDS` needs an entry (possibly empty).
@@ -222,8 +333,9 @@ def build_esmm(
             from it, so the same seed always builds the same weights.
 
     Returns:
-        A functional `keras.Model` taking a dict with `ids_F` (int64, `(batch, None)`) and
-        `wts_F` (float32, `(batch, None)`) for every field `F`, and returning a dict with
+        A functional `keras.Model` taking a dict with `ids_F` (int64) and `wts_F` (float32)
+        for every field `F`, `(n_contexts, None)` for user-side fields and `(batch, None)`
+        for the others, and `context_row` (int32, `(batch,)`), and returning a dict with
         `p_ctr`, `p_cvr`, `p_ctcvr`, each float32 of shape `(batch,)`.
 
     Raises:
@@ -232,10 +344,17 @@ def build_esmm(
     """
     _check_config(config)
     vocab_arrays = _check_vocabularies(vocabularies)
-    ctr_seed, cvr_seed, *embedding_seeds = _derive_seeds(seed, 2 + len(ALL_FIELDS))
+    n_fields = len(ALL_FIELDS)
+    # ESMM's seeds come first and stay as they were; ESMM-NS and BASE add one more table
+    # seed per field for the CVR tower's own embeddings.
+    ctr_seed, cvr_seed, *embedding_seeds = _derive_seeds(seed, 2 + 2 * n_fields)
+    separate = config.variant != "esmm"
 
     inputs: dict[str, keras.KerasTensor] = {}
-    pooled_fields = []
+    # user (per context) and item (per impression) pooled fields, per tower
+    pooled: dict[str, dict[bool, list[keras.KerasTensor]]] = {
+        tower: {True: [], False: []} for tower in ("ctr", "cvr")
+    }
     for i, field in enumerate(ALL_FIELDS):
         ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(field))
         weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(field))
@@ -247,24 +366,46 @@ def build_esmm(
             num_oov_indices=_NUM_OOV_INDICES,
             name=f"lookup_{field}",
         )
-        embedding = EmbeddingBag(
-            input_dim=len(vocab_arrays[field]) + _NUM_OOV_INDICES,
-            output_dim=config.embedding_dim,
-            pooling=config.pooling,
-            embeddings_initializer=keras.initializers.RandomUniform(
-                -0.05, 0.05, seed=embedding_seeds[i]
-            ),
-            name=f"embedding_{field}",
+        rows = lookup(ids)  # (rows, length) raw ids -> (rows, length) table rows
+        tables = (("ctr", "cvr"),) if not separate else (("ctr",), ("cvr",))
+        for j, towers in enumerate(tables):
+            embedding = EmbeddingBag(
+                input_dim=len(vocab_arrays[field]) + _NUM_OOV_INDICES,
+                output_dim=config.embedding_dim,
+                pooling=config.pooling,
+                embeddings_initializer=keras.initializers.RandomUniform(
+                    -0.05, 0.05, seed=embedding_seeds[i + j * n_fields]
+                ),
+                name=f"embedding_{field}" if not separate else f"{towers[0]}_embedding_{field}",
+                embeddings_regularizer=(
+                    keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
+                ),
+            )
+            bag = embedding([rows, weights])  # (rows, embedding_dim)
+            for tower in towers:
+                pooled[tower][field in COMMON_FIELDS].append(bag)
+    context_row = keras.Input(shape=(), dtype="int32", name=CONTEXT_ROW_KEY)
+    inputs[CONTEXT_ROW_KEY] = context_row
+
+    # Per tower: user fields (n_contexts, 13 * dim) and item fields (batch, 10 * dim),
+    # in ALL_FIELDS order. In ESMM both towers read the same tensors.
+    towers = {}
+    for tower in ("ctr", "cvr") if separate else ("ctr",):
+        prefix = f"{tower}_" if separate else "shared_"
+        towers[tower] = tuple(
+            keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_embeddings")(
+                pooled[tower][is_user]
+            )
+            for is_user, side in ((True, "user"), (False, "item"))
         )
-        # (batch, length) raw ids -> (batch, length) rows -> (batch, embedding_dim)
-        pooled_fields.append(embedding([lookup(ids), weights]))
+    if not separate:
+        towers["cvr"] = towers["ctr"]
 
-    # (batch, n_fields * embedding_dim), the one representation both towers read.
-    shared = keras.layers.Concatenate(axis=-1, name="shared_embeddings")(pooled_fields)
-
-    p_ctr = Probability(name="p_ctr")(_tower(shared, config.ctr_tower, "ctr", ctr_seed))
-    p_cvr = Probability(name="p_cvr")(_tower(shared, config.cvr_tower, "cvr", cvr_seed))
-    # CTCVR = CTR * CVR: the only path by which the CVR tower receives a training signal.
+    ctr_logit = _tower(*towers["ctr"], context_row, config.ctr_tower, "ctr", ctr_seed)
+    cvr_logit = _tower(*towers["cvr"], context_row, config.cvr_tower, "cvr", cvr_seed)
+    p_ctr = Probability(name="p_ctr")(ctr_logit)
+    p_cvr = Probability(name="p_cvr")(cvr_logit)
+    # CTCVR = CTR * CVR: in ESMM the only path by which the CVR tower learns.
     p_ctcvr = keras.layers.Multiply(name="p_ctcvr")([p_ctr, p_cvr])  # (batch,)
 
     return EsmmModel(
@@ -274,17 +415,45 @@ def build_esmm(
     )
 
 
-def esmm_targets(click: Any, conversion: Any) -> dict[str, np.ndarray]:
-    """Labels for a model compiled by `compile_esmm`.
+def per_impression_inputs(features: Mapping[str, Any]) -> dict[str, Any]:
+    """Model inputs for records that each carry their own user-side fields.
+
+    Ingestion joined per impression and serving requests (one record = one context) give
+    every row its own `ids_F`/`wts_F` for the user-side fields too; the model then needs
+    `context_row = -1` (each impression's own row), which this adds. (Unlike
+    `arange(batch)`, -1 stays right when Keras slices or shuffles the arrays into batches.)
+
+    Args:
+        features: `ids_F` and `wts_F` for every field, all with the same number of rows.
+
+    Returns:
+        A new dict: `features` plus `context_row` (int32, `(batch,)`, all -1).
+
+    Raises:
+        ValueError: `features` already has a `context_row`, or no `ids_F` of a field.
+    """
+    if CONTEXT_ROW_KEY in features:
+        raise ValueError(f"features already have a {CONTEXT_ROW_KEY!r} input")
+    key = ids_key(SKELETON_FIELDS[0])
+    if key not in features:
+        raise ValueError(f"features have no {key!r} input")
+    n = int(np.shape(features[key])[0])
+    return {**features, CONTEXT_ROW_KEY: np.full(n, -1, dtype=np.int32)}
+
+
+def esmm_targets(click: Any, conversion: Any, variant: str = "esmm") -> dict[str, np.ndarray]:
+    """Labels for a model compiled by `compile_esmm` with the same `variant`.
 
     Args:
         click: 0/1 click label per impression.
         conversion: 0/1 conversion label per impression; its value on unclicked rows is
-            irrelevant, it is multiplied by the click label.
+            irrelevant, it is multiplied by the click label (or masked out, for BASE).
+        variant: `model.variant`; `esmm` and `esmm_ns` share the ESMM labels.
 
     Returns:
-        `{"p_ctr": click, "p_ctcvr": click * conversion}`, float32 arrays of shape `(n,)`.
-        There is deliberately no `p_cvr` key: ESMM puts no loss on p_cvr.
+        ESMM: `{"p_ctr": click, "p_ctcvr": click * conversion}`, with deliberately no
+        `p_cvr` key: ESMM puts no loss on p_cvr. BASE: `{"p_ctr": click, "p_cvr":
+        conversion where clicked, else -1}` (-1 = no CVR label). Float32 arrays, `(n,)`.
 
     Raises:
         ValueError: the two label arrays differ in length, or hold values other than 0/1.
@@ -299,6 +468,9 @@ def esmm_targets(click: Any, conversion: Any) -> dict[str, np.ndarray]:
     for name, labels in (("click", click), ("conversion", conversion)):
         if not np.isin(labels, (0.0, 1.0)).all():
             raise ValueError(f"{name} labels must be 0 or 1, got {np.unique(labels)[:5]}")
+    _check_variant(variant)
+    if variant == "base":
+        return {"p_ctr": click, "p_cvr": np.where(click == 1, conversion, -1.0).astype(np.float32)}
     return {"p_ctr": click, "p_ctcvr": click * conversion}
 
 
@@ -308,11 +480,14 @@ def compile_esmm(
     learning_rate: float,
     ctr_loss_weight: float,
     ctcvr_loss_weight: float,
+    variant: str = "esmm",
 ) -> None:
-    """Compile `model` with the ESMM loss and the CTR/CTCVR AUC metrics.
+    """Compile `model` with the loss of its variant and the CTR/CTCVR AUC metrics.
 
-    The loss is w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(click * conversion, p_ctcvr);
-    p_cvr has no loss. Fit/evaluate it with `y=esmm_targets(click, conversion)`. Logged
+    ESMM and ESMM-NS: w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(click * conversion, p_ctcvr);
+    p_cvr has no loss. BASE: w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(conversion, p_cvr)
+    over clicked impressions only (`binary_crossentropy_clicked`); p_ctcvr has no loss.
+    Fit/evaluate it with `y=esmm_targets(click, conversion, variant)`. Logged
     names: `loss`, `p_ctr_loss`, `p_ctcvr_loss`, `p_ctr_auc`, `p_ctcvr_auc`, and
     `p_cvr_auc_clicked` (see `EsmmModel`). The compile config is saved with the model, so a
     reloaded model can be evaluated or trained further as is.
@@ -321,7 +496,8 @@ def compile_esmm(
         model: a model from `build_esmm`.
         learning_rate: Adam step size.
         ctr_loss_weight: weight w_ctr of the CTR term.
-        ctcvr_loss_weight: weight w_ctcvr of the CTCVR term.
+        ctcvr_loss_weight: weight w_ctcvr of the CTCVR term (BASE: of the clicked CVR term).
+        variant: `model.variant` the model was built with (`esmm`, `esmm_ns`, `base`).
 
     Raises:
         TypeError: `model` was not built by `build_esmm`.
@@ -348,10 +524,13 @@ def compile_esmm(
     # (multi-output partial mappings have had bugs, keras-team/keras#18959;
     # tests/models/test_esmm.py pins the behaviour). The compiled metrics do not accept
     # the partial labels; EsmmModel.compute_metrics works around that.
+    _check_variant(variant)
+    second = "p_cvr" if variant == "base" else "p_ctcvr"
+    second_loss = binary_crossentropy_clicked if variant == "base" else binary_crossentropy_per_row
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss={"p_ctr": binary_crossentropy_per_row, "p_ctcvr": binary_crossentropy_per_row},
-        loss_weights={"p_ctr": ctr_loss_weight, "p_ctcvr": ctcvr_loss_weight},
+        loss={"p_ctr": binary_crossentropy_per_row, second: second_loss},
+        loss_weights={"p_ctr": ctr_loss_weight, second: ctcvr_loss_weight},
         metrics={
             "p_ctr": [keras.metrics.AUC(name="auc")],
             "p_ctcvr": [keras.metrics.AUC(name="auc")],
@@ -360,23 +539,32 @@ def compile_esmm(
 
 
 def _tower(
-    shared: keras.KerasTensor, tower: TowerConfig, name: str, seed: int
+    user: keras.KerasTensor,
+    item: keras.KerasTensor,
+    context_row: keras.KerasTensor,
+    tower: TowerConfig,
+    name: str,
+    seed: int,
 ) -> keras.KerasTensor:
-    """An MLP tower from `(batch, n_fields * embedding_dim)` to a `(batch, 1)` logit."""
+    """An MLP tower from the pooled user (per context) and item (per impression) embeddings
+    to a `(batch, 1)` logit; the first layer is a `ContextDense`, the rest plain `Dense`."""
     layer_seeds = _derive_seeds(seed, 2 * len(tower.units) + 1)
     regularizer = keras.regularizers.L2(tower.l2) if tower.l2 > 0 else None
-    x = shared
+    x = None
     for i, units in enumerate(tower.units):
-        x = keras.layers.Dense(
-            units,
-            # Batch norm sits between the affine map and the activation, and makes the bias
-            # redundant.
-            activation=None if tower.batch_norm else tower.activation,
-            use_bias=not tower.batch_norm,
-            kernel_initializer=keras.initializers.GlorotUniform(seed=layer_seeds[2 * i]),
-            kernel_regularizer=regularizer,
-            name=f"{name}_dense_{i}",
-        )(x)  # (batch, units)
+        # Batch norm sits between the affine map and the activation, and makes the bias
+        # redundant.
+        options = {
+            "activation": None if tower.batch_norm else tower.activation,
+            "use_bias": not tower.batch_norm,
+            "kernel_initializer": keras.initializers.GlorotUniform(seed=layer_seeds[2 * i]),
+            "kernel_regularizer": regularizer,
+            "name": f"{name}_dense_{i}",
+        }
+        if x is None:
+            x = ContextDense(units, **options)([user, item, context_row])  # (batch, units)
+        else:
+            x = keras.layers.Dense(units, **options)(x)  # (batch, units)
         if tower.batch_norm:
             x = keras.layers.BatchNormalization(name=f"{name}_batch_norm_{i}")(x)
             x = keras.layers.Activation(tower.activation, name=f"{name}_activation_{i}")(x)
@@ -384,12 +572,14 @@ def _tower(
             x = keras.layers.Dropout(
                 tower.dropout, seed=layer_seeds[2 * i + 1], name=f"{name}_dropout_{i}"
             )(x)
-    return keras.layers.Dense(
-        1,
-        kernel_initializer=keras.initializers.GlorotUniform(seed=layer_seeds[-1]),
-        kernel_regularizer=regularizer,
-        name=f"{name}_logit",
-    )(x)  # (batch, 1)
+    options = {
+        "kernel_initializer": keras.initializers.GlorotUniform(seed=layer_seeds[-1]),
+        "kernel_regularizer": regularizer,
+        "name": f"{name}_logit",
+    }
+    if x is None:  # no hidden layer: the logit layer is the first
+        return ContextDense(1, **options)([user, item, context_row])  # (batch, 1)
+    return keras.layers.Dense(1, **options)(x)  # (batch, 1)
 
 
 def _derive_seeds(seed: int, n: int) -> list[int]:
@@ -398,8 +588,14 @@ def _derive_seeds(seed: int, n: int) -> list[int]:
     return [int(s) % (2**31 - 1) for s in state]
 
 
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"model.variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
 def _check_config(config: ModelConfig) -> None:
     """Reject config values the model cannot use (pydantic checks are bypassable)."""
+    _check_variant(config.variant)
     if config.embedding_dim <= 0:
         raise ValueError(f"model.embedding_dim must be > 0, got {config.embedding_dim}")
     if config.pooling not in ("mean", "sum"):

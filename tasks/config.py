@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -102,8 +110,20 @@ class TowerConfig(_Section):
 class ModelConfig(_Section):
     embedding_dim: int = Field(12, gt=0)
     pooling: Literal["mean", "sum"] = "mean"  # how weighted multi-valued fields are pooled
+    embedding_l2: float = Field(0.0, ge=0.0)  # L2 penalty on every embedding table
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
+    # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;
+    # base: own embeddings, CTR on all impressions and CVR on clicked ones (the paper's BASE).
+    variant: Literal["esmm", "esmm_ns", "base"] = "esmm"
+
+
+class EarlyStoppingConfig(_Section):
+    monitor: str = "val_loss"  # a Keras log name: val_loss, val_p_ctcvr_auc, ...
+    patience: int = Field(1, ge=0)  # epochs without improvement before stopping
+    mode: Literal["auto", "min", "max"] = "auto"  # auto: max for *auc*, min otherwise
+    min_delta: float = Field(0.0, ge=0.0)
+    restore_best_weights: bool = True
 
 
 class TrainConfig(_Section):
@@ -113,6 +133,11 @@ class TrainConfig(_Section):
     ctr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctr in the ESMM loss
     ctcvr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctcvr in the ESMM loss
     seed: int = 42
+    early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()  # null: no stopping
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at the end of each epoch only
+    resume: bool = True  # resume from a checkpoint of the same config and data, if any
+    tensorboard: bool = False  # TensorBoard logs under <train dir>/tensorboard
+    deterministic: bool = True  # tf op determinism: same seed, same weights
 
 
 GateableMetric = Literal[
@@ -158,7 +183,46 @@ class ScheduleConfig(_Section):
     port: int = Field(4200, gt=0, lt=65536)
 
 
+# Named presets (`preset: paper` at the top of params.yaml): values applied under the
+# file's own keys, so a key written in params.yaml overrides the preset's value.
+_PAPER_TOWER = {"units": [360, 200, 80], "activation": "relu"}
+PRESETS: dict[str, dict] = {
+    # ESMM paper (Ma et al. 2018, section 4.2): embedding size 18, towers 360-200-80 with
+    # ReLU, Adam (the only optimiser here), equal loss weights.
+    "paper": {
+        "model": {"embedding_dim": 18, "ctr_tower": _PAPER_TOWER, "cvr_tower": _PAPER_TOWER},
+        "train": {"ctr_loss_weight": 1.0, "ctcvr_loss_weight": 1.0},
+    },
+}
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_preset(raw: dict) -> dict:
+    """`raw` params with its named `preset` filled in under the explicit keys.
+
+    Raises:
+        ValueError: the preset name is not one of `PRESETS`.
+    """
+    name = raw.get("preset")
+    if name is None:
+        return raw
+    if name not in PRESETS:
+        raise ValueError(f"preset: unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    explicit = {k: ({} if v is None else v) for k, v in raw.items()}
+    return _deep_merge(PRESETS[name], explicit)
+
+
 class Params(_Section):
+    preset: str | None = None  # a PRESETS name, applied under the explicit keys
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig = SynthConfig()
     ingest: IngestConfig = IngestConfig()
@@ -169,9 +233,16 @@ class Params(_Section):
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     schedule: ScheduleConfig = ScheduleConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        return apply_preset(data) if isinstance(data, dict) else data
+
     @field_validator("*", mode="before")
     @classmethod
-    def _none_is_default(cls, value: object) -> object:
+    def _none_is_default(cls, value: object, info: ValidationInfo) -> object:
+        if info.field_name == "preset":
+            return value
         # An empty section in YAML (`train:`) means "all defaults".
         return {} if value is None else value
 
@@ -193,6 +264,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if raw.get("preset") is not None and raw["preset"] not in PRESETS:
+        raise ConfigError(
+            f"{path}: preset: unknown preset {raw['preset']!r}; known presets: {sorted(PRESETS)}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

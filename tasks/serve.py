@@ -174,13 +174,16 @@ def table_to_inputs(table: pa.Table) -> dict[str, np.ndarray]:
     """Model inputs from a table with the `ids_F`/`wts_F` list columns of every field.
 
     The one place serving and scoring build model inputs: ragged lists are padded per
-    batch with id 0 and weight 0, as in training (`tasks.train.pad_lists`).
+    batch with id 0 and weight 0, as in training (`tasks.train.pad_lists`), and every record
+    is its own user context (`models.esmm.per_impression_inputs`).
     """
+    from models.esmm import per_impression_inputs
+
     inputs: dict[str, np.ndarray] = {}
     for f in ALL_FIELDS:
         inputs[ids_key(f)] = pad_lists(table[ids_key(f)], np.int64)  # (rows, longest list)
         inputs[wts_key(f)] = pad_lists(table[wts_key(f)], np.float32)
-    return inputs
+    return per_impression_inputs(inputs)
 
 
 def records_to_inputs(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:

@@ -78,11 +78,17 @@ def validate(params: Params) -> ValidationResult:
     )
 
 
-def train(params: Params, verbose: int = 1) -> TrainResult:
-    """Fit ESMM on the train split and save it."""
+def train(params: Params, verbose: int = 1, resume: bool | None = None) -> TrainResult:
+    """Fit ESMM on the train split and save it (resuming a matching checkpoint unless
+    `resume` is False or `train.resume` is false)."""
     layout = _layout(params)
     return train_esmm(
-        layout.ingest_dir, layout.train_dir, params.model, params.train, verbose=verbose
+        layout.ingest_dir,
+        layout.train_dir,
+        params.model,
+        params.train,
+        verbose=verbose,
+        resume=resume,
     )
 
 

@@ -1,17 +1,32 @@
 """Training step: the tf.data input pipeline over the ingested Parquet files, and ESMM fitting.
 
-Impressions are read one Parquet row group at a time (shuffled within it for training) and
-joined per batch with the user-side table by `common_feature_index`, so the denormalised join
-is never materialised. Ragged id/weight lists are padded per batch (id 0, weight 0).
+Input: impressions are read one Parquet row group at a time and joined per batch with the
+user-side table by `common_feature_index`, so the denormalised join is never materialised
+and memory holds one row group plus the user-side table. A batch carries each of its
+contexts' user-side lists once, plus `context_row` (the model pools them once per
+context). For training, the row groups are visited in an order drawn from (seed, epoch)
+and, within a row group, whole contexts in a drawn order, so a context's impressions share
+a batch; batch `k` of epoch `e` is the same on every run, which is what lets an interrupted
+run resume mid-epoch. Ragged id/weight lists are padded per batch (id 0, weight 0). Batches
+are built in a background thread and prefetched by tf.data.
+
+Training: early stopping on a named metric, a checkpoint (weights with optimizer state,
+plus a small JSON state: position, early-stopping record, history) at the end of every
+epoch and optionally every N steps under `<train dir>/checkpoints/`, automatic resume from
+it when the config and data match, a progress bar with samples/s, optional TensorBoard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Iterator
+import shutil
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,30 +48,49 @@ from models.features import (
     ids_key,
     wts_key,
 )
-from tasks.config import ModelConfig, TrainConfig
+from tasks.config import EarlyStoppingConfig, ModelConfig, TrainConfig
 from tasks.ingest import load_vocabularies
+
+CONTEXT_ROW_KEY = "context_row"  # = models.esmm.CONTEXT_ROW_KEY (kept import-light here)
 
 
 def pad_lists(lists: pa.Array | pa.ChunkedArray, dtype: type) -> np.ndarray:
     """Ragged list column -> dense (rows, longest list) array, padded with zeros."""
-    if isinstance(lists, pa.ChunkedArray):
-        lists = lists.combine_chunks()
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    n = len(lengths)
-    out = np.zeros((n, max(int(lengths.max(initial=0)), 1)), dtype=dtype)
-    if lengths.sum():
-        rows = np.repeat(np.arange(n), lengths)
+    return _pad(lists, [dtype])[0]
+
+
+def _pad(*columns_and_dtypes: Any) -> list[np.ndarray]:
+    """Pad list columns of identical list lengths (a field's ids and weights) together.
+
+    Called as `_pad(ids, [np.int64])` or `_pad(ids, wts, [np.int64, np.float32])`: the
+    positions are computed once from the first column's lengths.
+    """
+    *columns, dtypes = columns_and_dtypes
+    columns = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns]
+    lengths = pc.list_value_length(columns[0]).to_numpy(zero_copy_only=False)
+    lengths = np.nan_to_num(lengths).astype(np.int64)  # null lists count as empty
+    n, total = len(lengths), int(lengths.sum())
+    width = max(int(lengths.max(initial=0)), 1)
+    outs = [np.zeros((n, width), dtype=dtype) for dtype in dtypes]
+    if total:
         starts = np.cumsum(lengths) - lengths
-        cols = np.arange(lengths.sum()) - np.repeat(starts, lengths)
-        out[rows, cols] = lists.flatten().to_numpy(zero_copy_only=False)
-    return out
+        flat_index = (
+            np.arange(total) - np.repeat(starts, lengths) + np.repeat(np.arange(n) * width, lengths)
+        )
+        for column, out in zip(columns, outs, strict=True):
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            out.reshape(-1)[flat_index] = values
+    return outs
 
 
 class SplitReader:
     """Batches of model inputs from one ingested split (impressions joined with contexts)."""
 
-    def __init__(self, split_dir: Path):
+    def __init__(self, split_dir: Path, first_id_only: bool = False):
+        """`first_id_only`: keep only each field's first entry (and its weight), the input
+        of the usual one-id-per-field reproductions; a baseline for benchmarks."""
         self.split_dir = Path(split_dir)
+        self.first_id_only = first_id_only
         self._impressions = pq.ParquetFile(self.split_dir / "impressions.parquet")
         self._common = pq.read_table(self.split_dir / "common.parquet")
         self._index = pd.Index(self._common[COMMON_INDEX_KEY].to_pandas())
@@ -65,43 +99,65 @@ class SplitReader:
     def num_rows(self) -> int:
         return self._impressions.metadata.num_rows
 
-    def num_batches(self, batch_size: int) -> int:
+    def _group_rows(self) -> list[int]:
         md = self._impressions.metadata
-        return sum(
-            math.ceil(md.row_group(i).num_rows / batch_size) for i in range(md.num_row_groups)
-        )
+        return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
-    def tables(self, batch_size: int, seed: int | None = None) -> Iterator[pa.Table]:
-        """Impression batches; with a seed, row groups and rows within them are shuffled."""
-        rng = np.random.default_rng(seed) if seed is not None else None
-        groups = np.arange(self._impressions.num_row_groups)
-        if rng is not None:
-            groups = rng.permutation(groups)
+    def num_batches(self, batch_size: int) -> int:
+        return sum(math.ceil(n / batch_size) for n in self._group_rows())
+
+    def tables(
+        self, batch_size: int, seed: int | None = None, epoch: int = 0, start: int = 0
+    ) -> Iterator[pa.Table]:
+        """Impression batches, from batch number `start` of the pass.
+
+        Without a seed: file order. With one: row groups in an order drawn from
+        (seed, epoch), and within each row group whole contexts in an order drawn from
+        (seed, epoch, row group), so a context's impressions stay together. Skipped
+        batches are not read (whole row groups) or only sliced away.
+        """
+        group_rows = self._group_rows()
+        groups = np.arange(len(group_rows))
+        if seed is not None:
+            groups = np.random.default_rng([seed, epoch]).permutation(groups)
+        skip = start
         for g in groups:
+            n_batches = math.ceil(group_rows[g] / batch_size)
+            if skip >= n_batches:
+                skip -= n_batches
+                continue
             table = self._impressions.read_row_group(int(g))
-            if rng is not None:
-                table = table.take(pa.array(rng.permutation(table.num_rows)))
-            for start in range(0, table.num_rows, batch_size):
-                yield table.slice(start, batch_size)
+            if seed is not None:
+                rng = np.random.default_rng([seed, epoch, int(g)])
+                codes, uniques = pd.factorize(table[COMMON_INDEX_KEY].to_pandas())
+                rank = rng.permutation(len(uniques))
+                table = table.take(pa.array(np.argsort(rank[codes], kind="stable")))
+            for b in range(skip, n_batches):
+                yield table.slice(b * batch_size, batch_size)
+            skip = 0
 
-    def contexts(self, table: pa.Table) -> pa.Table:
-        """The user-side rows of a batch of impressions, joined by common_feature_index."""
-        rows = self._index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
+    def contexts(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
+        """The distinct user-side rows of a batch, and each impression's row among them."""
+        context_row, keys = pd.factorize(table[COMMON_INDEX_KEY].to_pandas())
+        rows = self._index.get_indexer(keys)
         if (rows < 0).any():
-            missing = table[COMMON_INDEX_KEY].to_pandas()[rows < 0].iloc[0]
             raise KeyError(
-                f"{self.split_dir}: common_feature_index {missing} not in common.parquet"
+                f"{self.split_dir}: common_feature_index {keys[rows < 0][0]} not in common.parquet"
             )
-        return self._common.take(pa.array(rows))
+        return self._common.take(pa.array(rows)), context_row.astype(np.int32)
 
-    def features(self, table: pa.Table, contexts: pa.Table | None = None) -> dict[str, np.ndarray]:
-        """Model inputs of a batch: skeleton lists from the batch, user lists via the key."""
-        common = self.contexts(table) if contexts is None else contexts
-        feats: dict[str, np.ndarray] = {}
+    def features(
+        self, table: pa.Table, contexts: tuple[pa.Table, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Model inputs of a batch: skeleton lists per impression, user lists per context."""
+        common, context_row = self.contexts(table) if contexts is None else contexts
+        feats: dict[str, np.ndarray] = {CONTEXT_ROW_KEY: context_row}
         for source, fields in ((table, SKELETON_FIELDS), (common, COMMON_FIELDS)):
             for f in fields:
-                feats[ids_key(f)] = pad_lists(source[ids_key(f)], np.int64)
-                feats[wts_key(f)] = pad_lists(source[wts_key(f)], np.float32)
+                ids, wts = _pad(source[ids_key(f)], source[wts_key(f)], [np.int64, np.float32])
+                if self.first_id_only:
+                    ids, wts = ids[:, :1], wts[:, :1]
+                feats[ids_key(f)], feats[wts_key(f)] = ids, wts
         return feats
 
 
@@ -111,28 +167,60 @@ def _labels(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return click, conversion
 
 
-def make_dataset(reader: SplitReader, batch_size: int, seed: int | None = None):
-    """A finite tf.data.Dataset of (inputs, ESMM targets); reshuffled on every pass."""
+def input_signature(variant: str = "esmm") -> tuple[dict, dict]:
+    """tf.TensorSpecs of one batch: (inputs, targets of `variant`)."""
+    import tensorflow as tf
+
+    targets = ("p_ctr", "p_cvr") if variant == "base" else ("p_ctr", "p_ctcvr")
+    return (
+        {
+            **{ids_key(f): tf.TensorSpec((None, None), tf.int64) for f in ALL_FIELDS},
+            **{wts_key(f): tf.TensorSpec((None, None), tf.float32) for f in ALL_FIELDS},
+            CONTEXT_ROW_KEY: tf.TensorSpec((None,), tf.int32),
+        },
+        {k: tf.TensorSpec((None,), tf.float32) for k in targets},
+    )
+
+
+def make_dataset(
+    reader: SplitReader,
+    batch_size: int,
+    seed: int | None = None,
+    *,
+    variant: str = "esmm",
+    epoch: int = 0,
+    start: int = 0,
+    parallel: int = 2,
+):
+    """A finite tf.data.Dataset of (inputs, targets): one pass, from batch `start`.
+
+    With a seed the pass is epoch `epoch`'s order (see `SplitReader.tables`); without one,
+    file order (the dataset can then be iterated again, e.g. for validation). `parallel`
+    generator threads build batches i, i + parallel, ...; a deterministic interleave puts
+    them back in order, so the result does not depend on `parallel`.
+    """
     import tensorflow as tf
 
     from models.esmm import esmm_targets
 
-    passes = iter(range(1_000_000))
+    def generate(shard):
+        for i, table in enumerate(reader.tables(batch_size, seed, epoch, start)):
+            if i % parallel == shard:
+                yield reader.features(table), esmm_targets(*_labels(table), variant)
 
-    def generate():
-        pass_seed = None if seed is None else seed + next(passes)
-        for table in reader.tables(batch_size, pass_seed):
-            yield reader.features(table), esmm_targets(*_labels(table))
-
-    signature = (
-        {
-            **{ids_key(f): tf.TensorSpec((None, None), tf.int64) for f in ALL_FIELDS},
-            **{wts_key(f): tf.TensorSpec((None, None), tf.float32) for f in ALL_FIELDS},
-        },
-        {k: tf.TensorSpec((None,), tf.float32) for k in ("p_ctr", "p_ctcvr")},
+    signature = input_signature(variant)
+    shards = tf.data.Dataset.range(parallel)
+    ds = shards.interleave(
+        lambda shard: tf.data.Dataset.from_generator(
+            generate, output_signature=signature, args=(shard,)
+        ),
+        cycle_length=parallel,
+        block_length=1,
+        num_parallel_calls=parallel,
+        deterministic=True,
     )
-    ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(reader.num_batches(batch_size)))
+    n = reader.num_batches(batch_size) - start
+    ds = ds.apply(tf.data.experimental.assert_cardinality(max(n, 0)))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -141,6 +229,114 @@ class TrainResult:
     model_path: Path
     epochs_run: int
     history: dict[str, list[float]]
+    resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint, if any
+
+
+# Keys that may change without invalidating a checkpoint: more epochs continue a run.
+_RESUMABLE_CHANGES = {"epochs", "resume", "tensorboard", "checkpoint_every_steps"}
+
+
+def run_fingerprint(ingest_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
+    """What a checkpoint must match to be resumed: configs, vocabulary and split files."""
+    digest = hashlib.sha256()
+    digest.update(model_cfg.model_dump_json().encode())
+    digest.update(train_cfg.model_dump_json(exclude=_RESUMABLE_CHANGES).encode())
+    ingest_dir = Path(ingest_dir)
+    digest.update(hashlib.sha256((ingest_dir / "vocab.parquet").read_bytes()).digest())
+    for split in ("train", "valid"):
+        for name in ("impressions.parquet", "common.parquet"):
+            path = ingest_dir / split / name
+            if path.is_file():
+                digest.update(f"{split}/{name}:{path.stat().st_size}".encode())
+                digest.update(pq.ParquetFile(path).metadata.to_dict().__repr__().encode())
+    return digest.hexdigest()
+
+
+def _improved(value: float, best: float | None, cfg: EarlyStoppingConfig) -> bool:
+    if best is None:
+        return True
+    mode = cfg.mode
+    if mode == "auto":
+        mode = "max" if "auc" in cfg.monitor else "min"
+    if mode == "min":
+        return value < best - cfg.min_delta
+    return value > best + cfg.min_delta
+
+
+def _rng_states(model: Any) -> list[Any]:
+    """The state variables of the model's seed generators (dropout), in build order."""
+    return [v for v in model.variables if "seed_generator" in v.path]
+
+
+def _make_callbacks(keras):
+    """The training callbacks (classes need keras, imported lazily)."""
+
+    class Checkpointer(keras.callbacks.Callback):
+        """Saves weights + optimizer state and the run state; does early stopping."""
+
+        def __init__(self, ckpt_dir: Path, state: dict, train_cfg: TrainConfig):
+            super().__init__()
+            self.ckpt_dir = ckpt_dir
+            self.state = state
+            self.cfg = train_cfg
+            self.start = 0  # batches of the current epoch done before this fit call
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.start = self.state["step"]  # > 0 only in a resumed epoch
+
+        def save(self) -> None:
+            self.model.save_weights(self.ckpt_dir / "latest.weights.h5")
+            # Dropout's random state is not part of the weights file.
+            rng = {str(i): np.asarray(v) for i, v in enumerate(_rng_states(self.model))}
+            np.savez(self.ckpt_dir / "rng.npz", **rng)
+            tmp = self.ckpt_dir / "state.json.tmp"
+            tmp.write_text(json.dumps(self.state, indent=1))
+            tmp.replace(self.ckpt_dir / "state.json")  # the weights are valid once this exists
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.state["step"] = self.start + batch + 1
+            every = self.cfg.checkpoint_every_steps
+            if every and self.state["step"] % every == 0:
+                self.save()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = {k: float(v) for k, v in (logs or {}).items()}
+            for key, value in logs.items():
+                self.state["history"].setdefault(key, []).append(value)
+            stop = self.cfg.early_stopping
+            if stop is not None:
+                if stop.monitor not in logs:
+                    raise ValueError(
+                        f"train.early_stopping.monitor {stop.monitor!r} is not a logged metric; "
+                        f"logged: {sorted(logs)}"
+                    )
+                if _improved(logs[stop.monitor], self.state["best"], stop):
+                    self.state.update(best=logs[stop.monitor], best_epoch=epoch, wait=0)
+                    self.model.save_weights(self.ckpt_dir / "best.weights.h5")
+                else:
+                    self.state["wait"] += 1
+                    if self.state["wait"] >= stop.patience:
+                        self.state["stopped"] = True
+                        self.model.stop_training = True
+            self.state.update(epoch=epoch + 1, step=0)
+            self.save()
+
+    class Throughput(keras.callbacks.Callback):
+        """Adds `samples/s` (this epoch so far) to the logs the progress bar shows."""
+
+        def __init__(self, batch_size: int):
+            super().__init__()
+            self.batch_size = batch_size
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self.started, self.seen = time.perf_counter(), 0
+
+        def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+            self.seen += self.batch_size
+            if logs is not None:
+                logs["samples/s"] = self.seen / max(time.perf_counter() - self.started, 1e-9)
+
+    return Checkpointer, Throughput
 
 
 def train_esmm(
@@ -149,65 +345,156 @@ def train_esmm(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     verbose: int = 1,
+    callbacks: Sequence[Any] = (),
+    resume: bool | None = None,
+    first_id_only: bool = False,
 ) -> TrainResult:
-    """Fit ESMM on the train split, early-stopping on the validation loss; save `.keras`.
+    """Fit ESMM on the train split with early stopping on the validation split; save `.keras`.
+
+    Checkpoints go to `out_dir/checkpoints/`; when one exists for the same configs and data
+    (see `run_fingerprint`; `epochs` may differ) and resuming is on, training continues
+    from it, mid-epoch included, and reaches the weights of an uninterrupted run.
 
     Args:
         ingest_dir: output folder of the ingest step (splits and `vocab.parquet`).
-        out_dir: where `model.keras` and `history.json` are written.
-        model_cfg: architecture.
-        train_cfg: optimisation and loss weights.
-        verbose: Keras progress output (1 = progress bar).
+        out_dir: where `model.keras`, `history.json` and `checkpoints/` are written.
+        model_cfg: architecture and variant.
+        train_cfg: optimisation, loss weights, early stopping, checkpoints.
+        verbose: Keras progress output (1 = progress bar with samples/s).
+        callbacks: extra Keras callbacks, run after ours.
+        resume: overrides `train_cfg.resume` (`esmm train --no-resume`).
+        first_id_only: feed only each field's first entry (benchmark baseline).
 
     Returns:
-        Where the model was saved, and the training history.
+        Where the model was saved, the training history and the checkpoint resumed from.
+
+    Raises:
+        ValueError: an empty train split, or an early-stopping metric that is not logged.
     """
     import keras
+    import tensorflow as tf
 
     from models.esmm import build_esmm, compile_esmm
 
+    ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
+    train = SplitReader(ingest_dir / "train", first_id_only)
+    valid = SplitReader(ingest_dir / "valid", first_id_only)
+    if train.num_rows == 0:
+        raise ValueError(f"{train.split_dir}: the train split is empty")
+    stop = train_cfg.early_stopping
+    if stop is not None and stop.monitor.startswith("val_") and not valid.num_rows:
+        raise ValueError(
+            f"{valid.split_dir} is empty, so train.early_stopping.monitor {stop.monitor!r} "
+            "cannot be computed: set ingest.valid_fraction > 0 or train.early_stopping: null"
+        )
+
+    ckpt_dir = out_dir / "checkpoints"
+    fingerprint = run_fingerprint(ingest_dir, model_cfg, train_cfg) + ("-first" * first_id_only)
+    state_path = ckpt_dir / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if not (train_cfg.resume if resume is None else resume) or (
+        state is not None and state.get("fingerprint") != fingerprint
+    ):
+        state = None
+    if state is None:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        state = {
+            "fingerprint": fingerprint,
+            "epoch": 0,
+            "step": 0,
+            "best": None,
+            "best_epoch": None,
+            "wait": 0,
+            "stopped": False,
+            "history": {},
+        }
+    resumed_from = (state["epoch"], state["step"]) if state["epoch"] or state["step"] else None
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+
     keras.utils.set_random_seed(train_cfg.seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = load_vocabularies(Path(ingest_dir) / "vocab.parquet")
+    if train_cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    vocab = load_vocabularies(ingest_dir / "vocab.parquet")
     model = build_esmm(model_cfg, vocab, seed=train_cfg.seed)
     compile_esmm(
         model,
         learning_rate=train_cfg.learning_rate,
         ctr_loss_weight=train_cfg.ctr_loss_weight,
         ctcvr_loss_weight=train_cfg.ctcvr_loss_weight,
+        variant=model_cfg.variant,
     )
-    train = SplitReader(Path(ingest_dir) / "train")
-    valid = SplitReader(Path(ingest_dir) / "valid")
-    if train.num_rows == 0:
-        raise ValueError(f"{train.split_dir}: the train split is empty")
-    validation = make_dataset(valid, train_cfg.batch_size) if valid.num_rows else None
-    callbacks = []
-    if validation is not None:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
+    if resumed_from is not None:
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(ckpt_dir / "latest.weights.h5")
+        with np.load(ckpt_dir / "rng.npz") as rng:
+            for i, variable in enumerate(_rng_states(model)):
+                variable.assign(rng[str(i)])
+
+    variant, batch_size = model_cfg.variant, train_cfg.batch_size
+    validation = make_dataset(valid, batch_size, variant=variant) if valid.num_rows else None
+    Checkpointer, Throughput = _make_callbacks(keras)
+    extra = [Throughput(batch_size)]
+    if train_cfg.tensorboard:
+        extra.append(keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")))
+    n_batches = train.num_batches(batch_size)
+
+    def fit(first_epoch: int, last_epoch: int, start: int) -> None:
+        """Epochs [first_epoch, last_epoch), the first one from batch `start`."""
+        import tensorflow as tf
+
+        data = None
+        for e in range(first_epoch, last_epoch):
+            part = make_dataset(
+                train,
+                batch_size,
+                train_cfg.seed,
+                variant=variant,
+                epoch=e,
+                start=start if e == first_epoch else 0,
+            )
+            data = part if data is None else data.concatenate(part)
+        model.fit(
+            data.apply(
+                tf.data.experimental.assert_cardinality(
+                    (last_epoch - first_epoch) * n_batches - start
+                )
+            ),
+            validation_data=validation,
+            initial_epoch=first_epoch,
+            epochs=last_epoch,
+            steps_per_epoch=n_batches - start,  # start > 0 only for a single epoch
+            shuffle=False,  # the pipeline shuffles, by (seed, epoch)
+            callbacks=[Checkpointer(ckpt_dir, state, train_cfg), *extra, *callbacks],
+            verbose=verbose,
         )
-    fit = model.fit(
-        make_dataset(train, train_cfg.batch_size, seed=train_cfg.seed),
-        validation_data=validation,
-        epochs=train_cfg.epochs,
-        callbacks=callbacks,
-        verbose=verbose,
-    )
-    history = {k: [float(v) for v in vals] for k, vals in fit.history.items()}
+
+    # Epoch e's data always starts at its recorded step: a resumed, part-done epoch is
+    # fitted on its own first, then the remaining epochs in one call (one iterator).
+    if state["step"] and state["epoch"] < train_cfg.epochs and not state["stopped"]:
+        fit(state["epoch"], state["epoch"] + 1, state["step"])
+    if state["epoch"] < train_cfg.epochs and not state["stopped"]:
+        fit(state["epoch"], train_cfg.epochs, 0)
+
+    if stop is not None and stop.restore_best_weights and (ckpt_dir / "best.weights.h5").is_file():
+        model.load_weights(ckpt_dir / "best.weights.h5")
+    history = state["history"]
     model_path = out_dir / "model.keras"
     model.save(model_path)
-    (out_dir / "history.json").write_text(json.dumps(history, indent=2))
-    return TrainResult(model_path, len(next(iter(history.values()), [])), history)
+    (out_dir / "history.json").write_text(
+        json.dumps({**history, "best_epoch": state["best_epoch"]}, indent=2)
+    )
+    return TrainResult(model_path, state["epoch"], history, resumed_from)
 
 
-def predict_split(model, split_dir: Path, batch_size: int = 4096) -> pd.DataFrame:
+def predict_split(
+    model, split_dir: Path, batch_size: int = 4096, first_id_only: bool = False
+) -> pd.DataFrame:
     """Predictions for every impression of a split, with labels, user id and position."""
-    reader = SplitReader(split_dir)
+    reader = SplitReader(split_dir, first_id_only=first_id_only)
     frames = []
     for table in reader.tables(batch_size):
-        contexts = reader.contexts(table)
-        preds = model.predict_on_batch(reader.features(table, contexts))
+        common, context_row = reader.contexts(table)
+        preds = model.predict_on_batch(reader.features(table, (common, context_row)))
         click, conversion = _labels(table)
         frame = pd.DataFrame(
             {
@@ -215,7 +502,7 @@ def predict_split(model, split_dir: Path, batch_size: int = 4096) -> pd.DataFram
                 CLICK_LABEL_KEY: click.astype(np.int8),
                 CONVERSION_LABEL_KEY: conversion.astype(np.int8),
                 "position": _first_id(table[ids_key(POSITION_FIELD)]),
-                "user": _first_id(contexts[ids_key(USER_ID_FIELD)]),
+                "user": _first_id(common[ids_key(USER_ID_FIELD)])[context_row],
                 **{k: np.asarray(preds[k], dtype=np.float64).reshape(-1) for k in OUTPUT_KEYS},
             }
         )

@@ -14,14 +14,17 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
 from models.esmm import (
+    CONTEXT_ROW_KEY,
     EmbeddingBag,
     EsmmModel,
     build_esmm,
     compile_esmm,
     esmm_targets,
+    per_impression_inputs,
 )
 from models.features import (
     ALL_FIELDS,
+    COMMON_FIELDS,
     MULTI_VALUED_FIELDS,
     OUTPUT_KEYS,
     WEIGHTED_FIELDS,
@@ -67,13 +70,13 @@ def make_batch(
         weights = rng.uniform(0.5, 2.0, (n, length)) if field in WEIGHTED_FIELDS else 1.0
         batch[ids_key(field)] = np.where(real, ids, 0).astype(np.int64)
         batch[wts_key(field)] = np.where(real, weights, 0.0).astype(np.float32)
-    return batch
+    return per_impression_inputs(batch)
 
 
 def pad(batch: dict[str, np.ndarray], extra: int, *, seed: int = 0) -> dict[str, np.ndarray]:
     """The same batch with `extra` more zero-weight columns of random ids per field."""
     rng = np.random.default_rng(seed)
-    padded = {}
+    padded = {CONTEXT_ROW_KEY: batch[CONTEXT_ROW_KEY]}
     for field in ALL_FIELDS:
         ids, weights = batch[ids_key(field)], batch[wts_key(field)]
         junk = rng.integers(1, 2**40, size=(len(ids), extra))
@@ -120,7 +123,10 @@ def test_inputs_are_ids_and_weights_of_every_field(model):
     """Inputs: ids_F int64 and wts_F float32, both (batch, None), for each of the 23 fields."""
     inputs = {tensor.name: tensor for tensor in model.inputs}
 
-    assert set(inputs) == {key(f) for f in ALL_FIELDS for key in (ids_key, wts_key)}
+    assert set(inputs) == {key(f) for f in ALL_FIELDS for key in (ids_key, wts_key)} | {
+        CONTEXT_ROW_KEY
+    }
+    assert inputs[CONTEXT_ROW_KEY].dtype == "int32"
     for field in ALL_FIELDS:
         assert inputs[ids_key(field)].dtype == "int64"
         assert inputs[wts_key(field)].dtype == "float32"
@@ -353,6 +359,7 @@ def test_keras_round_trip_reproduces_predictions_and_training_state(vocabularies
     config = SMALL_CONFIG.model_copy(
         update={
             "pooling": "sum",
+            "embedding_l2": 1e-5,
             "cvr_tower": TowerConfig(units=[8, 4], batch_norm=True, dropout=0.2, l2=1e-4),
         }
     )
@@ -504,3 +511,158 @@ def test_esmm_targets_rejects_misaligned_or_non_binary_labels(click, conversion,
     """Click and conversion labels must align row by row and be 0/1."""
     with pytest.raises(ValueError, match=message):
         esmm_targets(click, conversion)
+
+
+# --- Ablation variants: ESMM-NS and BASE -------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["esmm_ns", "base"])
+def test_ns_and_base_give_each_tower_its_own_embedding_tables(vocabularies, batch, variant):
+    """Two tables per field, one per tower: the CTR output depends only on the ctr_ tables
+    and the CVR output only on the cvr_ tables (ESMM has one table feeding both)."""
+    model = build_esmm(SMALL_CONFIG.model_copy(update={"variant": variant}), vocabularies, seed=3)
+    bags = [layer for layer in model.layers if isinstance(layer, EmbeddingBag)]
+    assert sorted(layer.name for layer in bags) == sorted(
+        f"{tower}_embedding_{field}" for tower in ("ctr", "cvr") for field in ALL_FIELDS
+    )
+    tables = {
+        tower: [layer.weights[0] for layer in bags if layer.name.startswith(tower)]
+        for tower in ("ctr", "cvr")
+    }
+    with tf.GradientTape(persistent=True) as tape:
+        out = model(batch, training=False)
+        ctr, cvr = tf.reduce_sum(out["p_ctr"]), tf.reduce_sum(out["p_cvr"])
+    for target, own, other in ((ctr, "ctr", "cvr"), (cvr, "cvr", "ctr")):
+        own_grads = tape.gradient(target, tables[own])
+        assert all(np.abs(tf.convert_to_tensor(g).numpy()).max() > 0 for g in own_grads)
+        assert all(g is None for g in tape.gradient(target, tables[other]))
+    out = predict(model, batch)
+    np.testing.assert_allclose(out["p_ctcvr"], out["p_ctr"] * out["p_cvr"], rtol=1e-6)
+
+
+def test_base_targets_mask_the_conversion_label_of_unclicked_rows():
+    """BASE labels: p_ctr = click, p_cvr = conversion on clicked rows and -1 elsewhere."""
+    targets = esmm_targets([1, 0, 1, 0], [1, 1, 0, 0], variant="base")
+
+    assert set(targets) == {"p_ctr", "p_cvr"}
+    np.testing.assert_array_equal(targets["p_ctr"], [1, 0, 1, 0])
+    np.testing.assert_array_equal(targets["p_cvr"], [1, -1, 0, -1])
+    with pytest.raises(ValueError, match="model.variant must be one of"):
+        esmm_targets([1], [1], variant="mmoe")
+
+
+def test_base_loss_is_ctr_bce_plus_cvr_bce_on_clicked_rows_only(vocabularies, batch):
+    """BASE: loss = 0.3 * BCE(click, p_ctr) + 2.0 * mean(click * BCE(conversion, p_cvr)), so
+    flipping conversions of unclicked rows changes nothing, of clicked rows it does."""
+    config = SMALL_CONFIG.model_copy(update={"variant": "base"})
+    model = build_esmm(config, vocabularies, seed=5)
+    compile_esmm(
+        model, learning_rate=1e-2, ctr_loss_weight=0.3, ctcvr_loss_weight=2.0, variant="base"
+    )
+    click, conversion = _labels(32, seed=2)
+    out = predict(model, batch)
+
+    def loss(conv: np.ndarray) -> dict[str, float]:
+        targets = esmm_targets(click, conv, variant="base")
+        return model.evaluate(batch, targets, batch_size=32, verbose=0, return_dict=True)
+
+    def bce(y, p):
+        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+        return -(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    expected = 0.3 * bce(click, out["p_ctr"]).mean() + 2.0 * np.mean(
+        click * bce(conversion, out["p_cvr"])
+    )
+    logs = loss(conversion)
+    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
+    assert not any(key.startswith("p_ctcvr_loss") for key in logs)
+    assert {"p_ctr_auc", "p_ctcvr_auc", "p_cvr_auc_clicked"} <= set(logs)
+    assert loss(np.where(click == 0, 1 - conversion, conversion))["loss"] == logs["loss"]
+    assert loss(np.where(click == 1, 1 - conversion, conversion))["loss"] != pytest.approx(
+        logs["loss"]
+    )
+
+
+@pytest.mark.parametrize("variant", ["esmm_ns", "base"])
+def test_variants_learn_and_round_trip_through_keras_files(vocabularies, variant, tmp_path):
+    """A short fit of ESMM-NS / BASE beats a constant predictor on the three AUCs, and the
+    saved model (same three outputs) reloads with identical predictions."""
+    train_x, train_click, train_conv = make_planted_dataset(6000, vocabularies, seed=10)
+    test_x, test_click, test_conv = make_planted_dataset(3000, vocabularies, seed=11)
+    model = build_esmm(SMALL_CONFIG.model_copy(update={"variant": variant}), vocabularies)
+    compile_esmm(
+        model, learning_rate=0.02, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0, variant=variant
+    )
+    model.fit(
+        train_x,
+        esmm_targets(train_click, train_conv, variant),
+        batch_size=256,
+        epochs=2,
+        verbose=0,
+    )
+    out = predict(model, test_x)
+    clicked = test_click == 1
+    assert roc_auc_score(test_click, out["p_ctr"]) > 0.65
+    assert roc_auc_score(test_click * test_conv, out["p_ctcvr"]) > 0.65
+    assert roc_auc_score(test_conv[clicked], out["p_cvr"][clicked]) > 0.65
+
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    again = predict(loaded, test_x)
+    for key in OUTPUT_KEYS:
+        np.testing.assert_array_equal(again[key], out[key])
+
+
+# --- Per-context batches ----------------------------------------------------------------
+
+
+def grouped_and_per_impression(
+    vocabularies: dict[str, np.ndarray], n: int, n_contexts: int, *, seed: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The same impressions twice: user fields once per context with `context_row`, and
+    copied into every impression's row (`per_impression_inputs`)."""
+    rng = np.random.default_rng(seed)
+    contexts = make_batch(n_contexts, vocabularies, seed=seed)
+    impressions = make_batch(n, vocabularies, seed=seed + 1)
+    row = rng.integers(0, n_contexts, n).astype(np.int32)
+    grouped, flat = {CONTEXT_ROW_KEY: row}, {}
+    for field in ALL_FIELDS:
+        for key in (ids_key(field), wts_key(field)):
+            if field in COMMON_FIELDS:
+                grouped[key], flat[key] = contexts[key], contexts[key][row]
+            else:
+                grouped[key] = flat[key] = impressions[key]
+    return grouped, per_impression_inputs(flat)
+
+
+@pytest.mark.parametrize("variant", ["esmm", "esmm_ns"])
+def test_per_context_inputs_give_the_per_impression_predictions(vocabularies, variant):
+    """User fields sent once per context with context_row give the same outputs (and loss
+    gradients) as the same impressions with their user fields copied per row."""
+    config = SMALL_CONFIG.model_copy(
+        update={"variant": variant, "cvr_tower": TowerConfig(units=[8, 4], batch_norm=True)}
+    )
+    model = build_esmm(config, vocabularies, seed=8)
+    grouped, flat = grouped_and_per_impression(vocabularies, 40, 6, seed=3)
+
+    def outputs_and_grads(inputs):
+        with tf.GradientTape() as tape:
+            out = model(inputs, training=False)
+            total = tf.reduce_sum(out["p_ctr"]) + tf.reduce_sum(out["p_ctcvr"])
+        grads = tape.gradient(total, model.trainable_variables)
+        return out, [tf.convert_to_tensor(g).numpy() for g in grads]
+
+    (out_g, grads_g), (out_f, grads_f) = outputs_and_grads(grouped), outputs_and_grads(flat)
+    for key in OUTPUT_KEYS:
+        np.testing.assert_allclose(np.asarray(out_g[key]), np.asarray(out_f[key]), rtol=1e-5)
+    for a, b in zip(grads_g, grads_f, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_per_impression_inputs_mark_every_row_as_its_own_context(batch):
+    """context_row = -1 everywhere; an existing context_row is not silently replaced."""
+    flat = {key: value for key, value in batch.items() if key != CONTEXT_ROW_KEY}
+    inputs = per_impression_inputs(flat)
+    np.testing.assert_array_equal(inputs[CONTEXT_ROW_KEY], np.full(32, -1, np.int32))
+    with pytest.raises(ValueError, match="already have a 'context_row'"):
+        per_impression_inputs(inputs)

@@ -21,7 +21,7 @@ import pytest
 import requests
 import yaml
 
-from models.features import ALL_FIELDS, OUTPUT_KEYS, SAMPLE_ID_KEY, ids_key
+from models.features import ALL_FIELDS, OUTPUT_KEYS, SAMPLE_ID_KEY, ids_key, wts_key
 from tasks.config import IngestConfig, ModelConfig
 from tasks.ingest import R_COLUMNS, R_ENTRY, R_UNKNOWN_KEY, ingest_ali_ccp, load_vocabularies
 from tasks.serve import (
@@ -192,11 +192,19 @@ def _in_process(keras_model, records: list[dict]) -> pd.DataFrame:
 
 
 def test_records_give_the_same_inputs_as_training(ingested):
-    """Records made from an ingested batch become exactly the inputs training feeds."""
+    """Records made from an ingested batch become exactly the inputs training feeds, with
+    the user-side rows repeated per impression instead of shared per context."""
+    from models.features import COMMON_FIELDS
+
     reader = SplitReader(ingested / "test")
     table = next(reader.tables(64))
     expected = reader.features(table)
+    rows = expected.pop("context_row")
+    for f in COMMON_FIELDS:  # one row per context -> one row per impression
+        for key in (ids_key(f), wts_key(f)):
+            expected[key] = expected[key][rows]
     got = records_to_inputs(table_to_records(_joined(reader, table)))
+    assert got.pop("context_row").tolist() == [-1] * table.num_rows  # each its own context
     assert set(got) == set(expected)
     for key in expected:
         np.testing.assert_array_equal(got[key], expected[key], err_msg=key)

@@ -1,0 +1,184 @@
+"""Quality: test AUCs (with standard errors) of ESMM, ESMM fed only the first id of each
+field, ESMM-NS and BASE, against the generator's Bayes oracle; and a learning curve.
+
+Each run generates (or reuses) default-profile data with a fixed seed, ingests it with the
+`ingest` section of `--params`, trains with `tasks.train.train_esmm` (the `model` and
+`train` sections, optionally a preset and overrides) and scores the test split with
+`tasks.train.predict_split` + `tasks.evaluate.compute_metrics`. Standard errors are Hanley &
+McNeil's (1982) from the AUC and the positive / negative counts; the oracle's use the same
+counts. Writes a JSON record to benchmarks/results/.
+
+    python -m benchmarks.quality --train 1000000 --test 300000            # the table
+    python -m benchmarks.quality --curve 250000 1000000 4000000 --runs esmm   # learning curve
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked")
+RUNS = {  # name: (model.variant, first_id_only)
+    "esmm": ("esmm", False),
+    "esmm_first_id": ("esmm", True),
+    "esmm_ns": ("esmm_ns", False),
+    "base": ("base", False),
+}
+
+
+def auc_se(auc: float, positives: int, negatives: int) -> float:
+    """Hanley-McNeil standard error of an AUC."""
+    if not positives or not negatives or math.isnan(auc):
+        return float("nan")
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (
+        positives * negatives
+    )
+    return math.sqrt(max(var, 0.0))
+
+
+def counts(metrics: dict) -> dict[str, tuple[int, int]]:
+    """Positives and negatives behind each AUC."""
+    n, clicks, conv = metrics["impressions"], metrics["clicks"], metrics["conversions"]
+    return {
+        "ctr_auc": (clicks, n - clicks),
+        "ctcvr_auc": (conv, n - conv),
+        "cvr_auc_clicked": (conv, clicks - conv),
+    }
+
+
+def prepare(work: Path, n_train: int, n_test: int, seed: int, ingest_cfg) -> Path:
+    from tasks.ingest import ingest_ali_ccp
+    from tasks.synth import synthesize_ali_ccp
+
+    root = work / f"default-{n_train}-{n_test}-{seed}"
+    raw, ingest = root / "raw", root / f"ingest-{ingest_cfg.min_count}"
+    if not (raw / "oracle.json").is_file():
+        synthesize_ali_ccp(raw, n_train, n_test, seed)
+    if not (ingest / "vocab.parquet").is_file():
+        ingest_ali_ccp(raw, ingest, ingest_cfg)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
+    parser.add_argument("--preset", help="apply a params preset (e.g. paper)")
+    parser.add_argument(
+        "--set", nargs="*", default=[], help="overrides, e.g. train.learning_rate=0.002"
+    )
+    parser.add_argument("--train", type=int, default=1_000_000)
+    parser.add_argument("--test", type=int, default=300_000)
+    parser.add_argument("--curve", type=int, nargs="*", help="train sizes for a learning curve")
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--seed", type=int, default=2018)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "esmm-quality")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+
+    import keras
+
+    import models.esmm  # noqa: F401  (custom layers)
+    from benchmarks.machine import machine_info
+    from tasks.config import Params
+    from tasks.evaluate import compute_metrics
+    from tasks.train import predict_split, train_esmm
+
+    raw_params = yaml.safe_load(args.params.read_text())
+    if args.preset:
+        raw_params["preset"] = args.preset
+        for key in ("embedding_dim",):  # let the preset's model keys apply
+            raw_params.get("model", {}).pop(key, None)
+        for tower in ("ctr_tower", "cvr_tower"):
+            raw_params.get("model", {}).get(tower, {}).pop("units", None)
+    for item in args.set:
+        key, value = item.split("=", 1)
+        section, *path = key.split(".")
+        node = raw_params.setdefault(section, {})
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value)
+    params = Params.model_validate(raw_params)
+
+    sizes = args.curve or [args.train]
+    load_before = os.getloadavg()
+    rows = []
+    for n_train in sizes:
+        root = prepare(args.work, n_train, args.test, args.seed, params.ingest)
+        ingest = root / f"ingest-{params.ingest.min_count}"
+        oracle = json.loads((root / "raw" / "oracle.json").read_text())["test"]
+        for name in args.runs:
+            variant, first_id_only = RUNS[name]
+            model_cfg = params.model.model_copy(update={"variant": variant})
+            out = root / f"train-{name}-{args.tag or 'default'}"
+            start = time.perf_counter()
+            result = train_esmm(
+                ingest,
+                out,
+                model_cfg,
+                params.train,
+                verbose=2,
+                resume=False,
+                first_id_only=first_id_only,
+            )
+            seconds = time.perf_counter() - start
+            model = keras.models.load_model(result.model_path)
+            metrics = compute_metrics(
+                predict_split(model, ingest / "test", first_id_only=first_id_only)
+            )
+            n = counts(metrics)
+            row = {
+                "run": name,
+                "train_impressions": n_train,
+                "epochs_run": result.epochs_run,
+                "best_epoch": json.loads((out / "history.json").read_text()).get("best_epoch"),
+                "train_seconds": round(seconds, 1),
+                **{m: round(metrics[m], 4) for m in METRICS},
+                **{f"{m}_se": round(auc_se(metrics[m], *n[m]), 4) for m in METRICS},
+                **{f"{m}_gap": round(oracle[m] - metrics[m], 4) for m in METRICS},
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        oracle_row = {
+            "run": "oracle",
+            "train_impressions": n_train,
+            **{m: round(oracle[m], 4) for m in METRICS},
+            **{f"{m}_se": round(auc_se(oracle[m], *n[m]), 4) for m in METRICS},
+        }
+        rows.append(oracle_row)
+        print(json.dumps(oracle_row), flush=True)
+
+    record = {
+        "benchmark": "quality",
+        "machine": machine_info(),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "profile": "default",
+        "seed": args.seed,
+        "test_impressions": args.test,
+        "params": params.model_dump(
+            by_alias=True, mode="json", include={"preset", "model", "train", "ingest"}
+        ),
+        "rows": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    kind = "curve" if args.curve else "table"
+    tag = f"-{args.tag}" if args.tag else ""
+    path = args.out / f"quality-{kind}-{max(sizes)}-{record['machine']['date'][:10]}{tag}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
