@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> dict:
     reader = SplitReader(work / "ingest" / "test")
     records = []
     for table in reader.tables(4096):
-        contexts = reader.contexts(table)
+        common, rows = reader.contexts(table)
+        contexts = common.take(rows)  # one user-side row per impression
         joined = table
         for name in contexts.column_names:
             if name.startswith(("ids_", "wts_")):

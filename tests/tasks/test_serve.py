@@ -166,7 +166,8 @@ def _joined(reader: SplitReader, table):
     """An impression batch with its user-side lists, as one table of all fields."""
     import pyarrow as pa
 
-    contexts = reader.contexts(table)
+    common, rows = reader.contexts(table)
+    contexts = common.take(rows)  # one user-side row per impression
     columns = {}
     for name in table.column_names:
         columns[name] = table[name]
