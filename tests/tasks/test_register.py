@@ -225,6 +225,7 @@ def test_fetch_champion_finds_the_keras_file_anywhere_in_the_artifacts(tmp_path)
     nested.mkdir(parents=True)
     (nested / "model.keras").write_bytes(b"keras zip")
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("fetch")  # not an experiment id left active by an earlier test
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(tmp_path / "logged"), "model")
     client = MlflowClient(uri, uri)
