@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "esmm-bench")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
+    parser.add_argument("--no-determinism", action="store_true", help="leave TF op determinism off")
     args = parser.parse_args()
 
     import keras
@@ -140,7 +141,8 @@ def main() -> None:
     batch_size = args.batch_size or train_cfg.batch_size
     ingest = prepare(args.work, args.train, args.seed)
     vocab = load_vocabularies(ingest / "vocab.parquet")
-    if train_cfg.deterministic:
+    deterministic = train_cfg.deterministic and not args.no_determinism
+    if deterministic:
         tf.config.experimental.enable_op_determinism()
 
     results: dict[str, dict] = {}
@@ -208,7 +210,7 @@ def main() -> None:
         "preset": args.preset,
         "batch_size": batch_size,
         "timed_steps": args.steps,
-        "deterministic": train_cfg.deterministic,
+        "deterministic": deterministic,
         "results": results,
         "plain_matmul_first_layer_gflops_per_s": round(matmul, 1),
         "plain_matmul_runs_gflops_per_s": [round(x, 1) for x in matmuls],
