@@ -8,7 +8,7 @@ context). For training, the row groups are visited in an order drawn from (seed,
 and, within a row group, whole contexts in a drawn order, so a context's impressions share
 a batch; batch `k` of epoch `e` is the same on every run, which is what lets an interrupted
 run resume mid-epoch. Ragged id/weight lists are padded per batch (id 0, weight 0). Batches
-are built in a background thread and prefetched by tf.data.
+are built in background threads and prefetched by tf.data.
 
 Training: early stopping on a named metric, a checkpoint (weights with optimizer state,
 plus a small JSON state: position, early-stopping record, history) at the end of every
