@@ -8,7 +8,7 @@ context). For training, the row groups are visited in an order drawn from (seed,
 and, within a row group, whole contexts in a drawn order, so a context's impressions share
 a batch; batch `k` of epoch `e` is the same on every run, which is what lets an interrupted
 run resume mid-epoch. Ragged id/weight lists are padded per batch (id 0, weight 0). Batches
-are built in a background thread and prefetched by tf.data.
+are built in background threads and prefetched by tf.data.
 
 Training: early stopping on a named metric, a checkpoint (weights with optimizer state,
 plus a small JSON state: position, early-stopping record, history) at the end of every
@@ -203,22 +203,58 @@ def make_dataset(
 
     from models.esmm import esmm_targets
 
-    def generate(shard):
-        for i, table in enumerate(reader.tables(batch_size, seed, epoch, start)):
-            if i % parallel == shard:
-                yield reader.features(table), esmm_targets(*_labels(table), variant)
+    sides = ((COMMON_FIELDS, "user"), (SKELETON_FIELDS, "item"))
 
-    signature = input_signature(variant)
+    def generate(shard):
+        # One ids and one weights matrix per side (fields side by side, with their
+        # widths): 9 tensors cross from Python per batch instead of 49.
+        for i, table in enumerate(reader.tables(batch_size, seed, epoch, start)):
+            if i % parallel != shard:
+                continue
+            feats = reader.features(table)
+            packed = {CONTEXT_ROW_KEY: feats[CONTEXT_ROW_KEY]}
+            for fields, side in sides:
+                ids = [feats[ids_key(f)] for f in fields]
+                packed[f"{side}_ids"] = np.concatenate(ids, axis=1)
+                packed[f"{side}_wts"] = np.concatenate([feats[wts_key(f)] for f in fields], axis=1)
+                packed[f"{side}_widths"] = np.array([a.shape[1] for a in ids], np.int32)
+            yield packed, esmm_targets(*_labels(table), variant)
+
+    packed_signature = (
+        {
+            CONTEXT_ROW_KEY: tf.TensorSpec((None,), tf.int32),
+            **{
+                key: spec
+                for _, side in sides
+                for key, spec in (
+                    (f"{side}_ids", tf.TensorSpec((None, None), tf.int64)),
+                    (f"{side}_wts", tf.TensorSpec((None, None), tf.float32)),
+                    (f"{side}_widths", tf.TensorSpec((None,), tf.int32)),
+                )
+            },
+        },
+        input_signature(variant)[1],
+    )
+
+    def unpack(packed, targets):
+        feats = {CONTEXT_ROW_KEY: packed[CONTEXT_ROW_KEY]}
+        for fields, side in sides:
+            widths = packed[f"{side}_widths"]
+            for key, name in ((ids_key, "ids"), (wts_key, "wts")):
+                parts = tf.split(packed[f"{side}_{name}"], widths, axis=1, num=len(fields))
+                feats.update({key(f): part for f, part in zip(fields, parts, strict=True)})
+        return feats, targets
+
     shards = tf.data.Dataset.range(parallel)
     ds = shards.interleave(
         lambda shard: tf.data.Dataset.from_generator(
-            generate, output_signature=signature, args=(shard,)
+            generate, output_signature=packed_signature, args=(shard,)
         ),
         cycle_length=parallel,
         block_length=1,
         num_parallel_calls=parallel,
         deterministic=True,
-    )
+    ).map(unpack)
     n = reader.num_batches(batch_size) - start
     ds = ds.apply(tf.data.experimental.assert_cardinality(max(n, 0)))
     return ds.prefetch(tf.data.AUTOTUNE)
