@@ -109,7 +109,7 @@ class TowerConfig(_Section):
 
 class ModelConfig(_Section):
     embedding_dim: int = Field(12, gt=0)
-    pooling: Literal["mean", "sum"] = "mean"  # how weighted multi-valued fields are pooled
+    pooling: Literal["mean", "sum"] = "sum"  # how weighted multi-valued fields are pooled
     embedding_l2: float = Field(0.0, ge=0.0)  # L2 penalty on every embedding table
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
