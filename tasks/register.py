@@ -174,11 +174,11 @@ def fetch_champion(cfg: RegisterConfig, dest: Path) -> Champion | None:
     version = champion_version(uri, cfg.model_name)
     if version is None:
         return None
+    # The version's own artefact location, resolved through this registry (a `models:/` URI
+    # would be resolved against MLflow's process-wide registry URI instead).
+    source = _client(uri).get_model_version_download_uri(cfg.model_name, version)
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{cfg.model_name}/{version}",
-        dst_path=str(dest),
-        tracking_uri=uri,
-        registry_uri=uri,
+        artifact_uri=source, dst_path=str(dest), tracking_uri=uri
     )
     found = sorted(Path(local).glob("**/*.keras"))
     if not found:

@@ -233,6 +233,8 @@ def test_fetch_champion_finds_the_keras_file_anywhere_in_the_artifacts(tmp_path)
     client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id)
     assert fetch_champion(cfg, tmp_path / "dl") is None  # registered, but no champion
     client.set_registered_model_alias(MODEL, CHAMPION, "1")
+    # Another registry left as MLflow's process-wide default must not be read instead.
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'other.db'}")
     champion = fetch_champion(cfg, tmp_path / "dl")
     assert champion.version == "1" and champion.model_path.read_bytes() == b"keras zip"
 
