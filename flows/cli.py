@@ -68,25 +68,25 @@ def _expected_errors() -> tuple[type[Exception], ...]:
 
 @app.command()
 def synth(
-    out: Path = typer.Option(None, "--out", help="Output folder [default: paths.raw_dir]."),
-    train: int = typer.Option(None, "--train", help="Train impressions [default: synth.train]."),
-    test: int = typer.Option(None, "--test", help="Test impressions [default: synth.test]."),
-    seed: int = typer.Option(None, "--seed", help="Random seed [default: synth.seed]."),
+    out: Path = typer.Option(None, "--out", help="Output folder (default: paths.raw_dir)."),
+    train: int = typer.Option(None, "--train", help="Train impressions (default: synth.train)."),
+    test: int = typer.Option(None, "--test", help="Test impressions (default: synth.test)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (default: synth.seed)."),
     profile: str = typer.Option(
-        None, "--profile", help="Data profile: default or realistic [default: synth.profile]."
+        None, "--profile", help="Data profile: default or realistic (default: synth.profile)."
     ),
     defect_rate: float = typer.Option(
         0.0,
         "--defect-rate",
         min=0.0,
         max=1.0,
-        help="Share of lines written with a defect, listed in defects.csv [default: 0].",
+        help="Share of lines written with a defect, listed in defects.csv (default: 0).",
     ),
     defects: str = typer.Option(
         None,
         "--defects",
-        help="Comma-separated defect kinds (e.g. truncated,empty,crlf) [default: every "
-        "defect kind, not crlf].",
+        help="Comma-separated defect kinds (e.g. truncated,empty,crlf) (default: every "
+        "defect kind, not crlf).",
     ),
     params: Path = PARAMS,
 ) -> None:
