@@ -130,10 +130,9 @@ def main() -> None:
     import tensorflow as tf
 
     from benchmarks.machine import machine_info
-    from models.esmm import build_esmm, compile_esmm
     from tasks.config import Params
     from tasks.ingest import load_vocabularies
-    from tasks.train import SplitReader, make_dataset
+    from tasks.train import SplitReader, compiled_model, make_dataset
 
     load_before = os.getloadavg()
     params = Params.model_validate({"preset": args.preset})
@@ -154,14 +153,7 @@ def main() -> None:
         sample = reader.features(next(reader.tables(batch_size, seed=1)))
         for source in ("real_input", "in_memory"):
             keras.utils.set_random_seed(train_cfg.seed)
-            model = build_esmm(model_cfg, vocab, seed=train_cfg.seed)
-            compile_esmm(
-                model,
-                learning_rate=train_cfg.learning_rate,
-                ctr_loss_weight=train_cfg.ctr_loss_weight,
-                ctcvr_loss_weight=train_cfg.ctcvr_loss_weight,
-                variant=model_cfg.variant,
-            )
+            model = compiled_model(model_cfg, train_cfg, vocab)
             ds = make_dataset(reader, batch_size, seed=1, variant=model_cfg.variant)
             if source == "in_memory":
                 ds = ds.take(100).cache().repeat()

@@ -410,8 +410,6 @@ def train_esmm(
     import keras
     import tensorflow as tf
 
-    from models.esmm import build_esmm, compile_esmm
-
     ingest_dir, out_dir = Path(ingest_dir), Path(out_dir)
     train = SplitReader(ingest_dir / "train", first_id_only)
     valid = SplitReader(ingest_dir / "valid", first_id_only)
@@ -450,15 +448,7 @@ def train_esmm(
     keras.utils.set_random_seed(train_cfg.seed)
     if train_cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-    vocab = load_vocabularies(ingest_dir / "vocab.parquet")
-    model = build_esmm(model_cfg, vocab, seed=train_cfg.seed)
-    compile_esmm(
-        model,
-        learning_rate=train_cfg.learning_rate,
-        ctr_loss_weight=train_cfg.ctr_loss_weight,
-        ctcvr_loss_weight=train_cfg.ctcvr_loss_weight,
-        variant=model_cfg.variant,
-    )
+    model = compiled_model(model_cfg, train_cfg, load_vocabularies(ingest_dir / "vocab.parquet"))
     if resumed_from is not None:
         model.optimizer.build(model.trainable_variables)
         model.load_weights(ckpt_dir / "latest.weights.h5")
@@ -520,6 +510,22 @@ def train_esmm(
         json.dumps({**history, "best_epoch": state["best_epoch"]}, indent=2)
     )
     return TrainResult(model_path, state["epoch"], history, resumed_from)
+
+
+def compiled_model(model_cfg: ModelConfig, train_cfg: TrainConfig, vocab: dict[str, np.ndarray]):
+    """The ESMM of `model_cfg`, initialised from `train_cfg.seed` and compiled with its
+    optimiser settings and loss weights."""
+    from models.esmm import build_esmm, compile_esmm
+
+    model = build_esmm(model_cfg, vocab, seed=train_cfg.seed)
+    compile_esmm(
+        model,
+        learning_rate=train_cfg.learning_rate,
+        ctr_loss_weight=train_cfg.ctr_loss_weight,
+        ctcvr_loss_weight=train_cfg.ctcvr_loss_weight,
+        variant=model_cfg.variant,
+    )
+    return model
 
 
 def predict_split(
