@@ -17,6 +17,7 @@ from models.esmm import (
     CONTEXT_ROW_KEY,
     EmbeddingBag,
     EsmmModel,
+    binary_crossentropy_per_row,
     build_esmm,
     compile_esmm,
     esmm_targets,
@@ -666,3 +667,22 @@ def test_per_impression_inputs_mark_every_row_as_its_own_context(batch):
     np.testing.assert_array_equal(inputs[CONTEXT_ROW_KEY], np.full(32, -1, np.int32))
     with pytest.raises(ValueError, match="already have a 'context_row'"):
         per_impression_inputs(inputs)
+
+
+def test_loss_keeps_the_gradient_of_rare_positives_below_keras_clip():
+    """A converted impression predicted at p_ctcvr = 1e-12 (far below Keras' 1e-7 clip) still
+    gets its full log loss and a gradient that raises the CVR logit; a collapsed p_cvr
+    would otherwise never recover."""
+    logit = tf.Variable([-20.0, -20.0])  # cvr logits; p_ctr = 0.5
+    with tf.GradientTape() as tape:
+        p_ctcvr = 0.5 * tf.sigmoid(logit)
+        loss = binary_crossentropy_per_row(tf.constant([1.0, 0.0]), p_ctcvr)
+    grad = tape.gradient(loss, logit).numpy()
+    assert float(loss[0]) == pytest.approx(-np.log(0.5 / (1 + np.exp(20.0))), rel=1e-4)
+    assert grad[0] == pytest.approx(-1.0, abs=1e-3)  # d(-log sigmoid(z))/dz = -(1 - p)
+    assert 0 <= grad[1] < 1e-8  # a negative at p ~ 1e-9 barely pushes further down
+    with tf.GradientTape() as tape:  # what Keras' clipped BCE does instead
+        clipped = keras.losses.binary_crossentropy(
+            tf.constant([[1.0]]), 0.5 * tf.sigmoid(logit[:1])[:, None]
+        )
+    assert float(tf.reduce_sum(tf.abs(tape.gradient(clipped, logit)))) == 0.0
