@@ -84,23 +84,45 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores)) if 0 < labels.sum() < len(labels) else float("nan")
 
 
-def delong_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """AUC and its DeLong standard error (Sun & Xu 2014, midranks: O(n log n)).
-
-    NaN for both when only one class is present.
-    """
+def _placements(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """DeLong's structural components (Sun & Xu 2014, midranks: O(n log n)): per positive,
+    the share of negatives ranked below it; per negative, the share of positives above it.
+    None when only one class is present."""
     labels = np.asarray(labels)
     pos, neg = scores[labels == 1], scores[labels == 0]
     m, n = len(pos), len(neg)
     if m == 0 or n == 0:
-        return float("nan"), float("nan")
+        return None
     overall = rankdata(np.concatenate([pos, neg]))
-    v_pos = (overall[:m] - rankdata(pos)) / n  # per positive: share of negatives ranked below
-    v_neg = 1.0 - (overall[m:] - rankdata(neg)) / m  # per negative: share of positives above
-    auc = float(v_pos.mean())
-    var_pos = v_pos.var(ddof=1) / m if m > 1 else 0.0
-    var_neg = v_neg.var(ddof=1) / n if n > 1 else 0.0
-    return auc, float(math.sqrt(var_pos + var_neg))
+    return (overall[:m] - rankdata(pos)) / n, 1.0 - (overall[m:] - rankdata(neg)) / m
+
+
+def _mean_var(v: np.ndarray) -> float:
+    return v.var(ddof=1) / len(v) if len(v) > 1 else 0.0
+
+
+def delong_auc(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """AUC and its DeLong standard error. NaN for both when only one class is present."""
+    placed = _placements(labels, scores)
+    if placed is None:
+        return float("nan"), float("nan")
+    v_pos, v_neg = placed
+    return float(v_pos.mean()), float(math.sqrt(_mean_var(v_pos) + _mean_var(v_neg)))
+
+
+def delong_difference(
+    labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray
+) -> tuple[float, float]:
+    """AUC(a) - AUC(b) on the same labels, and the DeLong standard error of that difference.
+
+    Paired: both models score the same impressions, so the correlation of their errors is
+    taken into account, and the difference is far more precise than either AUC alone."""
+    a, b = _placements(labels, scores_a), _placements(labels, scores_b)
+    if a is None or b is None:
+        return float("nan"), float("nan")
+    delta = float(a[0].mean() - b[0].mean())
+    var = _mean_var(a[0] - b[0]) + _mean_var(a[1] - b[1])
+    return delta, float(math.sqrt(var))
 
 
 def _logloss(labels: np.ndarray, scores: np.ndarray) -> float:

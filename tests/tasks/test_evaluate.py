@@ -18,6 +18,7 @@ from tasks.evaluate import (
     GateVerdict,
     compute_metrics,
     delong_auc,
+    delong_difference,
     gate,
     metrics_by_position,
     read_metrics,
@@ -130,6 +131,23 @@ def test_delong_standard_error_matches_the_bootstrap():
     idx = rng.integers(0, len(labels), (400, len(labels)))
     boot = np.std([roc_auc_score(labels[i], score[i]) for i in idx])
     assert se == pytest.approx(boot, rel=0.15)
+
+
+def test_paired_delong_difference_matches_the_bootstrap_and_beats_unpaired_errors():
+    """Two correlated scorers: the paired SE of their AUC difference agrees with a paired
+    bootstrap and is below the SE of either AUC on its own."""
+    rng = np.random.default_rng(4)
+    signal = rng.normal(size=3000)
+    labels = (rng.random(3000) < 1 / (1 + np.exp(-(signal - 1.5)))).astype(int)
+    a = signal + rng.normal(scale=0.3, size=3000)
+    b = signal + rng.normal(scale=0.5, size=3000)
+    delta, se = delong_difference(labels, a, b)
+    assert delta == pytest.approx(roc_auc_score(labels, a) - roc_auc_score(labels, b), abs=1e-12)
+    idx = rng.integers(0, len(labels), (400, len(labels)))
+    boot = np.std([roc_auc_score(labels[i], a[i]) - roc_auc_score(labels[i], b[i]) for i in idx])
+    assert se == pytest.approx(boot, rel=0.15)
+    assert se < 0.8 * delong_auc(labels, a)[1]
+    assert np.isnan(delong_difference(np.zeros(5), a[:5], b[:5])[0])
 
 
 def test_gauc_weights_users_by_impressions_and_counts_single_class_users():
