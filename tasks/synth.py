@@ -894,6 +894,8 @@ class _Block:
     crosses: Mapping[str, _Entries]  # cross field -> entries, line = impression
     logit_ctr: np.ndarray  # without the calibrated bias
     logit_cvr: np.ndarray
+    hidden_ctr: np.ndarray  # the per-context noise inside logit_ctr (seen by no model)
+    hidden_cvr: np.ndarray
 
 
 def _simulate(
@@ -999,6 +1001,8 @@ def _simulate(
         crosses=crosses,
         logit_ctr=logit_ctr,
         logit_cvr=logit_cvr,
+        hidden_ctr=context_ctr,
+        hidden_cvr=context_cvr,
     )
 
 

@@ -1,0 +1,73 @@
+"""The attainable-AUC bound: it replays exactly the generator's data, and it lies between
+knowing nothing about items and knowing everything (the oracle)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks.attainable import aucs, genie_predict, item_posteriors, replay
+from tasks.synth import synthesize_ali_ccp
+
+
+@pytest.fixture(scope="module")
+def world_and_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("raw")
+    synthesize_ali_ccp(out, 20_000, 8_000, seed=5)
+    return out, replay(20_000, 8_000, seed=5)
+
+
+def test_replay_reproduces_the_written_labels_and_truth(world_and_files):
+    out, (_, _, splits) = world_and_files
+    for split in ("train", "test"):
+        rows = np.loadtxt(out / f"sample_skeleton_{split}.csv", delimiter=",", usecols=(1, 2))
+        truth = np.loadtxt(
+            out / f"ground_truth_{split}.csv", delimiter=",", usecols=(1, 2), skiprows=1
+        )
+        np.testing.assert_array_equal(rows[:, 0], splits[split]["click"])
+        np.testing.assert_array_equal(rows[:, 1], splits[split]["conversion"])
+        np.testing.assert_allclose(truth[:, 0], splits[split]["p_ctr"], atol=1e-8)
+        np.testing.assert_allclose(truth[:, 1], splits[split]["p_cvr"], atol=1e-8)
+    test = splits["test"]
+    oracle = aucs(
+        test["click"],
+        test["conversion"],
+        test["p_ctr"],
+        test["p_ctr"] * test["p_cvr"],
+        test["p_cvr"],
+    )
+    written = json.loads((out / "oracle.json").read_text())["test"]
+    for metric, value in oracle.items():
+        assert value == pytest.approx(written[metric], abs=1e-9)
+
+
+def test_genie_is_below_the_oracle_and_above_an_item_blind_predictor(world_and_files):
+    _, (world, bias, splits) = world_and_files
+    train, test = splits["train"], splits["test"]
+    support_ctr, support_cvr = world.item_ctr[:128], world.item_cvr[:128]
+    n_items = len(world.item_ctr)
+    posterior = item_posteriors(train, support_ctr, support_cvr, bias, n_items)
+    assert np.allclose(posterior.sum(axis=1), 1.0)
+    noise = world.profile.context_noise
+    genie = aucs(
+        test["click"],
+        test["conversion"],
+        *genie_predict(test, posterior, support_ctr, support_cvr, bias, noise),
+    )
+    prior = np.full_like(posterior, 1.0 / posterior.shape[1])  # items never learned
+    blind = aucs(
+        test["click"],
+        test["conversion"],
+        *genie_predict(test, prior, support_ctr, support_cvr, bias, noise),
+    )
+    oracle = aucs(
+        test["click"],
+        test["conversion"],
+        test["p_ctr"],
+        test["p_ctr"] * test["p_cvr"],
+        test["p_cvr"],
+    )
+    assert blind["ctr_auc"] < genie["ctr_auc"] < oracle["ctr_auc"]
+    assert genie["ctcvr_auc"] < oracle["ctcvr_auc"]
