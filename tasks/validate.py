@@ -55,10 +55,12 @@ CLICKED_CONVERSION_KEY = "clicked_conversion"  # derived: click * conversion
 LABEL_COLUMNS: tuple[str, ...] = (*LABEL_KEYS, CLICKED_CONVERSION_KEY)
 # Keys identify rows; they are not features.
 _NOT_FEATURES = (SAMPLE_ID_KEY, COMMON_INDEX_KEY)
-# Schema proposal: how far below its training presence a field may fall, and how many times
-# its longest training list a multi-valued field may grow, before either is an anomaly.
+# Schema proposal: how far below its training presence a field may fall before it is an
+# anomaly. Cross fields are present only where the user's history matches the item (the
+# format), so any share of them is valid. Multi-valued lists get no upper length: the
+# format's behaviour lists often hold hundreds of entries.
 _PRESENCE_SLACK = 0.8
-_VALUE_COUNT_HEADROOM = 2
+_OPTIONAL_FIELDS = frozenset({"508", "509", "702", "853"})
 _UNIQUE_HEADROOM = 1.25  # distinct ids of a low-cardinality field, times its training count
 
 
@@ -224,8 +226,11 @@ def infer_schema(statistics, max_domain_size: int = 100, value_domains: bool = F
     value in {0, 1}, always present. Id fields with at most `max_domain_size` distinct values
     get a bound on their number of distinct values and, with `value_domains`, their training
     values as a domain. Every field must be present in at least `_PRESENCE_SLACK`
-    of its training share of rows; single-valued fields hold one value, multi-valued ones
-    1 to `_VALUE_COUNT_HEADROOM` times their longest training list.
+    of its training share of rows (cross fields: any share); single-valued fields hold one
+    value, multi-valued ones at least one. The bound on distinct ids is the larger of
+    `_UNIQUE_HEADROOM` times the training count and `max_domain_size`, so data with a few
+    more profile values than the training data (real Ali-CCP has 97 in field 121) passes,
+    while an explosion of ids (say user ids leaking into gender) does not.
     """
     import tensorflow_data_validation as tfdv
     from tensorflow_metadata.proto.v0 import schema_pb2
@@ -246,15 +251,15 @@ def infer_schema(statistics, max_domain_size: int = 100, value_domains: bool = F
         common = stats[feature.name].string_stats.common_stats
         if not common.num_non_missing:
             common = stats[feature.name].num_stats.common_stats
-        feature.presence.min_fraction = round(_PRESENCE_SLACK * common.num_non_missing / rows, 3)
-        feature.presence.min_count = 1
         field_name = feature.name.split("_", 1)[1]
+        share = 0.0 if field_name in _OPTIONAL_FIELDS else common.num_non_missing / rows
+        feature.presence.min_fraction = round(_PRESENCE_SLACK * share, 3)
+        feature.presence.min_count = 1
         feature.value_count.min = 1
-        feature.value_count.max = (
-            max(int(common.max_num_values), 1) * _VALUE_COUNT_HEADROOM
-            if field_name in MULTI_VALUED_FIELDS
-            else 1
-        )
+        if field_name in MULTI_VALUED_FIELDS:
+            feature.value_count.ClearField("max")
+        else:
+            feature.value_count.max = 1
         if feature.type == schema_pb2.BYTES:
             # Ids are categories. A low-cardinality field may not grow much beyond its
             # training count of distinct ids (an explosion of new ids is an anomaly) and,
@@ -263,7 +268,9 @@ def infer_schema(statistics, max_domain_size: int = 100, value_domains: bool = F
             string_stats = stats[feature.name].string_stats
             if 0 < string_stats.unique <= max_domain_size:
                 feature.unique_constraints.min = 1
-                feature.unique_constraints.max = math.ceil(string_stats.unique * _UNIQUE_HEADROOM)
+                feature.unique_constraints.max = max(
+                    math.ceil(string_stats.unique * _UNIQUE_HEADROOM), max_domain_size
+                )
                 if value_domains:
                     values = {b.label for b in string_stats.rank_histogram.buckets}
                     feature.string_domain.value.extend(sorted(values, key=int))
