@@ -138,6 +138,9 @@ class TrainConfig(_Section):
     resume: bool = True  # resume from a checkpoint of the same config and data, if any
     tensorboard: bool = False  # TensorBoard logs under <train dir>/tensorboard
     deterministic: bool = True  # tf op determinism: same seed, same weights
+    # After training, shift each tower's logit bias so that on the validation split the mean
+    # p_ctr is the click rate and the mean p_ctcvr the conversion rate (rankings unchanged)
+    recalibrate: bool = True
 
 
 GateableMetric = Literal[

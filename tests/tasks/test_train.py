@@ -3,6 +3,7 @@ stopping, checkpoints and resume after an interruption (real files, real Keras).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
@@ -188,3 +189,28 @@ def test_an_unknown_early_stopping_metric_is_named(ingested, tmp_path):
 
 def test_the_context_row_key_matches_the_model():
     assert CONTEXT_ROW_KEY == models.esmm.CONTEXT_ROW_KEY
+
+
+def test_recalibration_matches_validation_rates_and_keeps_rankings(ingested, tmp_path):
+    """With train.recalibrate the validation split's mean p_ctr is its click rate and its
+    mean p_ctcvr its conversion rate; CTR and clicked-CVR rankings are those of the same
+    training without it."""
+    cfg = TRAIN.model_copy(update={"early_stopping": None, "epochs": 1})
+    plain = train_esmm(
+        ingested,
+        tmp_path / "plain",
+        MODEL,
+        cfg.model_copy(update={"recalibrate": False}),
+        verbose=0,
+    )
+    tuned = train_esmm(ingested, tmp_path / "tuned", MODEL, cfg, verbose=0)
+    shifts = json.loads((tmp_path / "tuned" / "history.json").read_text())["recalibration"]
+    assert shifts["ctr_logit_shift"] != 0 and shifts["cvr_logit_shift"] != 0
+    before = predict_split(keras.models.load_model(plain.model_path), ingested / "valid")
+    after = predict_split(keras.models.load_model(tuned.model_path), ingested / "valid")
+    click, conversion = after[CLICK_LABEL_KEY], after["conversion"]
+    assert after["p_ctr"].mean() == pytest.approx(click.mean(), rel=1e-3)
+    assert after["p_ctcvr"].mean() == pytest.approx((click * conversion).mean(), rel=1e-3)
+    assert abs(before["p_ctr"].mean() / click.mean() - 1) > 0.01  # there was something to fix
+    for key in ("p_ctr", "p_cvr"):
+        assert (after[key].rank().to_numpy() == before[key].rank().to_numpy()).mean() > 0.99
