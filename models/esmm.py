@@ -289,6 +289,34 @@ class EsmmModel(keras.Model):
         labelled = {key: value for key, value in y_pred.items() if key in y}
         return super().compute_metrics(x, y, labelled, sample_weight)
 
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        """Build loss and metrics from replica 0's first batch under tf.distribute.
+
+        Keras 3.15.1 averages the first batch over the replicas to get a sample to build
+        from, which fails when replicas hold batches of different shapes; ESMM batches do
+        (each replica gets whole contexts: the number of contexts and the list widths
+        vary). One replica's batch serves as well. (Private Keras API: pinned by
+        tests/tasks/test_train.py's distributed test.)
+        """
+        strategy = getattr(self, "_distribute_strategy", None)
+        if strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        import tensorflow as tf
+
+        # From a fresh iterator: Keras' own build takes its sample from the training
+        # iterator and so drops the epoch's first step.
+        batch = next(iter(iterator._get_iterator()))
+        first = keras.tree.map_structure(
+            lambda v: (
+                strategy.experimental_local_results(v)[0]
+                if isinstance(v, tf.distribute.DistributedValues)
+                else v
+            ),
+            batch,
+        )
+        with strategy.scope():
+            self._symbolic_build(data_batch=first)
+
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 def binary_crossentropy_per_row(y_true: Any, y_pred: Any) -> Any:

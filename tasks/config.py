@@ -141,6 +141,9 @@ class TrainConfig(_Section):
     # After training, shift each tower's logit bias so that on the validation split the mean
     # p_ctr is the click rate and the mean p_ctcvr the conversion rate (rankings unchanged)
     recalibrate: bool = True
+    # none: one process, TF's own threads; mirrored: tf.distribute.MirroredStrategy over this
+    # machine's devices (its GPUs), each replica fed whole per-context batches
+    distribute: Literal["none", "mirrored"] = "none"
 
 
 GateableMetric = Literal[

@@ -18,6 +18,7 @@ it when the config and data match, a progress bar with samples/s, optional Tenso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -191,13 +192,17 @@ def make_dataset(
     epoch: int = 0,
     start: int = 0,
     parallel: int = 2,
+    stop: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ):
     """A finite tf.data.Dataset of (inputs, targets): one pass, from batch `start`.
 
     With a seed the pass is epoch `epoch`'s order (see `SplitReader.tables`); without one,
     file order (the dataset can then be iterated again, e.g. for validation). `parallel`
     generator threads build batches i, i + parallel, ...; a deterministic interleave puts
-    them back in order, so the result does not depend on `parallel`.
+    them back in order, so the result does not depend on `parallel`. `stop` ends the pass
+    before that batch number; `shard = (k, n)` keeps the batches whose number is k mod n
+    (one input pipeline of n, in distributed training).
     """
     import tensorflow as tf
 
@@ -205,11 +210,20 @@ def make_dataset(
 
     sides = ((COMMON_FIELDS, "user"), (SKELETON_FIELDS, "item"))
 
-    def generate(shard):
+    shard_index, num_shards = shard
+    end = reader.num_batches(batch_size) if stop is None else stop
+
+    def generate(thread):
         # One ids and one weights matrix per side (fields side by side, with their
         # widths): 9 tensors cross from Python per batch instead of 49.
-        for i, table in enumerate(reader.tables(batch_size, seed, epoch, start)):
-            if i % parallel != shard:
+        mine = 0
+        for i, table in enumerate(reader.tables(batch_size, seed, epoch, start), start):
+            if i == end:
+                return
+            if i % num_shards != shard_index:
+                continue
+            mine += 1
+            if (mine - 1) % parallel != thread:
                 continue
             feats = reader.features(table)
             packed = {CONTEXT_ROW_KEY: feats[CONTEXT_ROW_KEY]}
@@ -255,8 +269,8 @@ def make_dataset(
         num_parallel_calls=parallel,
         deterministic=True,
     ).map(unpack)
-    n = reader.num_batches(batch_size) - start
-    ds = ds.apply(tf.data.experimental.assert_cardinality(max(n, 0)))
+    n = len(range(start + (shard_index - start) % num_shards, end, num_shards))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(n))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -422,8 +436,11 @@ def train_esmm(
             "cannot be computed: set ingest.valid_fraction > 0 or train.early_stopping: null"
         )
 
+    strategy = _strategy(train_cfg.distribute)
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     ckpt_dir = out_dir / "checkpoints"
     fingerprint = run_fingerprint(ingest_dir, model_cfg, train_cfg) + ("-first" * first_id_only)
+    fingerprint += f"-replicas{replicas}" * (strategy is not None)
     state_path = ckpt_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
     if not (train_cfg.resume if resume is None else resume) or (
@@ -448,44 +465,75 @@ def train_esmm(
     keras.utils.set_random_seed(train_cfg.seed)
     if train_cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
-    model = compiled_model(model_cfg, train_cfg, load_vocabularies(ingest_dir / "vocab.parquet"))
-    if resumed_from is not None:
-        model.optimizer.build(model.trainable_variables)
-        model.load_weights(ckpt_dir / "latest.weights.h5")
-        with np.load(ckpt_dir / "rng.npz") as rng:
-            for i, variable in enumerate(_rng_states(model)):
-                variable.assign(rng[str(i)])
+    vocab = load_vocabularies(ingest_dir / "vocab.parquet")
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = compiled_model(model_cfg, train_cfg, vocab)
+        if resumed_from is not None:
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(ckpt_dir / "latest.weights.h5")
+            with np.load(ckpt_dir / "rng.npz") as rng:
+                for i, variable in enumerate(_rng_states(model)):
+                    variable.assign(rng[str(i)])
 
     variant, batch_size = model_cfg.variant, train_cfg.batch_size
-    validation = make_dataset(valid, batch_size, variant=variant) if valid.num_rows else None
+    # A step is one batch per replica; distributed, a pass drops its last few batches
+    # (fewer than the replicas) so that every replica gets one each step.
+    n_batches = train.num_batches(batch_size) // replicas
+    if n_batches == 0:
+        raise ValueError(
+            f"{train.split_dir}: {train.num_batches(batch_size)} batches cannot feed "
+            f"{replicas} replicas; lower train.batch_size"
+        )
+
+    def distributed(build):
+        """`build(shard)` for one input pipeline, fed to every replica by the strategy."""
+        if strategy is None:
+            return build((0, 1))
+        return strategy.distribute_datasets_from_function(
+            lambda ctx: build((ctx.input_pipeline_id, ctx.num_input_pipelines))
+        )
+
+    validation, validation_steps = None, None
+    if valid.num_rows and valid.num_batches(batch_size) >= replicas:
+        validation_steps = valid.num_batches(batch_size) // replicas
+        v_stop = validation_steps * replicas
+        validation = distributed(
+            lambda shard: make_dataset(valid, batch_size, variant=variant, stop=v_stop, shard=shard)
+        )
+    if validation is None and stop is not None and stop.monitor.startswith("val_"):
+        raise ValueError(
+            f"{valid.split_dir}: {valid.num_batches(batch_size)} batches cannot feed "
+            f"{replicas} replicas, so {stop.monitor!r} cannot be computed; lower "
+            "train.batch_size or set train.early_stopping: null"
+        )
     Checkpointer, Throughput = _make_callbacks(keras)
-    extra = [Throughput(batch_size)]
+    extra = [Throughput(batch_size * replicas)]
     if train_cfg.tensorboard:
         extra.append(keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")))
-    n_batches = train.num_batches(batch_size)
 
     def fit(first_epoch: int, last_epoch: int, start: int) -> None:
-        """Epochs [first_epoch, last_epoch), the first one from batch `start`."""
-        import tensorflow as tf
+        """Epochs [first_epoch, last_epoch), the first one from step `start`."""
 
-        data = None
-        for e in range(first_epoch, last_epoch):
-            part = make_dataset(
-                train,
-                batch_size,
-                train_cfg.seed,
-                variant=variant,
-                epoch=e,
-                start=start if e == first_epoch else 0,
-            )
-            data = part if data is None else data.concatenate(part)
-        model.fit(
-            data.apply(
-                tf.data.experimental.assert_cardinality(
-                    (last_epoch - first_epoch) * n_batches - start
+        def build(shard):
+            data = None
+            for e in range(first_epoch, last_epoch):
+                part = make_dataset(
+                    train,
+                    batch_size,
+                    train_cfg.seed,
+                    variant=variant,
+                    epoch=e,
+                    start=(start if e == first_epoch else 0) * replicas,
+                    stop=n_batches * replicas,
+                    shard=shard,
                 )
-            ),
+                data = part if data is None else data.concatenate(part)
+            return data
+
+        model.fit(
+            distributed(build),
             validation_data=validation,
+            validation_steps=validation_steps,
             initial_epoch=first_epoch,
             epochs=last_epoch,
             steps_per_epoch=n_batches - start,  # start > 0 only for a single epoch
@@ -501,6 +549,10 @@ def train_esmm(
     if state["epoch"] < train_cfg.epochs and not state["stopped"]:
         fit(state["epoch"], train_cfg.epochs, 0)
 
+    if strategy is not None:  # the saved model runs anywhere: rebuild it outside the strategy
+        model.save_weights(ckpt_dir / "trained.weights.h5")
+        model = compiled_model(model_cfg, train_cfg, vocab)
+        model.load_weights(ckpt_dir / "trained.weights.h5")
     if stop is not None and stop.restore_best_weights and (ckpt_dir / "best.weights.h5").is_file():
         model.load_weights(ckpt_dir / "best.weights.h5")
     history = state["history"]
@@ -511,10 +563,25 @@ def train_esmm(
     model.save(model_path)
     (out_dir / "history.json").write_text(
         json.dumps(
-            {**history, "best_epoch": state["best_epoch"], "recalibration": shifts}, indent=2
+            {
+                **history,
+                "best_epoch": state["best_epoch"],
+                "recalibration": shifts,
+                "replicas": replicas,
+            },
+            indent=2,
         )
     )
     return TrainResult(model_path, state["epoch"], history, resumed_from)
+
+
+def _strategy(name: str):
+    """The tf.distribute strategy of `train.distribute` (None: plain Keras)."""
+    if name == "none":
+        return None
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy()
 
 
 def recalibrate(model, split_dir: Path, first_id_only: bool = False) -> dict[str, float]:
