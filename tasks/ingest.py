@@ -442,19 +442,12 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
         (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
     )
     parsed = _parse_lines(block, names, fields)
-    cols = parsed.columns
+    cols = parsed.columns  # labels already int8
     if skeleton:
-        head = {
-            SAMPLE_ID_KEY: cols[SAMPLE_ID_KEY],
-            CLICK_LABEL_KEY: pc.cast(cols[CLICK_LABEL_KEY], pa.int8()),
-            CONVERSION_LABEL_KEY: pc.cast(cols[CONVERSION_LABEL_KEY], pa.int8()),
-            COMMON_INDEX_KEY: cols[COMMON_INDEX_KEY],
-        }
         schema, unique_key = _impression_schema(), cols[SAMPLE_ID_KEY]
     else:
-        head = {COMMON_INDEX_KEY: cols[COMMON_INDEX_KEY]}
         schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
-    table = pa.table({**head, **parsed.fields}, schema=schema)
+    table = pa.table({**cols, **parsed.fields}, schema=schema)
     bad = np.flatnonzero(parsed.reasons != None)  # noqa: E711
     bad_ids = [parsed.first_column.get(line) for line in bad.tolist()]
     return ParsedBlock(
@@ -473,7 +466,7 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
 
 @dataclass
 class _Parsed:
-    columns: dict[str, pa.Array]  # plain columns of the valid rows (strings)
+    columns: dict[str, pa.Array]  # plain columns of the valid rows (labels as int8)
     fields: dict[str, pa.Array]  # ids_*/wts_* list columns of the valid rows
     reasons: np.ndarray  # object array, one reason (or None) per line
     unknown_fields: Counter
@@ -484,45 +477,109 @@ class _Parsed:
 
 # --- the block parser ------------------------------------------------------------------------
 #
-# A block is parsed as bytes, with numpy, without splitting it into Python strings: the
-# positions of the separators (newline, comma, 0x01, 0x02, 0x03) give every line, column and
-# entry as a (start, end) span of the block. Lines whose separators are out of the format's
-# order are quarantined before any value is parsed; the spans of the rest become Arrow string
-# arrays over the block's memory, which Arrow's C kernels turn into ids and weights.
+# A block is parsed as bytes, with numpy, without splitting it into Python strings. One pass
+# finds every byte below '-' (0x2d): the newlines, commas and 0x01-0x03 separators, the
+# "tokens" of the format (other bytes down there, such as '\r' or '+', are content). A valid
+# line's tokens read `,`*(n_cols-1) then nothing or `2 3 (1 2 3)*`, then its newline; that is
+# checked on pairs of neighbouring tokens, so no per-token line number is ever computed. The
+# spans between tokens then become Arrow string arrays over the block's memory, which Arrow's
+# C kernels turn into ids and weights.
 
 _NL, _CR, _COMMA = 10, 13, 44
 _FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+_LOW = 0x2D  # every token byte is below '-'; digits, '.', '-', 'e' and letters are not
+# Token codes: 0 = content byte, then the three feature-list separators, newline, comma.
+_TOKEN_CODE = np.zeros(256, dtype=np.uint8)
+_TOKEN_CODE[[1, 2, 3, _NL, _COMMA]] = [1, 2, 3, 4, 5]
+_T_ENTRY, _T_NL = 2, 4  # 0x02 opens an entry's id; a newline ends a line
+# Allowed (previous token, token) pairs: a line is `,`* then `2 3 (1 2 3)*` or nothing, then
+# its newline. With the comma count checked separately, these pairs are the whole grammar.
+_ALLOWED = np.zeros((6, 6), dtype=bool)
+for _prev, _next in ((4, 5), (4, 4), (5, 5), (5, 2), (5, 4), (2, 3), (3, 1), (3, 4), (1, 2)):
+    _ALLOWED[_prev, _next] = True
+_ALLOWED = _ALLOWED.ravel()
+# Low-bits masks of a little-endian uint64 holding the first n bytes of a field id.
+_BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**64 - 1], dtype=np.uint64)
+
+
+def _offsets_type(size: int) -> tuple[type, pa.DataType]:
+    """Offset dtype and string type able to address a block of `size` bytes."""
+    return (np.int32, pa.string()) if size < 2**31 else (np.int64, pa.large_string())
+
+
+def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=None) -> pa.Array:
+    """A string array over the block whose even elements are the spans [starts, ends) and
+    whose odd elements are the gaps between them (null, and so skipped by kernels, when
+    `valid` is given: then an even element is null where `valid` is False).
+
+    Spans must be ordered and non-overlapping; nothing is copied."""
+    n = len(starts)
+    dtype, string_type = _offsets_type(buffer.size)
+    offsets = np.empty(2 * n + 1, dtype=dtype)
+    offsets[0:-1:2], offsets[1::2] = starts, ends
+    offsets[-1] = ends[-1] if n else 0
+    bitmap = None
+    if valid is not None:
+        mask = np.zeros(2 * n, dtype=bool)
+        mask[0::2] = valid
+        bitmap = pa.py_buffer(np.packbits(mask, bitorder="little"))
+    cls = pa.StringArray if string_type == pa.string() else pa.LargeStringArray
+    return cls.from_buffers(2 * n, pa.py_buffer(offsets), buffer, bitmap)
 
 
 def _spans(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.StringArray:
-    """Strings block[starts[i]:ends[i]] for ordered, non-overlapping spans."""
+    """Strings block[starts[i]:ends[i]] (copied) for ordered, non-overlapping spans."""
+    if len(starts) == 0:
+        return pa.array([], pa.string())
+    every_other = pa.array(np.arange(0, 2 * len(starts), 2, dtype=np.int64))
+    return _interleaved(buffer, starts, ends).take(every_other).cast(pa.string())
+
+
+def _cast_spans(
+    buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid: np.ndarray, to: pa.DataType
+) -> np.ndarray:
+    """The spans parsed as `to` where `valid` (elsewhere 0), without copying them out.
+
+    Raises:
+        pa.ArrowInvalid: a valid span does not parse.
+    """
+    if len(starts) == 0:
+        return np.zeros(0, dtype=to.to_pandas_dtype())
+    parsed = pc.cast(_interleaved(buffer, starts, ends, valid), to)
+    values = np.frombuffer(parsed.buffers()[1], dtype=to.to_pandas_dtype())
+    return values[parsed.offset : parsed.offset + 2 * len(starts) : 2]
+
+
+def _field_codes(fields: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted little-endian uint64 codes of the field ids, their lengths and field indices."""
+    raw = [f.encode() for f in fields]
+    if any(len(r) > 8 for r in raw):
+        raise ValueError(f"field ids longer than 8 bytes are not supported: {fields}")
+    codes = np.array([int.from_bytes(r, "little") for r in raw], dtype=np.uint64)
+    order = np.argsort(codes)
+    lengths = np.array([len(r) for r in raw], dtype=np.int64)
+    return codes[order], lengths[order], order
+
+
+def _field_index(
+    data: np.ndarray, starts: np.ndarray, ends: np.ndarray, fields: tuple[str, ...]
+) -> np.ndarray:
+    """Index in `fields` of each field id block[starts:ends] (len(fields) where unknown).
+
+    The id's first 8 bytes, read as one little-endian integer, identify it exactly (ids are at
+    most 8 bytes; longer ones are unknown)."""
+    known, known_lengths, index_of = _field_codes(fields)
     n = len(starts)
     if n == 0:
-        return pa.array([], pa.string())
-    # Every other element of one array over the whole block is a span; take those.
-    offsets = np.empty(2 * n + 1, dtype=np.int64)
-    offsets[0:-1:2], offsets[1::2] = starts, ends
-    offsets[-1] = ends[-1]
-    interleaved = pa.LargeStringArray.from_buffers(2 * n, pa.py_buffer(offsets), buffer)
-    return interleaved.take(pa.array(np.arange(0, 2 * n, 2))).cast(pa.string())
-
-
-def _line_of(positions: np.ndarray, newlines: np.ndarray) -> np.ndarray:
-    """Line number of each sorted byte position, given the sorted newline positions.
-
-    Searches the (few) newlines in the (many) positions rather than the reverse.
-    """
-    per_line = np.diff(np.searchsorted(positions, newlines), prepend=0, append=len(positions))
-    return np.repeat(np.arange(len(newlines) + 1), per_line)
-
-
-def _first_row_flags(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For a sorted row index per entry: is the entry its row's first, is it its row's last."""
-    first = np.ones(len(rows), dtype=bool)
-    first[1:] = rows[1:] != rows[:-1]
-    last = np.ones(len(rows), dtype=bool)
-    last[:-1] = rows[:-1] != rows[1:]
-    return first, last
+        return np.zeros(0, dtype=np.uint8)
+    if starts.max() + 8 > len(data):  # the window reads 8 bytes: pad the tail of the block
+        data = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+    windows = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))
+    lengths = ends - starts
+    codes = windows[starts].view("<u8").ravel() & _BYTE_MASKS[np.minimum(lengths, 8)]
+    slot = np.minimum(np.searchsorted(known, codes), len(known) - 1)
+    match = (known[slot] == codes) & (known_lengths[slot] == lengths)
+    return np.where(match, index_of[slot], len(fields)).astype(np.uint8)
 
 
 def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) -> _Parsed:
@@ -530,148 +587,180 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
     n_cols = len(names)
     data = np.frombuffer(block, dtype=np.uint8)
     buffer = pa.py_buffer(block)
-    newlines = np.flatnonzero(data == _NL)
-    starts = np.concatenate([[0], newlines + 1])
-    ends = np.concatenate([newlines, [len(data)]])
-    n_lines = len(starts)
-    crlf = (ends > starts) & (data[np.maximum(ends - 1, 0)] == _CR)
+
+    # Tokens, with a virtual newline ending the block's last line and two more as padding.
+    pos = np.flatnonzero(data < _LOW)
+    code = _TOKEN_CODE[data[pos]]
+    if not code.all():  # '\r', '+', spaces...: content, not tokens
+        pos, code = pos[code != 0], code[code != 0]
+    pos = np.concatenate([pos, [len(data)] * 3])
+    code = np.concatenate([code, [_T_NL] * 3]).astype(np.uint8)
+
+    # Lines.
+    nl_tok = np.flatnonzero(code[:-2] == _T_NL)  # token index of each line's newline
+    n_lines = len(nl_tok)
+    ends = pos[nl_tok]
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    crlf = np.zeros(n_lines, dtype=bool)
+    crlf[ends > starts] = data[ends[ends > starts] - 1] == _CR
     ends = ends - crlf
+    pos[nl_tok] = ends  # a value ending a CRLF line ends before the '\r'
     reasons = np.full(n_lines, None, dtype=object)
     reasons[starts == ends] = R_EMPTY
 
     # Invalid UTF-8 needs a byte >= 0x80: only lines holding one are decoded to check.
-    high = np.flatnonzero(data >= 0x80)
-    for line in np.unique(_line_of(high, newlines)) if len(high) else ():
-        try:
-            block[starts[line] : ends[line]].decode("utf-8")
-        except UnicodeDecodeError:
-            reasons[line] = R_UTF8
+    if len(data) and data.max() >= 0x80:
+        high = np.flatnonzero(data >= 0x80)
+        for line in np.unique(np.searchsorted(ends, high)):
+            try:
+                block[starts[line] : ends[line]].decode("utf-8")
+            except UnicodeDecodeError:
+                reasons[line] = R_UTF8
 
     # Columns: exactly n_cols - 1 commas (a feature list holds none).
-    commas = np.flatnonzero(data == _COMMA)
-    comma_line = _line_of(commas, newlines)
-    n_commas = np.bincount(comma_line, minlength=n_lines)
+    comma_tok = np.flatnonzero(code == 5)
+    commas_before = np.searchsorted(comma_tok, nl_tok)  # commas before each line's end
+    first_comma_tok = np.concatenate([[0], commas_before[:-1]])
+    n_commas = commas_before - first_comma_tok
     reasons[(n_commas != n_cols - 1) & (reasons == None)] = R_COLUMNS  # noqa: E711
+    comma_pos = pos[comma_tok]
+    has_comma = n_commas > 0
     first_comma = np.full(n_lines, np.iinfo(np.int64).max)
-    np.minimum.at(first_comma, comma_line, commas)
+    first_comma[has_comma] = comma_pos[first_comma_tok[has_comma]]
     # Text up to the first comma (at most _MAX_ID_CHARS: a line without commas is no id),
     # kept only for the lines that get a reason (quarantine.csv).
     first_column_end = np.minimum(np.minimum(first_comma, ends), starts + _MAX_ID_CHARS)
 
-    valid = np.flatnonzero(reasons == None)  # noqa: E711
-    n_valid = len(valid)
-    row_of_line = np.full(n_lines, -1)
-    row_of_line[valid] = np.arange(n_valid)
-    # (n_valid, n_cols - 1) comma positions of the valid lines.
-    valid_commas = commas[row_of_line[comma_line] >= 0].reshape(n_valid, n_cols - 1)
-    col_starts = np.column_stack([starts[valid], valid_commas + 1])  # (n_valid, n_cols)
-    col_ends = np.column_stack([valid_commas, ends[valid]])
-    values = {
-        name: _spans(buffer, col_starts[:, i], col_ends[:, i]) for i, name in enumerate(names[:-1])
-    }
-    fl_start, fl_end = col_starts[:, -1], col_ends[:, -1]
+    # Structure: every pair of neighbouring tokens must be allowed; a pair belongs to the line
+    # of its second token (a newline belongs to the line it ends).
+    pairs = np.empty(len(code), dtype=np.uint8)
+    pairs[0] = _T_NL * 6 + code[0]
+    np.multiply(code[:-1], 6, out=pairs[1:])
+    pairs[1:] += code[1:]
+    bad_tok = np.flatnonzero(~_ALLOWED[pairs[: nl_tok[-1] + 1]])
+    struct_bad = np.zeros(n_lines, dtype=bool)
+    struct_bad[np.searchsorted(nl_tok, bad_tok)] = True
+    reasons[struct_bad & (reasons == None)] = R_ENTRY  # noqa: E711
 
-    # Structure of each feature list: its separators must read 2 3 (1 2 3)*.
-    seps = np.flatnonzero(data < 4)
-    seps = seps[data[seps] != 0]  # 0x01-0x03 (a NUL byte is no separator)
-    sep_row = row_of_line[_line_of(seps, newlines)]
-    seps, sep_row = seps[sep_row >= 0], sep_row[sep_row >= 0]
-    kinds = data[seps]
-    bad_row = np.zeros(n_valid, dtype=bool)
-    bad_row[sep_row[seps < fl_start[sep_row]]] = True  # a separator before the feature list
-    # Position of each separator within its row (rows are sorted).
-    position = np.arange(len(seps)) - np.searchsorted(sep_row, np.arange(n_valid))[sep_row]
-    bad_row[sep_row[kinds != np.array([2, 3, 1], dtype=np.uint8)[position % 3]]] = True
-    n_seps = np.bincount(sep_row, minlength=n_valid)
-    empty_list = fl_start == fl_end
-    bad_row |= np.where(empty_list, n_seps != 0, n_seps % 3 != 2)
-    n_entries = np.where(empty_list, 0, (n_seps + 1) // 3)
+    # Entries (one per 0x02 token) of the lines still valid: field, id, value spans.
+    entry_tok = np.flatnonzero(code[: nl_tok[-1]] == _T_ENTRY)
+    per_line = np.diff(np.searchsorted(entry_tok, nl_tok), prepend=0)
+    line_ok = reasons == None  # noqa: E711
+    entry_ok = np.repeat(line_ok, per_line)
+    two = pos[entry_tok]
+    field_start = pos[entry_tok - 1] + 1
+    three = pos[entry_tok + 1]
+    value_end = pos[entry_tok + 2]
+    # Spans of the other entries may be garbage: make them empty, keeping the order.
+    if not entry_ok.all():
+        field_start = np.where(entry_ok, field_start, two)
+        three = np.where(entry_ok, three, two)
+        value_end = np.where(entry_ok, value_end, two)
+    id_start, value_start = two + 1, three + 1
+    if not entry_ok.all():
+        id_start = np.where(entry_ok, id_start, two)
+        value_start = np.where(entry_ok, value_start, two)
 
-    # Entries of well-formed lists: field [start, 0x02), id (0x02, 0x03), value (0x03, end).
-    good = ~bad_row[sep_row]
-    seps, sep_row, kinds = seps[good], sep_row[good], kinds[good]
-    two, three, ones = seps[kinds == 2], seps[kinds == 3], seps[kinds == 1]
-    entry_row = sep_row[kinds == 2]
-    first, last = _first_row_flags(entry_row)
-    entry_start = np.empty(len(two), dtype=np.int64)
-    entry_start[first] = fl_start[entry_row[first]]
-    entry_start[~first] = ones + 1
-    entry_end = np.empty(len(two), dtype=np.int64)
-    entry_end[last] = fl_end[entry_row[last]]
-    entry_end[~last] = ones
-
-    id_tokens = _spans(buffer, two + 1, three)
     try:  # fast path: every id is an integer
-        ids = pc.cast(id_tokens, pa.int64()).to_numpy(zero_copy_only=False)
+        ids = _cast_spans(buffer, id_start, three, entry_ok, pa.int64())
         id_ok = ids >= 0
-    except pa.ArrowInvalid:
-        id_ok = pc.utf8_is_digit(id_tokens).to_numpy(zero_copy_only=False)
-        ids = pc.cast(pc.if_else(pa.array(id_ok), id_tokens, "0"), pa.int64()).to_numpy(
-            zero_copy_only=False
-        )
-    value_tokens = _spans(buffer, three + 1, entry_end)
+    except pa.ArrowInvalid:  # some id is not (rare, slower): digits only
+        tokens = _interleaved(buffer, id_start, three, entry_ok)
+        digits = pc.utf8_is_digit(tokens).fill_null(False).to_numpy(zero_copy_only=False)[0::2]
+        id_ok = digits & (three - id_start <= 18)  # at most 18 digits always fit int64
+        ids = _cast_spans(buffer, id_start, three, entry_ok & id_ok, pa.int64())
     try:
-        wts = pc.cast(value_tokens, pa.float32()).to_numpy(zero_copy_only=False)
+        wts = _cast_spans(buffer, value_start, value_end, entry_ok, pa.float32())
         value_ok = np.ones(len(two), dtype=bool)
     except pa.ArrowInvalid:  # some value is not a number: find which (rare, slower)
-        value_ok = pc.match_substring_regex(value_tokens, _FLOAT_RE).to_numpy(zero_copy_only=False)
-        wts = pc.cast(pc.if_else(pa.array(value_ok), value_tokens, "0"), pa.float32()).to_numpy(
-            zero_copy_only=False
-        )
+        tokens = _interleaved(buffer, value_start, value_end, entry_ok)
+        matched = pc.match_substring_regex(tokens, _FLOAT_RE).fill_null(False)
+        value_ok = matched.to_numpy(zero_copy_only=False)[0::2]
+        wts = _cast_spans(buffer, value_start, value_end, entry_ok & value_ok, pa.float32())
     value_ok &= np.isfinite(wts)  # "nan" and "inf" parse as floats but are no weights
-    bad_row[entry_row[~(id_ok & value_ok & (two > entry_start))]] = True
+    entry_bad = entry_ok & ~(id_ok & value_ok & (two > field_start))
+    if entry_bad.any():
+        reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = R_ENTRY
+        line_ok = reasons == None  # noqa: E711
 
-    row_reason = np.full(n_valid, None, dtype=object)
-    row_reason[bad_row] = R_ENTRY
-    num_ok = pc.utf8_is_digit(values["feature_num"]).to_numpy(zero_copy_only=False)
-    declared = np.where(
-        num_ok,
-        pc.cast(pc.if_else(pa.array(num_ok), values["feature_num"], "0"), pa.int64()).to_numpy(),
-        -1,
-    )
-    row_reason[(declared != n_entries) & (row_reason == None)] = R_FEATURE_NUM  # noqa: E711
-    if CLICK_LABEL_KEY in values:
-        click, conv = values[CLICK_LABEL_KEY], values[CONVERSION_LABEL_KEY]
-        binary = pa.array(["0", "1"])
-        label_ok = pc.is_in(click, binary).to_numpy(zero_copy_only=False) & pc.is_in(
-            conv, binary
-        ).to_numpy(zero_copy_only=False)
-        row_reason[~label_ok & (row_reason == None)] = R_LABEL  # noqa: E711
-        no_click = pc.equal(click, "0").to_numpy(zero_copy_only=False) & pc.equal(
-            conv, "1"
-        ).to_numpy(zero_copy_only=False)
-        row_reason[no_click & (row_reason == None)] = R_CONV_NO_CLICK  # noqa: E711
-    reasons[valid] = row_reason
+    # Plain columns of the lines still valid: (n_ok, n_cols - 1) comma positions.
+    ok_lines = np.flatnonzero(line_ok)
+    ok_commas = comma_pos[first_comma_tok[ok_lines, None] + np.arange(n_cols - 1)]
+    col_starts = np.column_stack([starts[ok_lines], ok_commas + 1])  # (n_ok, n_cols)
+    col_ends = np.column_stack([ok_commas, ends[ok_lines]])
+    col = {name: i for i, name in enumerate(names)}
+
+    row_reason = np.full(len(ok_lines), None, dtype=object)
+    num_start, num_end = col_starts[:, col["feature_num"]], col_ends[:, col["feature_num"]]
+    num_ok = pc.utf8_is_digit(_spans(buffer, num_start, num_end)).to_numpy(zero_copy_only=False)
+    num_ok &= num_end - num_start <= 18
+    declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
+    row_reason[declared != per_line[ok_lines]] = R_FEATURE_NUM
+    labels: dict[str, np.ndarray] = {}
+    if CLICK_LABEL_KEY in col:
+        for key in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
+            start, end = col_starts[:, col[key]], col_ends[:, col[key]]
+            byte = data[np.minimum(start, len(data) - 1)]
+            labels[key] = np.where((end - start == 1) & ((byte | 1) == ord("1")), byte - 48, -1)
+        click, conv = labels[CLICK_LABEL_KEY], labels[CONVERSION_LABEL_KEY]
+        row_reason[((click < 0) | (conv < 0)) & (row_reason == None)] = R_LABEL  # noqa: E711
+        row_reason[(click == 0) & (conv == 1) & (row_reason == None)] = R_CONV_NO_CLICK  # noqa: E711
+    reasons[ok_lines] = row_reason
     keep = row_reason == None  # noqa: E711
-    columns = {k: v.filter(pa.array(keep)) for k, v in values.items() if k != "feature_num"}
+    kept_lines = ok_lines[keep]
+    n_keep = len(kept_lines)
 
-    # Entries of kept rows, regrouped per field into list columns.
-    entry_keep = keep[entry_row]
-    parent = (np.cumsum(keep) - 1)[entry_row[entry_keep]]
-    field_tokens = _spans(buffer, entry_start[entry_keep], two[entry_keep])
-    field_index = pc.index_in(field_tokens, value_set=pa.array(fields)).fill_null(-1)
-    field_index = field_index.to_numpy(zero_copy_only=False).astype(np.int64)
-    unknown = Counter(pc.filter(field_tokens, pa.array(field_index < 0)).to_pylist())
-    ids, wts = ids[entry_keep], wts[entry_keep]
-    n_keep = int(keep.sum())
+    columns: dict[str, pa.Array] = {}
+    for name, i in col.items():
+        if name in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
+            columns[name] = pa.array(labels[name][keep].astype(np.int8))
+        elif name not in ("feature_num", "feature_list"):
+            columns[name] = _spans(buffer, col_starts[keep, i], col_ends[keep, i])
+
+    # Entries of kept lines, grouped per field (stable, so in line order) into list columns.
+    entry_keep = np.flatnonzero(np.repeat(reasons == None, per_line))  # noqa: E711
+    parent = np.repeat(np.arange(n_keep), per_line[kept_lines])
+    field_index = _field_index(data, field_start[entry_keep], two[entry_keep], fields)
+    unknown = _unknown_fields(block, field_start[entry_keep], two[entry_keep], field_index, fields)
+    order = np.argsort(field_index, kind="stable")
+    counts = np.bincount(
+        field_index.astype(np.int64) * n_keep + parent, minlength=(len(fields) + 1) * n_keep
+    ).reshape(len(fields) + 1, n_keep)
+    offsets = np.zeros((len(fields) + 1, n_keep + 1), dtype=np.int32)
+    np.cumsum(counts, axis=1, out=offsets[:, 1:])
+    bounds = np.concatenate([[0], np.cumsum(offsets[:, -1])])
+    sorted_entries = entry_keep[order]
+    ids, wts = ids[sorted_entries], wts[sorted_entries]
     out_fields: dict[str, pa.Array] = {}
     for k, f in enumerate(fields):
-        mask = field_index == k
-        offsets = pa.array(
-            np.concatenate([[0], np.cumsum(np.bincount(parent[mask], minlength=n_keep))]).astype(
-                np.int32
-            )
-        )
-        out_fields[ids_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(ids[mask]))
-        out_fields[wts_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(wts[mask]))
+        field_offsets = pa.array(offsets[k])
+        lo, hi = bounds[k], bounds[k + 1]
+        out_fields[ids_key(f)] = pa.ListArray.from_arrays(field_offsets, pa.array(ids[lo:hi]))
+        out_fields[wts_key(f)] = pa.ListArray.from_arrays(field_offsets, pa.array(wts[lo:hi]))
+
     bad = np.flatnonzero((reasons != None) & (reasons != R_UTF8))  # noqa: E711
     # Decoded leniently: the cap may cut a multi-byte character.
-    texts = _spans(buffer, starts[bad], first_column_end[bad]).cast(pa.binary()).to_pylist()
     first_column = {
-        line: text.decode("utf-8", "replace")
-        for line, text in zip(bad.tolist(), texts, strict=True)
+        line: block[starts[line] : first_column_end[line]].decode("utf-8", "replace")
+        for line in bad.tolist()
     }
     return _Parsed(columns, out_fields, reasons, unknown, n_lines, int(crlf.sum()), first_column)
+
+
+def _unknown_fields(
+    block: bytes,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    field_index: np.ndarray,
+    fields: tuple[str, ...],
+) -> Counter:
+    """Entries per field id not in `fields` (decoded once per distinct id)."""
+    unknown = np.flatnonzero(field_index == len(fields))
+    if len(unknown) == 0:
+        return Counter()
+    spans = np.stack([starts[unknown], ends[unknown]], axis=1)
+    texts = Counter(block[s:e] for s, e in spans.tolist())
+    return Counter({text.decode("utf-8"): n for text, n in texts.items()})
 
 
 class _SplitWriters:
