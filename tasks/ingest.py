@@ -22,14 +22,14 @@ Output layout (under `out_dir`):
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
-import multiprocessing
 import os
 import tarfile
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,8 +70,12 @@ R_ENTRY = "malformed feature entry"
 R_UNKNOWN_KEY = "unknown common_feature_index"
 R_DUP_KEY = "duplicate common_feature_index"
 R_DUP_SAMPLE = "duplicate sample id"
+# Reasons the block parser gives, by code (0: no defect found).
+_REASONS: tuple[str | None, ...] = (
+    None, R_EMPTY, R_UTF8, R_COLUMNS, R_ENTRY, R_FEATURE_NUM, R_LABEL, R_CONV_NO_CLICK,
+)  # fmt: skip
+_REASON_CODE = {reason: code for code, reason in enumerate(_REASONS)}
 
-_MIN_CHUNKS_FOR_WORKERS = 8  # below this many chunks of input, parse in-process
 _MAX_ID_CHARS = 64  # longest sample id / key text copied into quarantine.csv
 
 
@@ -160,13 +164,11 @@ def ingest_ali_ccp(
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     sources = find_raw_files(raw_dir)
-    # By default one parsing process per core but one (this process writes, checks duplicates
-    # and joins keys meanwhile), unless the input is too small to repay starting them (a few
-    # seconds); with one worker everything runs in this process.
-    workers = cfg.workers or max(1, (os.cpu_count() or 1) - 1)
-    total = sum(src.size() for pair in sources.values() for src in pair)
-    if not cfg.workers and total < _MIN_CHUNKS_FOR_WORKERS * cfg.chunk_bytes:
-        workers = 1
+    # By default one parsing thread per core; this thread meanwhile checks duplicates, joins
+    # keys and writes Parquet. numpy and Arrow release the GIL in their kernels, so threads
+    # run in parallel without copying whole tables between processes. With one worker
+    # everything runs in this thread.
+    workers = cfg.workers or os.cpu_count() or 1
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         (out_dir / split).mkdir(exist_ok=True)
@@ -240,7 +242,16 @@ def split_of(keys: pa.Array, valid_fraction: float) -> np.ndarray:
 
     A user context never straddles splits; the hash is stable across runs and machines.
     """
-    hashed = hash_keys(keys)
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    # Impressions of one context are mostly consecutive: hash each run of equal keys once.
+    if len(keys) > 1:
+        starts_run = np.ones(len(keys), dtype=bool)
+        starts_run[1:] = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
+        heads = np.flatnonzero(starts_run)
+        hashed = np.repeat(hash_keys(keys.take(pa.array(heads))), np.diff(heads, append=len(keys)))
+    else:
+        hashed = hash_keys(keys)
     return (hashed % np.uint64(1_000_000)) < np.uint64(round(valid_fraction * 1_000_000))
 
 
@@ -347,16 +358,14 @@ def read_blocks(source: RawSource, chunk_bytes: int) -> Iterator[tuple[bytes, in
 
 
 def ordered_map(fn, items: Iterable[tuple], workers: int, in_flight: int) -> Iterator:
-    """`fn(*item)` for each item, in order, on `workers` processes with at most `in_flight`
-    items submitted and not yet consumed (so memory stays bounded); in-process when
+    """`fn(*item)` for each item, in order, on `workers` threads with at most `in_flight`
+    items submitted and not yet consumed (so memory stays bounded); in this thread when
     workers <= 1."""
     if workers <= 1:
         for item in items:
             yield fn(*item)
         return
-    # spawn: never fork a process that may hold TensorFlow or Beam threads.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, *item))
@@ -448,7 +457,7 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
     else:
         schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
     table = pa.table({**cols, **parsed.fields}, schema=schema)
-    bad = np.flatnonzero(parsed.reasons != None)  # noqa: E711
+    bad = np.flatnonzero(parsed.reasons)
     bad_ids = [parsed.first_column.get(line) for line in bad.tolist()]
     return ParsedBlock(
         first_line=first_line,
@@ -458,7 +467,7 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
         key_hashes=hash_keys(unique_key),
         in_valid_split=split_of(cols[COMMON_INDEX_KEY], valid_fraction),
         bad_lines=bad,
-        bad_reasons=list(parsed.reasons[bad]),
+        bad_reasons=[_REASONS[code] for code in parsed.reasons[bad].tolist()],
         bad_ids=bad_ids,
         unknown_fields=parsed.unknown_fields,
     )
@@ -468,7 +477,7 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
 class _Parsed:
     columns: dict[str, pa.Array]  # plain columns of the valid rows (labels as int8)
     fields: dict[str, pa.Array]  # ids_*/wts_* list columns of the valid rows
-    reasons: np.ndarray  # object array, one reason (or None) per line
+    reasons: np.ndarray  # uint8, one per line: index in _REASONS (0: valid)
     unknown_fields: Counter
     n_lines: int
     crlf: int  # lines that ended in CRLF (accepted)
@@ -519,7 +528,9 @@ def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=
     offsets[0:-1:2], offsets[1::2] = starts, ends
     offsets[-1] = ends[-1] if n else 0
     bitmap = None
-    if valid is not None:
+    if valid is not None and valid.all():  # even elements valid, odd ones null
+        bitmap = pa.py_buffer(np.full((2 * n + 7) // 8, 0x55, dtype=np.uint8))
+    elif valid is not None:
         mask = np.zeros(2 * n, dtype=bool)
         mask[0::2] = valid
         bitmap = pa.py_buffer(np.packbits(mask, bitorder="little"))
@@ -550,6 +561,7 @@ def _cast_spans(
     return values[parsed.offset : parsed.offset + 2 * len(starts) : 2]
 
 
+@functools.lru_cache
 def _field_codes(fields: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sorted little-endian uint64 codes of the field ids, their lengths and field indices."""
     raw = [f.encode() for f in fields]
@@ -574,9 +586,10 @@ def _field_index(
         return np.zeros(0, dtype=np.uint8)
     if starts.max() + 8 > len(data):  # the window reads 8 bytes: pad the tail of the block
         data = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
-    windows = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))
+    # An unaligned little-endian uint64 at every byte offset of the block.
+    words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
     lengths = ends - starts
-    codes = windows[starts].view("<u8").ravel() & _BYTE_MASKS[np.minimum(lengths, 8)]
+    codes = words[starts] & _BYTE_MASKS[np.minimum(lengths, 8)]
     slot = np.minimum(np.searchsorted(known, codes), len(known) - 1)
     match = (known[slot] == codes) & (known_lengths[slot] == lengths)
     return np.where(match, index_of[slot], len(fields)).astype(np.uint8)
@@ -605,8 +618,8 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
     crlf[ends > starts] = data[ends[ends > starts] - 1] == _CR
     ends = ends - crlf
     pos[nl_tok] = ends  # a value ending a CRLF line ends before the '\r'
-    reasons = np.full(n_lines, None, dtype=object)
-    reasons[starts == ends] = R_EMPTY
+    reasons = np.zeros(n_lines, dtype=np.uint8)  # index in _REASONS, 0 = valid so far
+    reasons[starts == ends] = _REASON_CODE[R_EMPTY]
 
     # Invalid UTF-8 needs a byte >= 0x80: only lines holding one are decoded to check.
     if len(data) and data.max() >= 0x80:
@@ -615,14 +628,14 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
             try:
                 block[starts[line] : ends[line]].decode("utf-8")
             except UnicodeDecodeError:
-                reasons[line] = R_UTF8
+                reasons[line] = _REASON_CODE[R_UTF8]
 
     # Columns: exactly n_cols - 1 commas (a feature list holds none).
     comma_tok = np.flatnonzero(code == 5)
     commas_before = np.searchsorted(comma_tok, nl_tok)  # commas before each line's end
     first_comma_tok = np.concatenate([[0], commas_before[:-1]])
     n_commas = commas_before - first_comma_tok
-    reasons[(n_commas != n_cols - 1) & (reasons == None)] = R_COLUMNS  # noqa: E711
+    reasons[(n_commas != n_cols - 1) & (reasons == 0)] = _REASON_CODE[R_COLUMNS]
     comma_pos = pos[comma_tok]
     has_comma = n_commas > 0
     first_comma = np.full(n_lines, np.iinfo(np.int64).max)
@@ -640,12 +653,12 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
     bad_tok = np.flatnonzero(~_ALLOWED[pairs[: nl_tok[-1] + 1]])
     struct_bad = np.zeros(n_lines, dtype=bool)
     struct_bad[np.searchsorted(nl_tok, bad_tok)] = True
-    reasons[struct_bad & (reasons == None)] = R_ENTRY  # noqa: E711
+    reasons[struct_bad & (reasons == 0)] = _REASON_CODE[R_ENTRY]
 
     # Entries (one per 0x02 token) of the lines still valid: field, id, value spans.
     entry_tok = np.flatnonzero(code[: nl_tok[-1]] == _T_ENTRY)
     per_line = np.diff(np.searchsorted(entry_tok, nl_tok), prepend=0)
-    line_ok = reasons == None  # noqa: E711
+    line_ok = reasons == 0
     entry_ok = np.repeat(line_ok, per_line)
     two = pos[entry_tok]
     field_start = pos[entry_tok - 1] + 1
@@ -680,8 +693,8 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
     value_ok &= np.isfinite(wts)  # "nan" and "inf" parse as floats but are no weights
     entry_bad = entry_ok & ~(id_ok & value_ok & (two > field_start))
     if entry_bad.any():
-        reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = R_ENTRY
-        line_ok = reasons == None  # noqa: E711
+        reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = _REASON_CODE[R_ENTRY]
+        line_ok = reasons == 0
 
     # Plain columns of the lines still valid: (n_ok, n_cols - 1) comma positions.
     ok_lines = np.flatnonzero(line_ok)
@@ -690,12 +703,12 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
     col_ends = np.column_stack([ok_commas, ends[ok_lines]])
     col = {name: i for i, name in enumerate(names)}
 
-    row_reason = np.full(len(ok_lines), None, dtype=object)
+    row_reason = np.zeros(len(ok_lines), dtype=np.uint8)
     num_start, num_end = col_starts[:, col["feature_num"]], col_ends[:, col["feature_num"]]
     num_ok = pc.utf8_is_digit(_spans(buffer, num_start, num_end)).to_numpy(zero_copy_only=False)
     num_ok &= num_end - num_start <= 18
     declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
-    row_reason[declared != per_line[ok_lines]] = R_FEATURE_NUM
+    row_reason[declared != per_line[ok_lines]] = _REASON_CODE[R_FEATURE_NUM]
     labels: dict[str, np.ndarray] = {}
     if CLICK_LABEL_KEY in col:
         for key in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
@@ -703,10 +716,11 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
             byte = data[np.minimum(start, len(data) - 1)]
             labels[key] = np.where((end - start == 1) & ((byte | 1) == ord("1")), byte - 48, -1)
         click, conv = labels[CLICK_LABEL_KEY], labels[CONVERSION_LABEL_KEY]
-        row_reason[((click < 0) | (conv < 0)) & (row_reason == None)] = R_LABEL  # noqa: E711
-        row_reason[(click == 0) & (conv == 1) & (row_reason == None)] = R_CONV_NO_CLICK  # noqa: E711
+        row_reason[((click < 0) | (conv < 0)) & (row_reason == 0)] = _REASON_CODE[R_LABEL]
+        no_click = (click == 0) & (conv == 1) & (row_reason == 0)
+        row_reason[no_click] = _REASON_CODE[R_CONV_NO_CLICK]
     reasons[ok_lines] = row_reason
-    keep = row_reason == None  # noqa: E711
+    keep = row_reason == 0
     kept_lines = ok_lines[keep]
     n_keep = len(kept_lines)
 
@@ -718,7 +732,7 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
             columns[name] = _spans(buffer, col_starts[keep, i], col_ends[keep, i])
 
     # Entries of kept lines, grouped per field (stable, so in line order) into list columns.
-    entry_keep = np.flatnonzero(np.repeat(reasons == None, per_line))  # noqa: E711
+    entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
     parent = np.repeat(np.arange(n_keep), per_line[kept_lines])
     field_index = _field_index(data, field_start[entry_keep], two[entry_keep], fields)
     unknown = _unknown_fields(block, field_start[entry_keep], two[entry_keep], field_index, fields)
@@ -738,7 +752,7 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
         out_fields[ids_key(f)] = pa.ListArray.from_arrays(field_offsets, pa.array(ids[lo:hi]))
         out_fields[wts_key(f)] = pa.ListArray.from_arrays(field_offsets, pa.array(wts[lo:hi]))
 
-    bad = np.flatnonzero((reasons != None) & (reasons != R_UTF8))  # noqa: E711
+    bad = np.flatnonzero((reasons != 0) & (reasons != _REASON_CODE[R_UTF8]))
     # Decoded leniently: the cap may cut a multi-byte character.
     first_column = {
         line: block[starts[line] : first_column_end[line]].decode("utf-8", "replace")
@@ -856,7 +870,7 @@ def _ingest_file(
             quarantine.writerow([prefix + source.name, pb.first_line + line, key, reason])
             rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
 
-        kept = table.filter(pa.array(keep))
+        kept = table if keep.all() else table.filter(pa.array(keep))
         rep.rows_read += pb.n_lines
         rep.rows_written += kept.num_rows
         rep.rows_quarantined += len(entries)
