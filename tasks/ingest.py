@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -405,11 +404,101 @@ class SeenKeys:
         return dup
 
 
+# --- stable key hashes ------------------------------------------------------------------------
+#
+# pandas' `hash_array(values, categorize=False)` on strings, re-done with numpy so that pandas
+# (0.7 s to import) stays out of ingestion: SipHash-2-4 of each string's UTF-8 bytes under
+# pandas' default key, then pandas' 64-bit mixing. The split of contexts into train and
+# validation depends on these values, so they must not change (a test compares with pandas).
+
+_SIP_KEY = b"0123456789123456"  # pandas.core.util.hashing._default_hash_key
+_U64 = np.uint64
+
+
+def _rotl(x: np.ndarray, bits: int) -> np.ndarray:
+    return (x << _U64(bits)) | (x >> _U64(64 - bits))
+
+
+def _sip_rounds(v: list[np.ndarray], rounds: int) -> None:
+    v0, v1, v2, v3 = v
+    for _ in range(rounds):
+        v0 += v1
+        v1 = _rotl(v1, 13)
+        v1 ^= v0
+        v0 = _rotl(v0, 32)
+        v2 += v3
+        v3 = _rotl(v3, 16)
+        v3 ^= v2
+        v0 += v3
+        v3 = _rotl(v3, 21)
+        v3 ^= v0
+        v2 += v1
+        v1 = _rotl(v1, 17)
+        v1 ^= v2
+        v2 = _rotl(v2, 32)
+    v[:] = [v0, v1, v2, v3]
+
+
+def _siphash(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """SipHash-2-4 of the byte strings at `starts` (`words`: a uint64 read at every offset)."""
+    k0 = _U64(int.from_bytes(_SIP_KEY[:8], "little"))
+    k1 = _U64(int.from_bytes(_SIP_KEY[8:], "little"))
+    n = len(starts)
+    v = [
+        np.full(n, k0 ^ _U64(0x736F6D6570736575)),
+        np.full(n, k1 ^ _U64(0x646F72616E646F6D)),
+        np.full(n, k0 ^ _U64(0x6C7967656E657261)),
+        np.full(n, k1 ^ _U64(0x7465646279746573)),
+    ]
+    for block in range(int(lengths.max(initial=0)) // 8):  # full 8-byte blocks
+        more = lengths >= 8 * (block + 1)  # the strings that have this block
+        if more.all():
+            m = words[starts + 8 * block]
+            v[3] ^= m
+            _sip_rounds(v, 2)
+            v[0] ^= m
+            continue
+        sub = np.flatnonzero(more)
+        m = words[starts[sub] + 8 * block]
+        part = [x[sub] for x in v]
+        part[3] ^= m
+        _sip_rounds(part, 2)
+        part[0] ^= m
+        for x, p in zip(v, part, strict=True):
+            x[sub] = p
+    tail = lengths & 7
+    last = words[starts + (lengths - tail)] & _BYTE_MASKS[tail]
+    b = (lengths.astype(np.uint64) << _U64(56)) | last
+    v[3] ^= b
+    _sip_rounds(v, 2)
+    v[0] ^= b
+    v[2] ^= _U64(0xFF)
+    _sip_rounds(v, 4)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
 def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Stable 64-bit hashes of string keys (same on every run and machine)."""
+    """Stable 64-bit hashes of string keys (same on every run and machine); equal to
+    `pandas.util.hash_array(keys, categorize=False)`."""
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks()
-    return pd.util.hash_array(keys.to_numpy(zero_copy_only=False).astype(object), categorize=False)
+    if keys.null_count:
+        raise ValueError("hash_keys: keys must not be null")
+    keys = keys.cast(pa.large_string())
+    n = len(keys)
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset : keys.offset + n + 1]
+    raw = keys.buffers()[2]
+    data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, np.uint8)
+    data = np.concatenate([data[offsets[0] : offsets[-1]], np.zeros(8, dtype=np.uint8)])
+    words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
+    hashed = _siphash(words, offsets[:-1] - offsets[0], np.diff(offsets))
+    # pandas' redistribution of the 64-bit values.
+    hashed ^= hashed >> _U64(30)
+    hashed *= _U64(0xBF58476D1CE4E5B9)
+    hashed ^= hashed >> _U64(27)
+    hashed *= _U64(0x94D049BB133111EB)
+    hashed ^= hashed >> _U64(31)
+    return hashed
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -546,6 +635,9 @@ def _spans(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.String
     return _interleaved(buffer, starts, ends).take(every_other).cast(pa.string())
 
 
+_NUMPY_TYPES = {pa.int64(): np.int64, pa.float32(): np.float32}
+
+
 def _cast_spans(
     buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid: np.ndarray, to: pa.DataType
 ) -> np.ndarray:
@@ -555,9 +647,9 @@ def _cast_spans(
         pa.ArrowInvalid: a valid span does not parse.
     """
     if len(starts) == 0:
-        return np.zeros(0, dtype=to.to_pandas_dtype())
+        return np.zeros(0, dtype=_NUMPY_TYPES[to])
     parsed = pc.cast(_interleaved(buffer, starts, ends, valid), to)
-    values = np.frombuffer(parsed.buffers()[1], dtype=to.to_pandas_dtype())
+    values = np.frombuffer(parsed.buffers()[1], dtype=_NUMPY_TYPES[to])
     return values[parsed.offset : parsed.offset + 2 * len(starts) : 2]
 
 
@@ -955,8 +1047,7 @@ def _write_vocab(out_dir: Path, min_count: int) -> dict[str, int]:
 def load_vocabularies(path: Path) -> dict[str, np.ndarray]:
     """Read `vocab.parquet` into {field: sorted int64 ids}."""
     table = pq.read_table(path)
-    df = table.to_pandas()
     return {
-        f: df.loc[df["field"] == f, "feature_id"].to_numpy(np.int64)
+        f: table.filter(pc.equal(table["field"], f))["feature_id"].to_numpy().astype(np.int64)
         for f in COMMON_FIELDS + SKELETON_FIELDS
     }

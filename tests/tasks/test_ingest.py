@@ -334,3 +334,19 @@ def test_quarantined_id_text_is_capped_and_decoded_leniently(tmp_path):
     )
     assert row["reason"] == ing.R_COLUMNS and row["line"] == "4"
     assert len(row["sample_id"].encode()) <= 64 + 3  # the cap, plus a replacement character
+
+
+def test_key_hashes_equal_pandas_hash_array():
+    """The train/valid split depends on hash_keys: it must stay pandas' hash_array exactly
+    (re-done with numpy so ingestion does not import pandas), for any length and UTF-8."""
+    import pandas as pd
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    alphabet = [*"abcdef0123456789,", "é", "中", "\x00", "😀"]
+    keys = ["", "a", KEY_A] + [
+        "".join(rng.choice(alphabet, size=int(rng.integers(0, 40)))) for _ in range(500)
+    ]
+    expected = pd.util.hash_array(np.array(keys, dtype=object), categorize=False)
+    assert np.array_equal(ing.hash_keys(pa.array(keys)), expected)
+    assert np.array_equal(ing.hash_keys(pa.array(keys).slice(3, 50)), expected[3:53])
