@@ -665,38 +665,48 @@ def _cast_spans(
     return values[parsed.offset : parsed.offset + 2 * len(starts) : 2]
 
 
+# A field id of at most 7 bytes is identified by one uint64: its bytes (little-endian) with its
+# length in the top byte. Longer ids get the top byte 8, which no known field has.
+_KEY_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**56 - 1], dtype=np.uint64)
+_KEY_LENGTHS = np.array([n << 56 for n in range(9)], dtype=np.uint64)
+_HASH_BITS = 7  # 128 slots for the known fields
+
+
 @functools.lru_cache
-def _field_codes(fields: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sorted little-endian uint64 codes of the field ids, their lengths and field indices."""
+def _field_table(fields: tuple[str, ...]) -> tuple[np.uint64, np.ndarray, np.ndarray]:
+    """A perfect hash of the fields' keys: multiplier, key of each slot, field of each slot
+    (len(fields) in the empty slots, whose key matches nothing)."""
     raw = [f.encode() for f in fields]
-    if any(len(r) > 8 for r in raw):
-        raise ValueError(f"field ids longer than 8 bytes are not supported: {fields}")
-    codes = np.array([int.from_bytes(r, "little") for r in raw], dtype=np.uint64)
-    order = np.argsort(codes)
-    lengths = np.array([len(r) for r in raw], dtype=np.int64)
-    return codes[order], lengths[order], order
+    if any(len(r) > 7 for r in raw):
+        raise ValueError(f"field ids longer than 7 bytes are not supported: {fields}")
+    keys = np.array([int.from_bytes(r, "little") | len(r) << 56 for r in raw], dtype=np.uint64)
+    rng = np.random.default_rng(0)  # deterministic search for a collision-free multiplier
+    while True:
+        mult = np.uint64(rng.integers(0, 2**63, dtype=np.uint64) * 2 + 1)
+        slots = (keys * mult) >> np.uint64(64 - _HASH_BITS)
+        if len(np.unique(slots)) == len(keys):
+            break
+    slot_keys = np.full(1 << _HASH_BITS, 2**64 - 1, dtype=np.uint64)
+    slot_fields = np.full(1 << _HASH_BITS, len(fields), dtype=np.uint8)
+    slot_keys[slots], slot_fields[slots] = keys, np.arange(len(fields))
+    return mult, slot_keys, slot_fields
 
 
 def _field_index(
     data: np.ndarray, starts: np.ndarray, ends: np.ndarray, fields: tuple[str, ...]
 ) -> np.ndarray:
-    """Index in `fields` of each field id block[starts:ends] (len(fields) where unknown).
-
-    The id's first 8 bytes, read as one little-endian integer, identify it exactly (ids are at
-    most 8 bytes; longer ones are unknown)."""
-    known, known_lengths, index_of = _field_codes(fields)
-    n = len(starts)
-    if n == 0:
+    """Index in `fields` of each field id block[starts:ends] (len(fields) where unknown)."""
+    mult, slot_keys, slot_fields = _field_table(fields)
+    if len(starts) == 0:
         return np.zeros(0, dtype=np.uint8)
     if starts.max() + 8 > len(data):  # the window reads 8 bytes: pad the tail of the block
         data = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
     # An unaligned little-endian uint64 at every byte offset of the block.
     words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
-    lengths = ends - starts
-    codes = words[starts] & _BYTE_MASKS[np.minimum(lengths, 8)]
-    slot = np.minimum(np.searchsorted(known, codes), len(known) - 1)
-    match = (known[slot] == codes) & (known_lengths[slot] == lengths)
-    return np.where(match, index_of[slot], len(fields)).astype(np.uint8)
+    lengths = np.minimum(ends - starts, 8)
+    keys = (words[starts] & _KEY_MASKS[lengths]) | _KEY_LENGTHS[lengths]
+    slot = (keys * mult) >> np.uint64(64 - _HASH_BITS)
+    return np.where(slot_keys[slot] == keys, slot_fields[slot], np.uint8(len(fields)))
 
 
 def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) -> _Parsed:
