@@ -330,30 +330,39 @@ def _archive_members(archive: Path) -> dict[str, str]:
         return {Path(m.name).name: m.name for m in tar.getmembers() if m.isfile()}
 
 
-def read_blocks(source: RawSource, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
+def read_blocks(source: RawSource, chunk_bytes: int) -> Iterator[tuple[bytearray, int]]:
     """Yield (whole lines, 1-based number of the first line), about chunk_bytes at a time.
 
     Memory is bounded by chunk_bytes plus the longest line, whatever the file's size. The
     block excludes the newline that ends its last line.
     """
     line_no = 1
+    for block in _line_blocks(source, chunk_bytes):
+        yield block, line_no
+        line_no += block.count(b"\n") + 1
+
+
+def _line_blocks(source: RawSource, chunk_bytes: int) -> Iterator[bytearray]:
+    """The blocks of `read_blocks`, without line numbers: each read straight into a fresh
+    buffer (only the partial last line is copied, to the start of the next one)."""
     tail = b""
     with source.open() as fh:
         while True:
-            data = fh.read(chunk_bytes)
-            if not data:
+            buf = bytearray(len(tail) + chunk_bytes)
+            buf[: len(tail)] = tail
+            n = fh.readinto(memoryview(buf)[len(tail) :])
+            if not n:
                 break
-            data = tail + data
-            cut = data.rfind(b"\n")
+            del buf[len(tail) + n :]
+            cut = buf.rfind(b"\n")
             if cut < 0:
-                tail = data
+                tail = bytes(buf)
                 continue
-            tail = data[cut + 1 :]
-            block = data[:cut]
-            yield block, line_no
-            line_no += block.count(b"\n") + 1
+            tail = bytes(memoryview(buf)[cut + 1 :])
+            del buf[cut:]
+            yield buf
     if tail:
-        yield tail, line_no
+        yield bytearray(tail)
 
 
 def ordered_map(fn, items: Iterable[tuple], workers: int, in_flight: int) -> Iterator:
@@ -542,7 +551,9 @@ class ParsedBlock:
     unknown_fields: Counter
 
 
-def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float) -> ParsedBlock:
+def parse_block(
+    block: bytes | bytearray, first_line: int, kind: str, valid_fraction: float
+) -> ParsedBlock:
     """Vectorised parse of a block of `kind` ("skeleton" or "common") lines.
 
     Runs in a worker process: everything here depends on the block alone.
@@ -709,7 +720,9 @@ def _field_index(
     return np.where(slot_keys[slot] == keys, slot_fields[slot], np.uint8(len(fields)))
 
 
-def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) -> _Parsed:
+def _parse_lines(
+    block: bytes | bytearray, names: tuple[str, ...], fields: tuple[str, ...]
+) -> _Parsed:
     """Vectorised parse of a block of lines; lines with a defect get a reason instead of values."""
     n_cols = len(names)
     data = np.frombuffer(block, dtype=np.uint8)
@@ -876,7 +889,7 @@ def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) 
 
 
 def _unknown_fields(
-    block: bytes,
+    block: bytes | bytearray,
     starts: np.ndarray,
     ends: np.ndarray,
     field_index: np.ndarray,
@@ -887,7 +900,7 @@ def _unknown_fields(
     if len(unknown) == 0:
         return Counter()
     spans = np.stack([starts[unknown], ends[unknown]], axis=1)
-    texts = Counter(block[s:e] for s, e in spans.tolist())
+    texts = Counter(bytes(block[s:e]) for s, e in spans.tolist())
     return Counter({text.decode("utf-8"): n for text, n in texts.items()})
 
 
@@ -958,11 +971,13 @@ def _ingest_file(
     rep = FileReport(str(source))
     seen = SeenKeys()
     written_keys: list[pa.Array] = []
+    # Line numbers follow from each parsed block's line count (no extra pass over the bytes).
     blocks = (
-        (block, line, kind, cfg.valid_fraction)
-        for block, line in read_blocks(source, cfg.chunk_bytes)
+        (block, 0, kind, cfg.valid_fraction) for block in _line_blocks(source, cfg.chunk_bytes)
     )
+    next_line = 1
     for pb in ordered_map(parse_block, blocks, workers, in_flight=2 * workers):
+        pb.first_line, next_line = next_line, next_line + pb.n_lines
         table = pb.table
         late = np.full(table.num_rows, None, dtype=object)  # reasons found here, not in the worker
         keep = np.ones(table.num_rows, dtype=bool)
