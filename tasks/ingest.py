@@ -772,13 +772,18 @@ def _parse_lines(
     data = np.frombuffer(block, dtype=np.uint8)
     buffer = pa.py_buffer(block)
 
-    # Tokens, with a virtual newline ending the block's last line and two more as padding.
-    pos = np.flatnonzero(data < _LOW)
-    code = _TOKEN_CODE[data[pos]]
+    # Tokens, with a virtual newline ending the block's last line and two more as padding
+    # (at positions len(data) + 0, 1, 2: the first ends the last line, the others are never
+    # read for a valid line).
+    low = np.empty(len(data) + 3, dtype=bool)
+    np.less(data, _LOW, out=low[: len(data)])
+    low[len(data) :] = True
+    pos = np.flatnonzero(low)
+    code = np.empty(len(pos), dtype=np.uint8)
+    code[:-3] = _TOKEN_CODE[data[pos[:-3]]]
+    code[-3:] = _T_NL
     if not code.all():  # '\r', '+', spaces...: content, not tokens
         pos, code = pos[code != 0], code[code != 0]
-    pos = np.concatenate([pos, [len(data)] * 3])
-    code = np.concatenate([code, [_T_NL] * 3]).astype(np.uint8)
 
     # Lines.
     nl_tok = np.flatnonzero(code[:-2] == _T_NL)  # token index of each line's newline
@@ -904,9 +909,11 @@ def _parse_lines(
 
     # Entries of kept lines, grouped per field (stable, so in line order) into list columns.
     entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
+    if len(entry_keep) < len(entry_tok):
+        field_start, two = field_start[entry_keep], two[entry_keep]
     parent = np.repeat(np.arange(n_keep), per_line[kept_lines])
-    field_index = _field_index(data, field_start[entry_keep], two[entry_keep], fields)
-    unknown = _unknown_fields(block, field_start[entry_keep], two[entry_keep], field_index, fields)
+    field_index = _field_index(data, field_start, two, fields)
+    unknown = _unknown_fields(block, field_start, two, field_index, fields)
     order = np.argsort(field_index, kind="stable")
     counts = np.bincount(
         field_index.astype(np.int64) * n_keep + parent, minlength=(len(fields) + 1) * n_keep
