@@ -258,9 +258,46 @@ def _key_runs(keys: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]
     if len(keys) < 2:
         return np.arange(len(keys)), hash_keys(keys)
     starts_run = np.ones(len(keys), dtype=bool)
-    starts_run[1:] = pc.not_equal(keys[1:], keys[:-1]).to_numpy(zero_copy_only=False)
+    starts_run[1:] = _bools(pc.not_equal(keys[1:], keys[:-1]))
     heads = np.flatnonzero(starts_run)
-    return heads, hash_keys(keys.take(pa.array(heads)))
+    return heads, hash_keys(pc.take(keys, _arrow(heads)))
+
+
+# numpy <-> Arrow without `pa.array` / `to_numpy`: those check for pandas objects, and the
+# first check imports pandas (0.3 s from bytecode, 0.7 s from source) in every ingestion.
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A numeric or boolean numpy array as an Arrow array (numeric: without a copy)."""
+    if values.dtype == bool:
+        bits = pa.py_buffer(np.packbits(values, bitorder="little"))
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, bits])
+    values = np.ascontiguousarray(values)
+    dtype = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
+
+
+def _strings(texts: list[str]) -> pa.StringArray:
+    """Python strings as an Arrow string array."""
+    encoded = [text.encode() for text in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    data = pa.py_buffer(b"".join(encoded))
+    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), data)
+
+
+def _bools(array: pa.BooleanArray) -> np.ndarray:
+    """A boolean Arrow array as numpy, null as False."""
+    n, offset = len(array), array.offset
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    validity, values = array.buffers()
+    bits = np.frombuffer(values, dtype=np.uint8)
+    out = np.unpackbits(bits, count=offset + n, bitorder="little")[offset:].view(bool)
+    if array.null_count:
+        valid = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        out &= valid[offset : offset + n].view(bool)
+    return out
 
 
 class KnownKeys:
@@ -282,13 +319,13 @@ class KnownKeys:
         hit = self._sorted[pos] == hashes
         rows = np.flatnonzero(hit)
         if len(rows):  # the same hash is no proof: compare the strings
-            candidates = self._keys.take(pa.array(self._order[pos[rows]]))
-            same = pc.equal(keys.take(pa.array(rows)), candidates)
-            hit[rows] = same.to_numpy(zero_copy_only=False)
+            candidates = pc.take(self._keys, _arrow(self._order[pos[rows]]))
+            same = pc.equal(pc.take(keys, _arrow(rows)), candidates)
+            hit[rows] = _bools(same)
             unsure = rows[~hit[rows]]
             if len(unsure):  # another key of the set with the same hash (very rare)
-                found = pc.is_in(keys.take(pa.array(unsure)), value_set=self._keys)
-                hit[unsure] = found.to_numpy(zero_copy_only=False)
+                found = pc.is_in(pc.take(keys, _arrow(unsure)), value_set=self._keys)
+                hit[unsure] = _bools(found)
         return hit
 
 
@@ -543,7 +580,7 @@ def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
         keys = keys.combine_chunks()
     if keys.null_count:
         raise ValueError("hash_keys: keys must not be null")
-    keys = keys.cast(pa.large_string())
+    keys = pc.cast(keys, pa.large_string())
     n = len(keys)
     offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset : keys.offset + n + 1]
     raw = keys.buffers()[2]
@@ -697,9 +734,10 @@ def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=
 def _spans(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.StringArray:
     """Strings block[starts[i]:ends[i]] (copied) for ordered, non-overlapping spans."""
     if len(starts) == 0:
-        return pa.array([], pa.string())
-    every_other = pa.array(np.arange(0, 2 * len(starts), 2, dtype=np.int64))
-    return _interleaved(buffer, starts, ends).take(every_other).cast(pa.string())
+        return _strings([])
+    every_other = _arrow(np.arange(0, 2 * len(starts), 2, dtype=np.int64))
+    spans = pc.take(_interleaved(buffer, starts, ends), every_other)
+    return spans if spans.type == pa.string() else pc.cast(spans, pa.string())
 
 
 _NUMPY_TYPES = {pa.int64(): np.int64, pa.float32(): np.float32}
@@ -855,7 +893,7 @@ def _parse_lines(
         id_ok = ids >= 0
     except pa.ArrowInvalid:  # some id is not (rare, slower): digits only
         tokens = _interleaved(buffer, id_start, three, entry_ok)
-        digits = pc.utf8_is_digit(tokens).fill_null(False).to_numpy(zero_copy_only=False)[0::2]
+        digits = _bools(pc.utf8_is_digit(tokens))[0::2]
         id_ok = digits & (three - id_start <= 18)  # at most 18 digits always fit int64
         ids = _cast_spans(buffer, id_start, three, entry_ok & id_ok, pa.int64())
     try:
@@ -863,8 +901,7 @@ def _parse_lines(
         value_ok = np.ones(len(two), dtype=bool)
     except pa.ArrowInvalid:  # some value is not a number: find which (rare, slower)
         tokens = _interleaved(buffer, value_start, value_end, entry_ok)
-        matched = pc.match_substring_regex(tokens, _FLOAT_RE).fill_null(False)
-        value_ok = matched.to_numpy(zero_copy_only=False)[0::2]
+        value_ok = _bools(pc.match_substring_regex(tokens, _FLOAT_RE))[0::2]
         wts = _cast_spans(buffer, value_start, value_end, entry_ok & value_ok, pa.float32())
     value_ok &= np.isfinite(wts)  # "nan" and "inf" parse as floats but are no weights
     entry_bad = entry_ok & ~(id_ok & value_ok & (two > field_start))
@@ -881,7 +918,7 @@ def _parse_lines(
 
     row_reason = np.zeros(len(ok_lines), dtype=np.uint8)
     num_start, num_end = col_starts[:, col["feature_num"]], col_ends[:, col["feature_num"]]
-    num_ok = pc.utf8_is_digit(_spans(buffer, num_start, num_end)).to_numpy(zero_copy_only=False)
+    num_ok = _bools(pc.utf8_is_digit(_spans(buffer, num_start, num_end)))
     num_ok &= num_end - num_start <= 18
     declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
     row_reason[declared != per_line[ok_lines]] = _REASON_CODE[R_FEATURE_NUM]
@@ -903,7 +940,7 @@ def _parse_lines(
     columns: dict[str, pa.Array] = {}
     for name, i in col.items():
         if name in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
-            columns[name] = pa.array(labels[name][keep].astype(np.int8))
+            columns[name] = _arrow(labels[name][keep].astype(np.int8))
         elif name not in ("feature_num", "feature_list"):
             columns[name] = _spans(buffer, col_starts[keep, i], col_ends[keep, i])
 
@@ -925,10 +962,10 @@ def _parse_lines(
     ids, wts = ids[sorted_entries], wts[sorted_entries]
     out_fields: dict[str, pa.Array] = {}
     for k, f in enumerate(fields):
-        field_offsets = pa.array(offsets[k])
+        field_offsets = _arrow(offsets[k])
         lo, hi = bounds[k], bounds[k + 1]
-        out_fields[ids_key(f)] = pa.ListArray.from_arrays(field_offsets, pa.array(ids[lo:hi]))
-        out_fields[wts_key(f)] = pa.ListArray.from_arrays(field_offsets, pa.array(wts[lo:hi]))
+        out_fields[ids_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(ids[lo:hi]))
+        out_fields[wts_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(wts[lo:hi]))
 
     bad = np.flatnonzero((reasons != 0) & (reasons != _REASON_CODE[R_UTF8]))
     # Decoded leniently: the cap may cut a multi-byte character.
@@ -1034,7 +1071,7 @@ def _ingest_file(
         late = np.full(table.num_rows, None, dtype=object)  # reasons found here, not in the worker
         keep = np.ones(table.num_rows, dtype=bool)
         if known_keys is not None:  # one look-up per run of rows with the same context
-            keys = table[COMMON_INDEX_KEY].combine_chunks().take(pa.array(pb.context_runs))
+            keys = pc.take(table[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
             known = known_keys.contains(keys, pb.context_hashes)
             keep = np.repeat(known, np.diff(pb.context_runs, append=table.num_rows))
             late[~keep] = R_UNKNOWN_KEY
@@ -1053,7 +1090,7 @@ def _ingest_file(
             quarantine.writerow([prefix + source.name, pb.first_line + line, key, reason])
             rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
 
-        kept = table if keep.all() else table.filter(pa.array(keep))
+        kept = table if keep.all() else pc.filter(table, _arrow(keep))
         rep.rows_read += pb.n_lines
         rep.rows_written += kept.num_rows
         rep.rows_quarantined += len(entries)
@@ -1066,7 +1103,7 @@ def _ingest_file(
         if prefix:
             kept = _prefixed(kept, prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
         _write_split(writers, kept, pb.in_valid_split[keep], out_splits, split_counts)
-    keys = pa.concat_arrays(written_keys) if written_keys else pa.array([], pa.string())
+    keys = pa.concat_arrays(written_keys) if written_keys else _strings([])
     hashes = np.concatenate(written_hashes) if written_hashes else np.zeros(0, dtype=np.uint64)
     return rep, KnownKeys(keys, hashes)
 
@@ -1089,7 +1126,7 @@ def _write_split(
         counts["test"] += table.num_rows
         return
     for split, mask in (("train", ~in_valid), ("valid", in_valid)):
-        part = table.filter(pa.array(mask))
+        part = pc.filter(table, _arrow(mask))
         writers.write(split, part)
         counts[split] += part.num_rows
 
@@ -1118,26 +1155,42 @@ _VOCAB_BATCH_ROWS = 8192  # rows read at a time (a context holds hundreds of ids
 def _count_field(path: Path, f: str, min_count: int) -> pa.Table:
     """field, feature_id, count of the ids of field `f` in a Parquet file seen >= min_count."""
     pf = pq.ParquetFile(path)
-    partial = [
-        pa.table(
-            pc.value_counts(pc.list_flatten(batch.column(0))).flatten(),
-            names=["feature_id", "count"],
-        )
-        for batch in pf.iter_batches(columns=[ids_key(f)], batch_size=_VOCAB_BATCH_ROWS)
-    ]
-    if not partial:
-        partial = [
-            pa.table({"feature_id": pa.array([], pa.int64()), "count": pa.array([], pa.int64())})
-        ]
-    totals = pa.concat_tables(partial).group_by("feature_id").aggregate([("count", "sum")])
-    totals = totals.filter(pc.greater_equal(totals["count_sum"], min_count)).sort_by("feature_id")
-    return pa.table(
-        {
-            "field": pa.array([f] * totals.num_rows, pa.string()),
-            "feature_id": totals["feature_id"],
-            "count": totals["count_sum"],
-        }
+    ids, counts = [], []
+    for batch in pf.iter_batches(columns=[ids_key(f)], batch_size=_VOCAB_BATCH_ROWS):
+        partial = pc.value_counts(pc.list_flatten(batch.column(0)))
+        ids.append(partial.field("values"))
+        counts.append(partial.field("counts"))
+    empty = _arrow(np.zeros(0, dtype=np.int64))
+    feature_id, count = _sum_by_key(
+        pa.chunked_array(ids or [empty]), pa.chunked_array(counts or [empty])
     )
+    keep = count >= min_count
+    order = np.argsort(feature_id[keep], kind="stable")
+    return pa.Table.from_arrays(
+        [
+            _strings([f] * len(order)),
+            _arrow(feature_id[keep][order]),
+            _arrow(count[keep][order]),
+        ],
+        names=["field", "feature_id", "count"],
+    )
+
+
+def _sum_by_key(keys: pa.ChunkedArray, counts: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct keys and the sum of their counts (Arrow's hash aggregation)."""
+    if hasattr(pc, "_group_by"):  # pyarrow 10: Table.group_by's kernel, minus a pandas import
+        sums = pc._group_by([counts], [keys], [("hash_sum", None)])
+        return _ints(sums.field(1)), _ints(sums.field(0))
+    table = pa.Table.from_arrays([keys, counts], names=["key", "count"])
+    sums = table.group_by("key").aggregate([("count", "sum")])
+    return _ints(sums["key"]), _ints(sums["count_sum"])
+
+
+def _ints(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An int64 column without nulls as numpy (see `_arrow` for why not to_numpy)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    values = np.frombuffer(array.buffers()[1], dtype=np.int64)
+    return values[array.offset : array.offset + len(array)]
 
 
 def load_vocabularies(path: Path) -> dict[str, np.ndarray]:
