@@ -677,7 +677,7 @@ def parse_block(
 ) -> ParsedBlock:
     """Vectorised parse of a block of `kind` ("skeleton" or "common") lines.
 
-    Runs in a worker process: everything here depends on the block alone.
+    Runs on a worker thread: everything here depends on the block alone.
     """
     skeleton = kind == "skeleton"
     names, fields = (
