@@ -743,7 +743,7 @@ _T_ENTRY, _T_NL = 2, 4  # 0x02 opens an entry's id; a newline ends a line
 _ALLOWED = np.zeros((6, 6), dtype=bool)
 for _prev, _next in ((4, 5), (4, 4), (5, 5), (5, 2), (5, 4), (2, 3), (3, 1), (3, 4), (1, 2)):
     _ALLOWED[_prev, _next] = True
-_ALLOWED = _ALLOWED.ravel()
+_DISALLOWED = ~_ALLOWED.ravel()
 # Low-bits masks of a little-endian uint64 holding the first n bytes of a field id.
 _BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**64 - 1], dtype=np.uint64)
 
@@ -908,7 +908,7 @@ def _parse_lines(
     pairs[0] = _T_NL * 6 + code[0]
     np.multiply(code[:-1], 6, out=pairs[1:])
     pairs[1:] += code[1:]
-    bad_tok = np.flatnonzero(~_ALLOWED[pairs[: nl_tok[-1] + 1]])
+    bad_tok = np.flatnonzero(_DISALLOWED[pairs[: nl_tok[-1] + 1]])
     struct_bad = np.zeros(n_lines, dtype=bool)
     struct_bad[np.searchsorted(nl_tok, bad_tok)] = True
     reasons[struct_bad & (reasons == 0)] = _REASON_CODE[R_ENTRY]
