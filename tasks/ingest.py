@@ -187,6 +187,7 @@ def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestR
     split_contexts = dict.fromkeys(SPLITS, 0)
     impressions = _SplitWriters(out_dir, "impressions.parquet", SPLITS)
     contexts = _SplitWriters(out_dir, "common.parquet", SPLITS)
+    vocab = _VocabCounter()  # counted as the train split is written
     with open(out_dir / "quarantine.csv", "w", newline="") as qf:
         quarantine = csv.writer(qf)
         quarantine.writerow(["file", "line", "sample_id", "reason"])
@@ -202,6 +203,7 @@ def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestR
                 workers,
                 quarantine,
                 split_contexts,
+                vocab=vocab if split == "train" else None,
                 prefix=prefix,
             )
             files.append(rep)
@@ -215,13 +217,14 @@ def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestR
                 quarantine,
                 split_rows,
                 known_keys=keys,
+                vocab=vocab if split == "train" else None,
                 prefix=prefix,
             )
             files.append(rep)
     impressions.close(_impression_schema())
     contexts.close(_common_schema())
 
-    vocab_sizes = _write_vocab(out_dir, cfg.min_count, workers)
+    vocab_sizes = vocab.write(out_dir / "vocab.parquet", cfg.min_count)
     report = IngestReport(files, split_rows, split_contexts, vocab_sizes)
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
 
@@ -670,6 +673,7 @@ class ParsedBlock:
     bad_reasons: list[str]
     bad_ids: list[str | None]  # sample id (or key) of each quarantined line, where readable
     unknown_fields: Counter
+    train_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # see _parse_counted
 
 
 def parse_block(
@@ -1092,24 +1096,28 @@ def _ingest_file(
     quarantine,
     split_counts: dict[str, int],
     known_keys: KnownKeys | None = None,
+    vocab: _VocabCounter | None = None,
     prefix: str = "",
 ) -> tuple[FileReport, KnownKeys]:
     """Stream one raw file into its split Parquet tables; returns its report and the unique
     keys it holds (context keys of a common file, without `prefix`).
 
     `prefix` is prepended to sample ids and context keys as written (earlier batches of a
-    training window); quarantine.csv names the file as `<prefix><file name>`."""
+    training window); quarantine.csv names the file as `<prefix><file name>`. With `vocab`,
+    the ids of the rows written to the train split are counted into it."""
     skeleton = kind == "skeleton"
     rep = FileReport(str(source))
     seen = SeenKeys()
     written_keys: list[pa.Array] = []
     written_hashes: list[np.ndarray] = []
     # Line numbers follow from each parsed block's line count (no extra pass over the bytes).
+    fields = SKELETON_FIELDS if skeleton else COMMON_FIELDS
+    count = vocab is not None
     blocks = (
-        (block, 0, kind, cfg.valid_fraction) for block in _line_blocks(source, cfg.chunk_bytes)
+        (block, kind, cfg.valid_fraction, count) for block in _line_blocks(source, cfg.chunk_bytes)
     )
     next_line = 1
-    for pb in ordered_map(parse_block, blocks, workers, in_flight=workers + 1):
+    for pb in ordered_map(_parse_counted, blocks, workers, in_flight=workers + 1):
         pb.first_line, next_line = next_line, next_line + pb.n_lines
         table = pb.table
         late = np.full(table.num_rows, None, dtype=object)  # reasons found here, not in the worker
@@ -1123,6 +1131,11 @@ def _ingest_file(
         dup[keep] = seen.check_and_add(pb.key_hashes[keep])
         late[dup] = R_DUP_SAMPLE if skeleton else R_DUP_KEY
         keep &= ~dup
+        if vocab is not None:  # the worker counted every train row: take out rejected ones
+            vocab.add(pb.train_counts)
+            rejected_train = ~keep & ~pb.in_valid_split
+            if rejected_train.any():
+                vocab.add(_id_counts(table, rejected_train, fields), sign=-1)
 
         # Quarantine: lines rejected by the worker and rows rejected above, in line order.
         row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each parsed row
@@ -1152,6 +1165,19 @@ def _ingest_file(
     return rep, KnownKeys(keys, hashes)
 
 
+def _parse_counted(
+    block: bytes | bytearray, kind: str, valid_fraction: float, count: bool
+) -> ParsedBlock:
+    """`parse_block` (line numbers set by the caller), and with `count` the id counts of
+    the rows that go to the train split."""
+    pb = parse_block(block, 0, kind, valid_fraction)
+    if count:
+        fields = SKELETON_FIELDS if kind == "skeleton" else COMMON_FIELDS
+        train = ~pb.in_valid_split
+        pb.train_counts = _id_counts(pb.table, None if train.all() else train, fields)
+    return pb
+
+
 def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Table:
     """`table` with `prefix` prepended to each of `columns` it has."""
     for name in columns:
@@ -1178,46 +1204,65 @@ def _write_split(
 # --- vocabularies ----------------------------------------------------------------------------
 
 
-def _write_vocab(out_dir: Path, min_count: int, workers: int = 1) -> dict[str, int]:
-    """Count ids per field over the train split; keep those seen at least min_count times.
+def _id_counts(
+    table: pa.Table, rows: np.ndarray | None, fields: tuple[str, ...]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Distinct ids and their counts per field over `rows` (a mask; None: all rows)."""
+    if rows is not None:
+        table = pc.filter(table, _arrow(rows))
+    counts = {}
+    for f in fields:
+        found = pc.value_counts(pc.list_flatten(table[ids_key(f)]))
+        counts[f] = (_ints(found.field("values")), _ints(found.field("counts")))
+    return counts
 
-    Fields are counted in parallel on `workers` threads (Arrow releases the GIL)."""
-    jobs = [("common.parquet", f) for f in COMMON_FIELDS]
-    jobs += [("impressions.parquet", f) for f in SKELETON_FIELDS]
-    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="vocab") as pool:
-        parts = list(
-            pool.map(lambda job: _count_field(out_dir / "train" / job[0], job[1], min_count), jobs)
+
+class _VocabCounter:
+    """Id counts per field over the rows written to the train split, merged as they come
+    (so memory holds about one count per distinct id)."""
+
+    _MERGE_EVERY = 16  # partial counts of a field kept before merging them
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
+            f: [] for f in COMMON_FIELDS + SKELETON_FIELDS
+        }
+
+    def add(self, counts: dict[str, tuple[np.ndarray, np.ndarray]], sign: int = 1) -> None:
+        for f, (ids, n) in counts.items():
+            self._parts[f].append((ids, sign * n))
+            if len(self._parts[f]) >= self._MERGE_EVERY:
+                self._parts[f] = [self._merged(f)]
+
+    def _merged(self, f: str) -> tuple[np.ndarray, np.ndarray]:
+        parts = self._parts[f]
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if len(parts) == 1:
+            return parts[0]
+        return _sum_by_key(
+            pa.chunked_array([_arrow(ids) for ids, _ in parts], pa.int64()),
+            pa.chunked_array([_arrow(n) for _, n in parts], pa.int64()),
         )
-    vocab = pa.concat_tables(parts)
-    pq.write_table(vocab, out_dir / "vocab.parquet")
-    return {f: part.num_rows for (_, f), part in zip(jobs, parts, strict=True) if part.num_rows}
 
-
-_VOCAB_BATCH_ROWS = 8192  # rows read at a time (a context holds hundreds of ids)
-
-
-def _count_field(path: Path, f: str, min_count: int) -> pa.Table:
-    """field, feature_id, count of the ids of field `f` in a Parquet file seen >= min_count."""
-    pf = pq.ParquetFile(path)
-    ids, counts = [], []
-    for batch in pf.iter_batches(columns=[ids_key(f)], batch_size=_VOCAB_BATCH_ROWS):
-        partial = pc.value_counts(pc.list_flatten(batch.column(0)))
-        ids.append(partial.field("values"))
-        counts.append(partial.field("counts"))
-    empty = _arrow(np.zeros(0, dtype=np.int64))
-    feature_id, count = _sum_by_key(
-        pa.chunked_array(ids or [empty]), pa.chunked_array(counts or [empty])
-    )
-    keep = count >= min_count
-    order = np.argsort(feature_id[keep], kind="stable")
-    return pa.Table.from_arrays(
-        [
-            _strings([f] * len(order)),
-            _arrow(feature_id[keep][order]),
-            _arrow(count[keep][order]),
-        ],
-        names=["field", "feature_id", "count"],
-    )
+    def write(self, path: Path, min_count: int) -> dict[str, int]:
+        """Write the ids counted at least min_count times (field, feature_id, count; sorted
+        by id within a field); returns the vocabulary size of each non-empty field."""
+        tables, sizes = [], {}
+        for f in self._parts:
+            ids, n = self._merged(f)
+            keep = n >= min_count
+            order = np.argsort(ids[keep], kind="stable")
+            tables.append(
+                pa.Table.from_arrays(
+                    [_strings([f] * len(order)), _arrow(ids[keep][order]), _arrow(n[keep][order])],
+                    names=["field", "feature_id", "count"],
+                )
+            )
+            if len(order):
+                sizes[f] = len(order)
+        pq.write_table(pa.concat_tables(tables), path)
+        return sizes
 
 
 def _sum_by_key(keys: pa.ChunkedArray, counts: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -1233,6 +1278,8 @@ def _sum_by_key(keys: pa.ChunkedArray, counts: pa.ChunkedArray) -> tuple[np.ndar
 def _ints(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """An int64 column without nulls as numpy (see `_arrow` for why not to_numpy)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(array) == 0:
+        return np.zeros(0, dtype=np.int64)
     values = np.frombuffer(array.buffers()[1], dtype=np.int64)
     return values[array.offset : array.offset + len(array)]
 
