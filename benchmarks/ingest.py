@@ -416,6 +416,24 @@ def _load_of(record: dict) -> float | None:
     return loads[0] if loads else None
 
 
+def _max_load_of(record: dict) -> float | None:
+    """Highest 1-min load average seen before or after any run of the record."""
+    sides = [record.get("ours"), *_baselines_of(record).values()]
+    loads = [
+        r[key]
+        for side in sides
+        if side
+        for r in side.get("runs", [])
+        for key in ("loadavg_1min_before", "loadavg_1min_after")
+        if key in r
+    ]
+    return max(loads) if loads else None
+
+
+def _fmt_load(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _table(record: dict) -> str:
     ours, bases, csv_mb = record["ours"], _baselines_of(record), _csv_mb_of(record)
     sizes = record["sizes_mb"]
@@ -442,7 +460,8 @@ def _table(record: dict) -> str:
         lines.append(f"speed-up vs {BASELINES[n][0]}: {record['speedups'][n]}x")
     lines.append(
         f"raw text {sizes['raw_text']:,.1f} MB -> ours {sizes['ours_output']:,.1f} MB "
-        f"(Parquet {sizes['ours_parquet']:,.1f}); load average at start {_load_of(record)}"
+        f"(Parquet {sizes['ours_parquet']:,.1f}); 1-min load average at start "
+        f"{_fmt_load(_load_of(record))}, at most {_fmt_load(_max_load_of(record))} between runs"
     )
     return "\n".join(lines)
 
@@ -450,7 +469,8 @@ def _table(record: dict) -> str:
 def markdown_table(results: Path) -> str:
     """One README row per recorded ingest result (older records: no usual-script columns)."""
     head = (
-        "| date | machine | code | profile | impressions (train+test) | load (1 min) at start "
+        "| date | machine | code | profile | impressions (train+test) "
+        "| load (1 min): at start / max between runs "
         "| ours imp/s | usual script imp/s | optimised parser imp/s "
         "| speed-up vs usual script | speed-up vs optimised parser "
         "| ours peak RSS MB (tree PSS) | usual script peak RSS MB | optimised parser peak RSS MB "
@@ -475,14 +495,14 @@ def markdown_table(results: Path) -> str:
             b = bases.get(name)
             ok = o["ok"] and b and b["ok"]
             speedups.append(f"{b['wall_s'] / o['wall_s']:.2f}x" if ok else "-")
-        load = _load_of(r)
+        load = f"{_fmt_load(_load_of(r))} / {_fmt_load(_max_load_of(r))}"
         rss = " | ".join(_get(bases.get(n), "peak_rss_mb") for n in BASELINES)
         rates = " | ".join(_get(bases.get(n), "impressions_per_s") for n in BASELINES)
         csvs = " | ".join(_get(csv_mb, n) for n in BASELINES)
         rows.append(
             f"| {m['date'][:10]} | {m['cores']} cores, {m['cpu']} | {code} "
             f"| {r['raw']['profile']} | {r['impressions']['total']:,} "
-            f"| {'-' if load is None else f'{load:.2f}'} "
+            f"| {load} "
             f"| {_get(o, 'impressions_per_s')} | {rates} | {' | '.join(speedups)} "
             f"| {_get(o, 'peak_rss_mb')} ({_get(o, 'peak_tree_pss_mb')}) | {rss} "
             f"| {s['raw_text']:,.0f} | {_get(s, 'ours_output')} | {csvs} |"
@@ -553,7 +573,7 @@ def main() -> None:
     parser.add_argument(
         "--max-load",
         type=float,
-        help="before measuring, wait until the 1-min load average is at most this",
+        help="before each measured run, wait until the 1-min load average is at most this",
     )
     parser.add_argument(
         "--max-wait", type=float, default=900, help="seconds --max-load waits at most"
@@ -644,6 +664,7 @@ def main() -> None:
         for name, (cmd, cwd) in commands.items():
             shutil.rmtree(outputs[name], ignore_errors=True)
             _warm_cache(raw_paths)
+            _wait_for_load(args.max_load, args.max_wait)
             print(f"run {i + 1}/{args.repeat}: {name} ...", flush=True)
             run = measure(cmd, logs, f"{name}-{i + 1}", cwd, env=env)
             if name == "ours":
@@ -743,6 +764,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{args.tag}" if args.tag else ""
     path = args.out / f"ingest-{n_train}-{record['machine']['date'][:10]}{suffix}.json"
+    if path.exists():  # never overwrite a record: add the time of day
+        path = path.with_name(
+            f"{path.stem}-{record['machine']['date'][11:16].replace(':', '')}.json"
+        )
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(_table(record))
     if changed:
