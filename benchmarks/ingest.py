@@ -1,4 +1,4 @@
-"""Ingestion benchmark: our `ingest_ali_ccp` against a straightforward pure-Python parser.
+"""Ingestion benchmark: our `ingest_ali_ccp` against two pure-Python parsers.
 
 Generates raw Ali-CCP text of a given size once (cached under `--work`, keyed by size,
 profile, seed and the profile's definition), then measures, each in a fresh subprocess and on
@@ -6,20 +6,24 @@ the same files with a warm page cache:
 
 - ours: `tasks.ingest.ingest_ali_ccp` with the `ingest` section of the params file of the
   code measured (the working copy, or with `--ref` a commit exported by `git archive`);
-- baseline: `benchmarks.baseline_parser` (dict of common features, line-by-line split and
-  join, last id of each multi-valued field, CSV out).
+- usual: `benchmarks.baseline_parser --usual`, the algorithm of the usual public Ali-CCP
+  script (regex split into a numpy array, dict of common features, join, label-encoding
+  second pass, CSV out): the issue's reference point;
+- optimised: `benchmarks.baseline_parser`, the same first pass written as fast as pure
+  Python allows (no regex, no numpy, no second pass): a stricter reference, always reported
+  alongside.
 
 For each: wall seconds (parent clock, interpreter start-up included), impressions per second
 (train + test skeleton lines), CPU seconds, and peak memory: `peak_rss_mb` is the child's
 `ru_maxrss` (via /usr/bin/time, else wait4; the largest single process of its tree),
-`peak_tree_pss_mb` the largest sampled sum of PSS over the child and all its descendants
-(what matters once parsing is spread over worker processes). Also the speed-up (baseline
-seconds / ours), raw text size vs our output folder vs the baseline CSV, the git commit,
-whether tasks/ingest.py had uncommitted changes, and the sha256 of the tasks/ingest.py each
-run imported (a change during the run is flagged).
+`peak_tree_pss_mb` the largest sampled sum of PSS over the child and all its descendants.
+Also the speed-up against each baseline (baseline seconds / ours), raw text size vs our
+output folder vs each baseline's CSV, the load average when the run started (other jobs share
+the cores), the git commit, whether tasks/ingest.py had uncommitted changes, and the sha256
+of the tasks/ingest.py each run imported (a change during the run is flagged).
 
-    python -m benchmarks.ingest --impressions 1000000 --repeat 3 --ref HEAD
-    python -m benchmarks.ingest --impressions 10000000 --ref HEAD
+    python -m benchmarks.ingest --impressions 1000000 --repeat 3 --ref HEAD --max-load 1.5
+    python -m benchmarks.ingest --impressions 10000000 --ref HEAD --max-load 1.5
     python -m benchmarks.ingest --markdown      # README table of all recorded results
 """
 
@@ -161,8 +165,25 @@ def _warm_cache(paths: list[Path]) -> None:
 TIME = shutil.which("time", path="/usr/bin:/bin")  # GNU time: %M is the child's ru_maxrss
 
 
+def child_env(work: Path) -> dict[str, str]:
+    """The environment of every measured child: bytecode cached under `work`.
+
+    An installed package normally has its .pyc files; without them (e.g.
+    PYTHONDONTWRITEBYTECODE=1 and a venv installed without compiling) each run would
+    recompile every imported module from source (about 0.8 s for ours). A PYTHONPYCACHEPREFIX
+    under --work gives every side compiled imports without writing into the venv."""
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(work / "pycache")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 def measure(
-    cmd: list[str], log_dir: Path, name: str, cwd: Path = REPO, sample_interval: float = 0.25
+    cmd: list[str],
+    log_dir: Path,
+    name: str,
+    cwd: Path = REPO,
+    sample_interval: float = 0.25,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Run cmd in a fresh child; wall/CPU seconds, peak memory and its JSON stdout.
 
@@ -177,7 +198,7 @@ def measure(
     load_before = os.getloadavg()[0]
     with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
         start = time.perf_counter()
-        child = subprocess.Popen(full_cmd, stdout=out, stderr=err, cwd=cwd)
+        child = subprocess.Popen(full_cmd, stdout=out, stderr=err, cwd=cwd, env=env)
         sampler = _TreeSampler(child.pid, sample_interval, skip_root=bool(TIME))
         sampler.start()
         _, status, usage = os.wait4(child.pid, 0)
@@ -352,6 +373,12 @@ def _params_with(params: Path, overrides: dict, dest: Path) -> Path:
 
 # --- report ---------------------------------------------------------------------------------
 
+# Baselines: name -> (label, extra arguments of benchmarks.baseline_parser).
+BASELINES = {
+    "usual": ("usual script", ["--usual"]),
+    "optimised": ("optimised parser", []),
+}
+
 
 def _median_run(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["exit_code"] == 0] or runs
@@ -365,46 +392,97 @@ def _get(d: dict | None, key: str, spec: str = ",.0f") -> str:
     return format(d[key], spec)
 
 
-def _table(record: dict) -> str:
-    ours, base = record["ours"], record["baseline"] or {}
+def _baselines_of(record: dict) -> dict[str, dict | None]:
+    """name -> summary of each baseline; records before the usual script had one baseline
+    (`baseline`, the optimised parser)."""
+    if "baselines" in record:
+        return record["baselines"]
+    return {"usual": None, "optimised": record.get("baseline")}
+
+
+def _csv_mb_of(record: dict) -> dict[str, float | None]:
     sizes = record["sizes_mb"]
-    rows = [
-        ("", "ours", "baseline"),
-        ("ok", str(ours["ok"]), str(base.get("ok", "-"))),
-        ("wall s", _get(ours, "wall_s", ".1f"), _get(base, "wall_s", ".1f")),
-        ("impressions/s", _get(ours, "impressions_per_s"), _get(base, "impressions_per_s")),
-        ("CPU s", _get(ours, "cpu_s", ".1f"), _get(base, "cpu_s", ".1f")),
-        ("peak RSS MB", _get(ours, "peak_rss_mb"), _get(base, "peak_rss_mb")),
-        ("peak tree PSS MB", _get(ours, "peak_tree_pss_mb"), _get(base, "peak_tree_pss_mb")),
-        ("interpreter+imports MB", _get(ours, "floor_rss_mb"), _get(base, "floor_rss_mb")),
-        ("output MB", _get(sizes, "ours_output", ",.1f"), _get(sizes, "baseline_csv", ",.1f")),
-        (
-            "impressions written",
-            _get(ours, "impressions_written"),
-            _get(base, "impressions_written"),
-        ),
+    if "baseline_csv_mb" in sizes:
+        return sizes["baseline_csv_mb"]
+    return {"usual": None, "optimised": sizes.get("baseline_csv")}
+
+
+def _load_of(record: dict) -> float | None:
+    """1-min load average when the record's runs started (older records: before ours ran)."""
+    if record.get("loadavg_start"):
+        return record["loadavg_start"][0]
+    runs = (record.get("ours") or {}).get("runs") or []
+    loads = [r["loadavg_1min_before"] for r in runs if "loadavg_1min_before" in r]
+    return loads[0] if loads else None
+
+
+def _max_load_of(record: dict) -> float | None:
+    """Highest 1-min load average seen before or after any run of the record."""
+    sides = [record.get("ours"), *_baselines_of(record).values()]
+    loads = [
+        r[key]
+        for side in sides
+        if side
+        for r in side.get("runs", [])
+        for key in ("loadavg_1min_before", "loadavg_1min_after")
+        if key in r
     ]
-    lines = [f"{a:<24} {b:>14} {c:>14}" for a, b, c in rows]
+    return max(loads) if loads else None
+
+
+def _fmt_load(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _table(record: dict) -> str:
+    ours, bases, csv_mb = record["ours"], _baselines_of(record), _csv_mb_of(record)
+    sizes = record["sizes_mb"]
+    names = [n for n, b in bases.items() if b]
+    sides = [("ours", ours)] + [(BASELINES[n][0], bases[n]) for n in names]
+    rows = [
+        ("", *[name for name, _ in sides]),
+        ("ok", *[str(s.get("ok", "-")) for _, s in sides]),
+        ("wall s", *[_get(s, "wall_s", ".1f") for _, s in sides]),
+        ("impressions/s", *[_get(s, "impressions_per_s") for _, s in sides]),
+        ("CPU s", *[_get(s, "cpu_s", ".1f") for _, s in sides]),
+        ("peak RSS MB", *[_get(s, "peak_rss_mb") for _, s in sides]),
+        ("peak tree PSS MB", *[_get(s, "peak_tree_pss_mb") for _, s in sides]),
+        ("interpreter+imports MB", *[_get(s, "floor_rss_mb") for _, s in sides]),
+        (
+            "output MB",
+            _get(sizes, "ours_output", ",.1f"),
+            *[_get(csv_mb, n, ",.1f") for n in names],
+        ),
+        ("impressions written", *[_get(s, "impressions_written") for _, s in sides]),
+    ]
+    lines = ["".join(f"{c:>18}" if i else f"{c:<24}" for i, c in enumerate(r)) for r in rows]
+    for n in names:
+        lines.append(f"speed-up vs {BASELINES[n][0]}: {record['speedups'][n]}x")
     lines.append(
-        f"speed-up {_get(record, 'speedup', '')}x; raw text {sizes['raw_text']:,.1f} MB "
-        f"-> ours {sizes['ours_output']:,.1f} MB (Parquet {sizes['ours_parquet']:,.1f}), "
-        f"baseline CSV {_get(sizes, 'baseline_csv', ',.1f')} MB"
+        f"raw text {sizes['raw_text']:,.1f} MB -> ours {sizes['ours_output']:,.1f} MB "
+        f"(Parquet {sizes['ours_parquet']:,.1f}); 1-min load average at start "
+        f"{_fmt_load(_load_of(record))}, at most {_fmt_load(_max_load_of(record))} between runs"
     )
     return "\n".join(lines)
 
 
 def markdown_table(results: Path) -> str:
-    """One README row per recorded ingest result."""
+    """One README row per recorded ingest result (older records: no usual-script columns)."""
     head = (
-        "| date | machine | code | profile | impressions (train+test) | ours imp/s "
-        "| baseline imp/s | speed-up (baseline s / ours s) | ours peak RSS MB (tree PSS) "
-        "| baseline peak RSS MB "
-        "| raw text MB | ours output MB | baseline CSV MB |\n" + "|---" * 13 + "|"
+        "| date | machine | code | profile | impressions (train+test) "
+        "| load (1 min): at start / max between runs "
+        "| ours imp/s | usual script imp/s | optimised parser imp/s "
+        "| speed-up vs usual script | speed-up vs optimised parser "
+        "| ours peak RSS MB (tree PSS) | usual script peak RSS MB | optimised parser peak RSS MB "
+        "| raw text MB | ours output MB | usual script CSV MB | optimised parser CSV MB |\n"
+        + "|---" * 18
+        + "|"
     )
     rows = [head]
     records = [json.loads(p.read_text()) for p in results.glob("ingest-*.json")]
     for r in sorted(records, key=lambda r: (r["impressions"]["total"], r["machine"]["date"])):
-        m, o, b, s, c = r["machine"], r["ours"], r["baseline"], r["sizes_mb"], r["code"]
+        m, o, s, c = r["machine"], r["ours"], r["sizes_mb"], r["code"]
+        bases, csv_mb = _baselines_of(r), _csv_mb_of(r)
         code = f"{c['commit'][:7]} (ingest.py {c['tasks_ingest_sha256'][:8]})"
         if c["tasks_ingest_uncommitted"]:
             code += " + uncommitted tasks/ingest.py"
@@ -412,17 +490,34 @@ def markdown_table(results: Path) -> str:
             code += " (changed during run)"
         for key, value in (r.get("params_ingest_overrides") or {}).items():
             code += f", {key}={value}"
-        both_ok = o["ok"] and b and b["ok"]
-        speedup = f"{b['wall_s'] / o['wall_s']:.2f}x" if both_ok else "-"
+        speedups = []
+        for name in BASELINES:
+            b = bases.get(name)
+            ok = o["ok"] and b and b["ok"]
+            speedups.append(f"{b['wall_s'] / o['wall_s']:.2f}x" if ok else "-")
+        load = f"{_fmt_load(_load_of(r))} / {_fmt_load(_max_load_of(r))}"
+        rss = " | ".join(_get(bases.get(n), "peak_rss_mb") for n in BASELINES)
+        rates = " | ".join(_get(bases.get(n), "impressions_per_s") for n in BASELINES)
+        csvs = " | ".join(_get(csv_mb, n) for n in BASELINES)
         rows.append(
             f"| {m['date'][:10]} | {m['cores']} cores, {m['cpu']} | {code} "
             f"| {r['raw']['profile']} | {r['impressions']['total']:,} "
-            f"| {_get(o, 'impressions_per_s')} | {_get(b, 'impressions_per_s')} "
-            f"| {speedup} "
-            f"| {_get(o, 'peak_rss_mb')} ({_get(o, 'peak_tree_pss_mb')}) | {_get(b, 'peak_rss_mb')} "
-            f"| {s['raw_text']:,.0f} | {_get(s, 'ours_output')} | {_get(s, 'baseline_csv')} |"
+            f"| {load} "
+            f"| {_get(o, 'impressions_per_s')} | {rates} | {' | '.join(speedups)} "
+            f"| {_get(o, 'peak_rss_mb')} ({_get(o, 'peak_tree_pss_mb')}) | {rss} "
+            f"| {s['raw_text']:,.0f} | {_get(s, 'ours_output')} | {csvs} |"
         )
     return "\n".join(rows)
+
+
+def _wait_for_load(max_load: float | None, max_wait: float) -> None:
+    """Wait (at most max_wait seconds) until the 1-min load average is at most max_load."""
+    if max_load is None:
+        return
+    deadline = time.monotonic() + max_wait
+    while os.getloadavg()[0] > max_load and time.monotonic() < deadline:
+        print(f"load average {os.getloadavg()[0]:.2f} > {max_load}: waiting ...", flush=True)
+        time.sleep(30)
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -469,7 +564,20 @@ def main() -> None:
     parser.add_argument(
         "--prepare-only", action="store_true", help="generate (or find) the raw data and exit"
     )
+    parser.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help=f"comma-separated baselines to measure, of {list(BASELINES)} (default: all)",
+    )
     parser.add_argument("--skip-baseline", action="store_true", help="measure ours only")
+    parser.add_argument(
+        "--max-load",
+        type=float,
+        help="before each measured run, wait until the 1-min load average is at most this",
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=900, help="seconds --max-load waits at most"
+    )
     parser.add_argument("--keep-outputs", action="store_true", help="keep the ingested outputs")
     parser.add_argument("--tag", help="suffix of the result file name")
     parser.add_argument(
@@ -479,6 +587,10 @@ def main() -> None:
     if args.markdown:
         print(markdown_table(args.out))
         return
+    baselines = [] if args.skip_baseline else [b for b in args.baselines.split(",") if b]
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        sys.exit(f"--baselines: unknown {sorted(unknown)}; choose from {list(BASELINES)}")
 
     n_train = args.impressions
     n_test = args.test_impressions or max(1, round(0.3 * n_train))
@@ -513,38 +625,56 @@ def main() -> None:
     logs = scratch / "logs"
     if overrides:
         params = _params_with(params, overrides, scratch / "params.yaml")
-    outputs = {"ours": scratch / "ours", "baseline": scratch / "baseline"}
+    outputs = {"ours": scratch / "ours", **{b: scratch / b for b in baselines}}
     commands = {
         "ours": ([python, "-c", OURS_CHILD, str(raw_dir), str(outputs["ours"]), str(params)],
                  ours_cwd),
-        "baseline": ([python, "-m", "benchmarks.baseline_parser", str(raw_dir),
-                      str(outputs["baseline"])], REPO),
+        **{b: ([python, "-m", "benchmarks.baseline_parser", str(raw_dir), str(outputs[b]),
+                *BASELINES[b][1]], REPO) for b in baselines},
     }  # fmt: skip
-    if args.skip_baseline:
-        del commands["baseline"]
-    floors = {  # interpreter + imports only: the fixed part of each peak
-        "ours": measure([python, "-c", "import tasks.ingest"], logs, "floor-ours", ours_cwd),
-        "baseline": measure(
-            [python, "-c", "import benchmarks.baseline_parser"], logs, "floor-base"
+    env = child_env(work)
+    floors = {  # interpreter + imports only: the fixed part of each peak (and .pyc written)
+        "ours": measure(
+            [python, "-c", "import tasks.ingest, tasks.config"],
+            logs,
+            "floor-ours",
+            ours_cwd,
+            env=env,
+        ),
+        "optimised": measure(
+            [python, "-c", "import benchmarks.baseline_parser"], logs, "floor-optimised", env=env
+        ),
+        "usual": measure(  # the usual script also loads numpy
+            [python, "-c", "import benchmarks.baseline_parser, numpy"],
+            logs,
+            "floor-usual",
+            env=env,
         ),
     }
+    _wait_for_load(args.max_load, args.max_wait)
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
     code_before = _code_state(src)  # and again after every run of ours, and at the end
     runs: dict[str, list[dict]] = {name: [] for name in commands}
     sizes: dict[str, int] = {}
-    print(f"{n_lines:,} impressions, {sum(raw['bytes'].values()) / MB:,.0f} MB of raw text")
+    print(
+        f"{n_lines:,} impressions, {sum(raw['bytes'].values()) / MB:,.0f} MB of raw text; "
+        f"load average {loadavg_start}"
+    )
     for i in range(args.repeat):
         for name, (cmd, cwd) in commands.items():
             shutil.rmtree(outputs[name], ignore_errors=True)
             _warm_cache(raw_paths)
+            _wait_for_load(args.max_load, args.max_wait)
             print(f"run {i + 1}/{args.repeat}: {name} ...", flush=True)
-            run = measure(cmd, logs, f"{name}-{i + 1}", cwd)
+            run = measure(cmd, logs, f"{name}-{i + 1}", cwd, env=env)
             if name == "ours":
                 run["code_after"] = _code_state(src)
             runs[name].append(run)
             status = "ok" if run["exit_code"] == 0 else f"FAILED (exit {run['exit_code']})"
             print(
                 f"  {status}: {run['wall_s']:.1f} s, {n_lines / run['wall_s']:,.0f} impressions/s, "
-                f"peak RSS {run['peak_rss_mb']:,.0f} MB (tree PSS {run['peak_tree_pss_mb']:,.0f})",
+                f"peak RSS {run['peak_rss_mb']:,.0f} MB (tree PSS {run['peak_tree_pss_mb']:,.0f})"
+                f", load {run['loadavg_1min_before']} -> {run['loadavg_1min_after']}",
                 flush=True,
             )
             if run["exit_code"] != 0:
@@ -552,16 +682,14 @@ def main() -> None:
             elif name == "ours":
                 sizes["ours_output"] = _tree_bytes(outputs["ours"])
                 sizes["ours_parquet"] = _tree_bytes(outputs["ours"], ".parquet")
-            else:
-                sizes["baseline_csv"] = _tree_bytes(outputs["baseline"], ".csv")
+            else:  # the final CSVs (the usual script's joined *.csv.tmp are not counted)
+                sizes[name] = _tree_bytes(outputs[name], ".csv")
     code_after = _code_state(src)
     if not args.keep_outputs:
         for out in outputs.values():
             shutil.rmtree(out, ignore_errors=True)
 
-    def summary(name: str) -> dict | None:
-        if name not in runs:
-            return None
+    def summary(name: str) -> dict:
         run = _median_run(runs[name])
         child = run.get("child") or {}
         if name == "ours":
@@ -587,7 +715,8 @@ def main() -> None:
             "runs": runs[name],
         }
 
-    ours, base = summary("ours"), summary("baseline")
+    ours = summary("ours")
+    bases = {name: summary(name) for name in baselines}
     ran = {(r.get("child") or {}).get("ingest_module_sha256") for r in runs["ours"]} - {None}
     ingest_sha = code_before["tasks_ingest_sha256"]
     changed = bool(  # did tasks/ingest.py change while we measured it?
@@ -598,6 +727,8 @@ def main() -> None:
     record = {
         "benchmark": "ingest",
         "machine": machine_info(),
+        "loadavg_start": loadavg_start,  # 1, 5, 15 min, before the first measured run
+        "bytecode_cache": env["PYTHONPYCACHEPREFIX"],  # imports from .pyc, see child_env
         "code": {
             **code_before,
             "tasks_ingest_uncommitted": code_before["tasks_ingest_uncommitted"]
@@ -613,30 +744,40 @@ def main() -> None:
         "params_ingest": (ours["runs"][-1].get("child") or {}).get("config"),
         "params_ingest_overrides": overrides,
         "ours": ours,
-        "baseline": base,
-        "speedup": round(base["wall_s"] / ours["wall_s"], 2) if base else None,
-        "same_impressions_written": (
-            ours["impressions_written"] == base["impressions_written"] if base else None
-        ),
+        "baselines": {name: bases.get(name) for name in BASELINES},
+        "speedups": {  # baseline wall seconds / ours
+            name: round(b["wall_s"] / ours["wall_s"], 2) for name, b in bases.items()
+        },
+        "same_impressions_written": {
+            name: ours["impressions_written"] == b["impressions_written"]
+            for name, b in bases.items()
+        },
         "sizes_mb": {
             "raw_text": round(sum(raw["bytes"].values()) / MB, 1),
             "ours_output": round(sizes.get("ours_output", 0) / MB, 1),
             "ours_parquet": round(sizes.get("ours_parquet", 0) / MB, 1),
-            "baseline_csv": round(sizes.get("baseline_csv", 0) / MB, 1) if base else None,
+            "baseline_csv_mb": {
+                name: round(sizes[name] / MB, 1) if name in sizes else None for name in BASELINES
+            },
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{args.tag}" if args.tag else ""
     path = args.out / f"ingest-{n_train}-{record['machine']['date'][:10]}{suffix}.json"
+    if path.exists():  # never overwrite a record: add the time of day
+        path = path.with_name(
+            f"{path.stem}-{record['machine']['date'][11:16].replace(':', '')}.json"
+        )
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(_table(record))
     if changed:
         print("WARNING: the code measured changed while the benchmark ran; see code.after")
-    if base and not record["same_impressions_written"]:
-        print(
-            "WARNING: ours and the baseline wrote different impression counts: "
-            f"{ours['impressions_written']} vs {base['impressions_written']}"
-        )
+    for name, same in record["same_impressions_written"].items():
+        if not same:
+            print(
+                f"WARNING: ours and the {BASELINES[name][0]} wrote different impression counts: "
+                f"{ours['impressions_written']} vs {bases[name]['impressions_written']}"
+            )
     print(f"wrote {path}")
     if all(r["exit_code"] == 0 for rs in runs.values() for r in rs):
         shutil.rmtree(logs if args.keep_outputs else scratch, ignore_errors=True)

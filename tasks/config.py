@@ -43,7 +43,7 @@ class IngestConfig(_Section):
     chunk_bytes: int = Field(
         16 << 20, gt=0
     )  # bytes of raw text parsed per chunk (peak memory ~40x)
-    workers: int = Field(0, ge=0)  # parsing processes; 0 = cores - 1 on large inputs
+    workers: int = Field(0, ge=0)  # parsing threads; 0 = one per core
     max_quarantine_fraction: float = Field(0.01, ge=0.0, le=1.0)  # fail above this share
     # Training data = the train files of this many most recent data versions (1 = the
     # latest batch only); the test split is always the latest version's.

@@ -22,21 +22,22 @@ Output layout (under `out_dir`):
 from __future__ import annotations
 
 import csv
+import ctypes
+import functools
 import gzip
 import json
-import multiprocessing
 import os
+import platform
 import tarfile
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -70,8 +71,12 @@ R_ENTRY = "malformed feature entry"
 R_UNKNOWN_KEY = "unknown common_feature_index"
 R_DUP_KEY = "duplicate common_feature_index"
 R_DUP_SAMPLE = "duplicate sample id"
+# Reasons the block parser gives, by code (0: no defect found).
+_REASONS: tuple[str | None, ...] = (
+    None, R_EMPTY, R_UTF8, R_COLUMNS, R_ENTRY, R_FEATURE_NUM, R_LABEL, R_CONV_NO_CLICK,
+)  # fmt: skip
+_REASON_CODE = {reason: code for code, reason in enumerate(_REASONS)}
 
-_MIN_CHUNKS_FOR_WORKERS = 8  # below this many chunks of input, parse in-process
 _MAX_ID_CHARS = 64  # longest sample id / key text copied into quarantine.csv
 
 
@@ -158,15 +163,17 @@ def ingest_ali_ccp(
         IngestError: a raw file is missing, or the quarantined share exceeds
             `cfg.max_quarantine_fraction`.
     """
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    with _steady_allocator():
+        return _ingest(Path(raw_dir), Path(out_dir), cfg, history)
+
+
+def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestReport:
     sources = find_raw_files(raw_dir)
-    # By default one parsing process per core but one (this process writes, checks duplicates
-    # and joins keys meanwhile), unless the input is too small to repay starting them (a few
-    # seconds); with one worker everything runs in this process.
-    workers = cfg.workers or max(1, (os.cpu_count() or 1) - 1)
-    total = sum(src.size() for pair in sources.values() for src in pair)
-    if not cfg.workers and total < _MIN_CHUNKS_FOR_WORKERS * cfg.chunk_bytes:
-        workers = 1
+    # By default one parsing thread per core; this thread meanwhile checks duplicates, joins
+    # keys and writes Parquet. numpy and Arrow release the GIL in their kernels, so threads
+    # run in parallel without copying whole tables between processes. With one worker
+    # everything runs in this thread.
+    workers = cfg.workers or os.cpu_count() or 1
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         (out_dir / split).mkdir(exist_ok=True)
@@ -180,6 +187,7 @@ def ingest_ali_ccp(
     split_contexts = dict.fromkeys(SPLITS, 0)
     impressions = _SplitWriters(out_dir, "impressions.parquet", SPLITS)
     contexts = _SplitWriters(out_dir, "common.parquet", SPLITS)
+    vocab = _VocabCounter()  # counted as the train split is written
     with open(out_dir / "quarantine.csv", "w", newline="") as qf:
         quarantine = csv.writer(qf)
         quarantine.writerow(["file", "line", "sample_id", "reason"])
@@ -195,6 +203,7 @@ def ingest_ali_ccp(
                 workers,
                 quarantine,
                 split_contexts,
+                vocab=vocab if split == "train" else None,
                 prefix=prefix,
             )
             files.append(rep)
@@ -208,13 +217,14 @@ def ingest_ali_ccp(
                 quarantine,
                 split_rows,
                 known_keys=keys,
+                vocab=vocab if split == "train" else None,
                 prefix=prefix,
             )
             files.append(rep)
     impressions.close(_impression_schema())
     contexts.close(_common_schema())
 
-    vocab_sizes = _write_vocab(out_dir, cfg.min_count)
+    vocab_sizes = vocab.write(out_dir / "vocab.parquet", cfg.min_count)
     report = IngestReport(files, split_rows, split_contexts, vocab_sizes)
     (out_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True))
 
@@ -235,13 +245,135 @@ def ingest_ali_ccp(
     return report
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's default
+
+
+@contextmanager
+def _steady_allocator() -> Iterator[None]:
+    """Keep freed memory for reuse while ingesting.
+
+    Each block allocates and frees a few hundred MB of numpy and Arrow buffers. By default
+    glibc hands large freed blocks back to the kernel (mmap threshold, heap trimming, one
+    heap per thread) and Arrow's jemalloc purges its own, so every block faults its memory in
+    again: about 500k page faults and 1.3 s of system time for 1M impressions. With Arrow on
+    the system allocator and glibc keeping blocks of up to 32 MB in one heap, about 90k
+    (0.6 s). On exit Arrow's pool is restored and the heap trimmed; the 32 MB mmap threshold
+    stays (glibc's own dynamic threshold grows to that much anyway). Only on glibc."""
+    libc = None
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            libc = None
+    pool = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    if libc is not None:
+        libc.mallopt(_M_ARENA_MAX, 1)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(pool)
+        if libc is not None:
+            libc.mallopt(_M_ARENA_MAX, 0)  # back to glibc's rule (8 per core)
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD)
+            libc.malloc_trim(0)
+
+
 def split_of(keys: pa.Array, valid_fraction: float) -> np.ndarray:
     """Deterministic train/valid assignment by context key (True = validation).
 
     A user context never straddles splits; the hash is stable across runs and machines.
     """
-    hashed = hash_keys(keys)
-    return (hashed % np.uint64(1_000_000)) < np.uint64(round(valid_fraction * 1_000_000))
+    heads, hashes = _key_runs(keys)
+    return np.repeat(_in_valid(hashes, valid_fraction), np.diff(heads, append=len(keys)))
+
+
+def _in_valid(hashes: np.ndarray, valid_fraction: float) -> np.ndarray:
+    return (hashes % np.uint64(1_000_000)) < np.uint64(round(valid_fraction * 1_000_000))
+
+
+def _key_runs(keys: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """First row of each run of equal consecutive keys, and the key's hash.
+
+    Impressions of one context are mostly consecutive: each run is hashed once."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if len(keys) < 2:
+        return np.arange(len(keys)), hash_keys(keys)
+    starts_run = np.ones(len(keys), dtype=bool)
+    starts_run[1:] = _bools(pc.not_equal(keys[1:], keys[:-1]))
+    heads = np.flatnonzero(starts_run)
+    return heads, hash_keys(pc.take(keys, _arrow(heads)))
+
+
+# numpy <-> Arrow without `pa.array` / `to_numpy`: those check for pandas objects, and the
+# first check imports pandas (0.3 s from bytecode, 0.7 s from source) in every ingestion.
+
+
+def _arrow(values: np.ndarray) -> pa.Array:
+    """A numeric or boolean numpy array as an Arrow array (numeric: without a copy)."""
+    if values.dtype == bool:
+        bits = pa.py_buffer(np.packbits(values, bitorder="little"))
+        return pa.Array.from_buffers(pa.bool_(), len(values), [None, bits])
+    values = np.ascontiguousarray(values)
+    dtype = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(dtype, len(values), [None, pa.py_buffer(values)])
+
+
+def _strings(texts: list[str]) -> pa.StringArray:
+    """Python strings as an Arrow string array."""
+    encoded = [text.encode() for text in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int32)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    data = pa.py_buffer(b"".join(encoded))
+    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), data)
+
+
+def _bools(array: pa.BooleanArray) -> np.ndarray:
+    """A boolean Arrow array as numpy, null as False."""
+    n, offset = len(array), array.offset
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    validity, values = array.buffers()
+    bits = np.frombuffer(values, dtype=np.uint8)
+    out = np.unpackbits(bits, count=offset + n, bitorder="little")[offset:].view(bool)
+    if array.null_count:
+        valid = np.unpackbits(np.frombuffer(validity, dtype=np.uint8), bitorder="little")
+        out &= valid[offset : offset + n].view(bool)
+    return out
+
+
+class KnownKeys:
+    """Exact membership of string keys in a fixed set, by 64-bit hash then string compare.
+
+    `pc.is_in` rebuilds its hash table of the set on every call (75 ms per call for 400k
+    contexts); this sorts the set's hashes once."""
+
+    def __init__(self, keys: pa.Array, hashes: np.ndarray):
+        self._keys = keys
+        self._order = np.argsort(hashes, kind="stable")
+        self._sorted = hashes[self._order]
+
+    def contains(self, keys: pa.Array, hashes: np.ndarray) -> np.ndarray:
+        """True where keys[i] (whose hash is hashes[i]) is in the set."""
+        if len(self._sorted) == 0 or len(keys) == 0:
+            return np.zeros(len(keys), dtype=bool)
+        pos = np.minimum(np.searchsorted(self._sorted, hashes), len(self._sorted) - 1)
+        hit = self._sorted[pos] == hashes
+        rows = np.flatnonzero(hit)
+        if len(rows):  # the same hash is no proof: compare the strings
+            candidates = pc.take(self._keys, _arrow(self._order[pos[rows]]))
+            same = pc.equal(pc.take(keys, _arrow(rows)), candidates)
+            hit[rows] = _bools(same)
+            unsure = rows[~hit[rows]]
+            if len(unsure):  # another key of the set with the same hash (very rare)
+                found = pc.is_in(pc.take(keys, _arrow(unsure)), value_set=self._keys)
+                hit[unsure] = _bools(found)
+        return hit
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -320,43 +452,50 @@ def _archive_members(archive: Path) -> dict[str, str]:
         return {Path(m.name).name: m.name for m in tar.getmembers() if m.isfile()}
 
 
-def read_blocks(source: RawSource, chunk_bytes: int) -> Iterator[tuple[bytes, int]]:
+def read_blocks(source: RawSource, chunk_bytes: int) -> Iterator[tuple[bytearray, int]]:
     """Yield (whole lines, 1-based number of the first line), about chunk_bytes at a time.
 
     Memory is bounded by chunk_bytes plus the longest line, whatever the file's size. The
     block excludes the newline that ends its last line.
     """
     line_no = 1
+    for block in _line_blocks(source, chunk_bytes):
+        yield block, line_no
+        line_no += block.count(b"\n") + 1
+
+
+def _line_blocks(source: RawSource, chunk_bytes: int) -> Iterator[bytearray]:
+    """The blocks of `read_blocks`, without line numbers: each read straight into a fresh
+    buffer (only the partial last line is copied, to the start of the next one)."""
     tail = b""
     with source.open() as fh:
         while True:
-            data = fh.read(chunk_bytes)
-            if not data:
+            buf = bytearray(len(tail) + chunk_bytes)
+            buf[: len(tail)] = tail
+            n = fh.readinto(memoryview(buf)[len(tail) :])
+            if not n:
                 break
-            data = tail + data
-            cut = data.rfind(b"\n")
+            del buf[len(tail) + n :]
+            cut = buf.rfind(b"\n")
             if cut < 0:
-                tail = data
+                tail = bytes(buf)
                 continue
-            tail = data[cut + 1 :]
-            block = data[:cut]
-            yield block, line_no
-            line_no += block.count(b"\n") + 1
+            tail = bytes(memoryview(buf)[cut + 1 :])
+            del buf[cut:]
+            yield buf
     if tail:
-        yield tail, line_no
+        yield bytearray(tail)
 
 
 def ordered_map(fn, items: Iterable[tuple], workers: int, in_flight: int) -> Iterator:
-    """`fn(*item)` for each item, in order, on `workers` processes with at most `in_flight`
-    items submitted and not yet consumed (so memory stays bounded); in-process when
+    """`fn(*item)` for each item, in order, on `workers` threads with at most `in_flight`
+    items submitted and not yet consumed (so memory stays bounded); in this thread when
     workers <= 1."""
     if workers <= 1:
         for item in items:
             yield fn(*item)
         return
-    # spawn: never fork a process that may hold TensorFlow or Beam threads.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(fn, *item))
@@ -369,8 +508,8 @@ def ordered_map(fn, items: Iterable[tuple], workers: int, in_flight: int) -> Ite
 class SeenKeys:
     """Exact-duplicate detection over a whole file in 8 bytes per key (64-bit hashes).
 
-    Keys live in a few sorted runs, merged when there are too many, so checking a chunk
-    costs a binary search per run. Two distinct keys share a hash with probability about
+    Keys live in a few sorted runs of growing size (merged like a binary counter), so checking
+    a chunk costs a binary search per run. Two distinct keys share a hash with probability about
     n^2 / 2^65 (about 2e-4 for all 84M Ali-CCP impressions).
     """
 
@@ -383,24 +522,126 @@ class SeenKeys:
 
     def check_and_add(self, hashes: np.ndarray) -> np.ndarray:
         """True where a key was seen before (earlier in the file or the same batch)."""
-        dup = np.ones(len(hashes), dtype=bool)
-        dup[np.unique(hashes, return_index=True)[1]] = False  # first of each batch repeat
-        for run in self._runs:
-            pos = np.minimum(np.searchsorted(run, hashes), len(run) - 1)
-            dup |= run[pos] == hashes
-        fresh = np.sort(hashes[~dup])
-        if len(fresh):
-            self._runs.append(fresh)
-        if len(self._runs) > self._max_runs:
-            self._runs = [np.sort(np.concatenate(self._runs))]
-        return dup
+        order = np.argsort(hashes, kind="stable")  # a batch repeat's first occurrence first
+        keys = hashes[order]
+        dup = np.zeros(len(keys), dtype=bool)
+        dup[1:] = keys[1:] == keys[:-1]
+        for run in self._runs:  # sorted queries: numpy's binary search reuses its last bound
+            pos = np.minimum(np.searchsorted(run, keys), len(run) - 1)
+            dup |= run[pos] == keys
+        if not dup.all():
+            self._add(keys[~dup])
+        in_order = np.empty(len(hashes), dtype=bool)
+        in_order[order] = dup
+        return in_order
+
+    def _add(self, run: np.ndarray) -> None:
+        """Add a sorted run; merge the newest runs while the last is as large as the one
+        before (so there are about log2(keys / batch) runs), or while there are too many.
+        Merging two sorted runs is linear (timsort finds them)."""
+        self._runs.append(run)
+        while len(self._runs) > 1 and (
+            len(self._runs[-2]) <= len(self._runs[-1]) or len(self._runs) > self._max_runs
+        ):
+            last, before = self._runs.pop(), self._runs.pop()
+            self._runs.append(np.sort(np.concatenate([before, last]), kind="stable"))
+
+
+# --- stable key hashes ------------------------------------------------------------------------
+#
+# pandas' `hash_array(values, categorize=False)` on strings, re-done with numpy so that pandas
+# (0.7 s to import) stays out of ingestion: SipHash-2-4 of each string's UTF-8 bytes under
+# pandas' default key, then pandas' 64-bit mixing. The split of contexts into train and
+# validation depends on these values, so they must not change (a test compares with pandas).
+
+_SIP_KEY = b"0123456789123456"  # pandas.core.util.hashing._default_hash_key
+_U64 = np.uint64
+
+
+def _rotl(x: np.ndarray, bits: int) -> np.ndarray:
+    return (x << _U64(bits)) | (x >> _U64(64 - bits))
+
+
+def _sip_rounds(v: list[np.ndarray], rounds: int) -> None:
+    v0, v1, v2, v3 = v
+    for _ in range(rounds):
+        v0 += v1
+        v1 = _rotl(v1, 13)
+        v1 ^= v0
+        v0 = _rotl(v0, 32)
+        v2 += v3
+        v3 = _rotl(v3, 16)
+        v3 ^= v2
+        v0 += v3
+        v3 = _rotl(v3, 21)
+        v3 ^= v0
+        v2 += v1
+        v1 = _rotl(v1, 17)
+        v1 ^= v2
+        v2 = _rotl(v2, 32)
+    v[:] = [v0, v1, v2, v3]
+
+
+def _siphash(words: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """SipHash-2-4 of the byte strings at `starts` (`words`: a uint64 read at every offset)."""
+    k0 = _U64(int.from_bytes(_SIP_KEY[:8], "little"))
+    k1 = _U64(int.from_bytes(_SIP_KEY[8:], "little"))
+    n = len(starts)
+    v = [
+        np.full(n, k0 ^ _U64(0x736F6D6570736575)),
+        np.full(n, k1 ^ _U64(0x646F72616E646F6D)),
+        np.full(n, k0 ^ _U64(0x6C7967656E657261)),
+        np.full(n, k1 ^ _U64(0x7465646279746573)),
+    ]
+    for block in range(int(lengths.max(initial=0)) // 8):  # full 8-byte blocks
+        more = lengths >= 8 * (block + 1)  # the strings that have this block
+        if more.all():
+            m = words[starts + 8 * block]
+            v[3] ^= m
+            _sip_rounds(v, 2)
+            v[0] ^= m
+            continue
+        sub = np.flatnonzero(more)
+        m = words[starts[sub] + 8 * block]
+        part = [x[sub] for x in v]
+        part[3] ^= m
+        _sip_rounds(part, 2)
+        part[0] ^= m
+        for x, p in zip(v, part, strict=True):
+            x[sub] = p
+    tail = lengths & 7
+    last = words[starts + (lengths - tail)] & _BYTE_MASKS[tail]
+    b = (lengths.astype(np.uint64) << _U64(56)) | last
+    v[3] ^= b
+    _sip_rounds(v, 2)
+    v[0] ^= b
+    v[2] ^= _U64(0xFF)
+    _sip_rounds(v, 4)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
 
 
 def hash_keys(keys: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Stable 64-bit hashes of string keys (same on every run and machine)."""
+    """Stable 64-bit hashes of string keys (same on every run and machine); equal to
+    `pandas.util.hash_array(keys, categorize=False)`."""
     if isinstance(keys, pa.ChunkedArray):
         keys = keys.combine_chunks()
-    return pd.util.hash_array(keys.to_numpy(zero_copy_only=False).astype(object), categorize=False)
+    if keys.null_count:
+        raise ValueError("hash_keys: keys must not be null")
+    keys = pc.cast(keys, pa.large_string())
+    n = len(keys)
+    offsets = np.frombuffer(keys.buffers()[1], dtype=np.int64)[keys.offset : keys.offset + n + 1]
+    raw = keys.buffers()[2]
+    data = np.frombuffer(raw, dtype=np.uint8) if raw is not None else np.zeros(0, np.uint8)
+    data = np.concatenate([data[offsets[0] : offsets[-1]], np.zeros(8, dtype=np.uint8)])
+    words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
+    hashed = _siphash(words, offsets[:-1] - offsets[0], np.diff(offsets))
+    # pandas' redistribution of the 64-bit values.
+    hashed ^= hashed >> _U64(30)
+    hashed *= _U64(0xBF58476D1CE4E5B9)
+    hashed ^= hashed >> _U64(27)
+    hashed *= _U64(0x94D049BB133111EB)
+    hashed ^= hashed >> _U64(31)
+    return hashed
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -426,46 +667,48 @@ class ParsedBlock:
     table: pa.Table  # valid rows, in the output schema
     key_hashes: np.ndarray  # hash of each valid row's unique key (sample id / context key)
     in_valid_split: np.ndarray  # each valid row's context hashes into the validation split
+    context_runs: np.ndarray  # first row of each run of rows with the same context key
+    context_hashes: np.ndarray  # hash of each run's context key
     bad_lines: np.ndarray  # 0-based positions of the quarantined lines within the block
     bad_reasons: list[str]
     bad_ids: list[str | None]  # sample id (or key) of each quarantined line, where readable
     unknown_fields: Counter
+    train_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # see _parse_counted
 
 
-def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float) -> ParsedBlock:
+def parse_block(
+    block: bytes | bytearray, first_line: int, kind: str, valid_fraction: float
+) -> ParsedBlock:
     """Vectorised parse of a block of `kind` ("skeleton" or "common") lines.
 
-    Runs in a worker process: everything here depends on the block alone.
+    Runs on a worker thread: everything here depends on the block alone.
     """
     skeleton = kind == "skeleton"
     names, fields = (
         (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
     )
     parsed = _parse_lines(block, names, fields)
-    cols = parsed.columns
+    cols = parsed.columns  # labels already int8
     if skeleton:
-        head = {
-            SAMPLE_ID_KEY: cols[SAMPLE_ID_KEY],
-            CLICK_LABEL_KEY: pc.cast(cols[CLICK_LABEL_KEY], pa.int8()),
-            CONVERSION_LABEL_KEY: pc.cast(cols[CONVERSION_LABEL_KEY], pa.int8()),
-            COMMON_INDEX_KEY: cols[COMMON_INDEX_KEY],
-        }
         schema, unique_key = _impression_schema(), cols[SAMPLE_ID_KEY]
     else:
-        head = {COMMON_INDEX_KEY: cols[COMMON_INDEX_KEY]}
         schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
-    table = pa.table({**head, **parsed.fields}, schema=schema)
-    bad = np.flatnonzero(parsed.reasons != None)  # noqa: E711
+    table = pa.table({**cols, **parsed.fields}, schema=schema)
+    bad = np.flatnonzero(parsed.reasons)
     bad_ids = [parsed.first_column.get(line) for line in bad.tolist()]
+    runs, context_hashes = _key_runs(cols[COMMON_INDEX_KEY])
+    run_lengths = np.diff(runs, append=table.num_rows)
     return ParsedBlock(
         first_line=first_line,
         n_lines=parsed.n_lines,
         crlf=parsed.crlf,
         table=table,
         key_hashes=hash_keys(unique_key),
-        in_valid_split=split_of(cols[COMMON_INDEX_KEY], valid_fraction),
+        in_valid_split=np.repeat(_in_valid(context_hashes, valid_fraction), run_lengths),
+        context_runs=runs,
+        context_hashes=context_hashes,
         bad_lines=bad,
-        bad_reasons=list(parsed.reasons[bad]),
+        bad_reasons=[_REASONS[code] for code in parsed.reasons[bad].tolist()],
         bad_ids=bad_ids,
         unknown_fields=parsed.unknown_fields,
     )
@@ -473,9 +716,9 @@ def parse_block(block: bytes, first_line: int, kind: str, valid_fraction: float)
 
 @dataclass
 class _Parsed:
-    columns: dict[str, pa.Array]  # plain columns of the valid rows (strings)
+    columns: dict[str, pa.Array]  # plain columns of the valid rows (labels as int8)
     fields: dict[str, pa.Array]  # ids_*/wts_* list columns of the valid rows
-    reasons: np.ndarray  # object array, one reason (or None) per line
+    reasons: np.ndarray  # uint8, one per line: index in _REASONS (0: valid)
     unknown_fields: Counter
     n_lines: int
     crlf: int  # lines that ended in CRLF (accepted)
@@ -484,194 +727,317 @@ class _Parsed:
 
 # --- the block parser ------------------------------------------------------------------------
 #
-# A block is parsed as bytes, with numpy, without splitting it into Python strings: the
-# positions of the separators (newline, comma, 0x01, 0x02, 0x03) give every line, column and
-# entry as a (start, end) span of the block. Lines whose separators are out of the format's
-# order are quarantined before any value is parsed; the spans of the rest become Arrow string
-# arrays over the block's memory, which Arrow's C kernels turn into ids and weights.
+# A block is parsed as bytes, with numpy, without splitting it into Python strings. One pass
+# finds every byte below '-' (0x2d): the newlines, commas and 0x01-0x03 separators, the
+# "tokens" of the format (other bytes down there, such as '\r' or '+', are content). A valid
+# line's tokens read `,`*(n_cols-1) then nothing or `2 3 (1 2 3)*`, then its newline; that is
+# checked on pairs of neighbouring tokens, so no per-token line number is ever computed. The
+# spans between tokens then become Arrow string arrays over the block's memory, which Arrow's
+# C kernels turn into ids and weights.
 
 _NL, _CR, _COMMA = 10, 13, 44
 _FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+_LOW = 0x2D  # every token byte is below '-'; digits, '.', '-', 'e' and letters are not
+# Token codes: 0 = content byte, then the three feature-list separators, newline, comma.
+_TOKEN_CODE = np.zeros(256, dtype=np.uint8)
+_TOKEN_CODE[[1, 2, 3, _NL, _COMMA]] = [1, 2, 3, 4, 5]
+_T_ENTRY, _T_NL = 2, 4  # 0x02 opens an entry's id; a newline ends a line
+# Allowed (previous token, token) pairs: a line is `,`* then `2 3 (1 2 3)*` or nothing, then
+# its newline. With the comma count checked separately, these pairs are the whole grammar.
+_ALLOWED = np.zeros((6, 6), dtype=bool)
+for _prev, _next in ((4, 5), (4, 4), (5, 5), (5, 2), (5, 4), (2, 3), (3, 1), (3, 4), (1, 2)):
+    _ALLOWED[_prev, _next] = True
+_DISALLOWED = ~_ALLOWED.ravel()
+# Low-bits masks of a little-endian uint64 holding the first n bytes of a field id.
+_BYTE_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**64 - 1], dtype=np.uint64)
+
+
+def _offsets_type(size: int) -> tuple[type, pa.DataType]:
+    """Offset dtype and string type able to address a block of `size` bytes."""
+    return (np.int32, pa.string()) if size < 2**31 else (np.int64, pa.large_string())
+
+
+def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=None) -> pa.Array:
+    """A string array over the block whose even elements are the spans [starts, ends) and
+    whose odd elements are the gaps between them (null, and so skipped by kernels, when
+    `valid` is given: then an even element is null where `valid` is False).
+
+    Spans must be ordered and non-overlapping; nothing is copied."""
+    n = len(starts)
+    dtype, string_type = _offsets_type(buffer.size)
+    offsets = np.empty(2 * n + 1, dtype=dtype)
+    offsets[0:-1:2], offsets[1::2] = starts, ends
+    offsets[-1] = ends[-1] if n else 0
+    bitmap = None
+    if valid is not None and valid.all():  # even elements valid, odd ones null
+        bitmap = pa.py_buffer(np.full((2 * n + 7) // 8, 0x55, dtype=np.uint8))
+    elif valid is not None:
+        mask = np.zeros(2 * n, dtype=bool)
+        mask[0::2] = valid
+        bitmap = pa.py_buffer(np.packbits(mask, bitorder="little"))
+    cls = pa.StringArray if string_type == pa.string() else pa.LargeStringArray
+    return cls.from_buffers(2 * n, pa.py_buffer(offsets), buffer, bitmap)
 
 
 def _spans(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray) -> pa.StringArray:
-    """Strings block[starts[i]:ends[i]] for ordered, non-overlapping spans."""
-    n = len(starts)
-    if n == 0:
-        return pa.array([], pa.string())
-    # Every other element of one array over the whole block is a span; take those.
-    offsets = np.empty(2 * n + 1, dtype=np.int64)
-    offsets[0:-1:2], offsets[1::2] = starts, ends
-    offsets[-1] = ends[-1]
-    interleaved = pa.LargeStringArray.from_buffers(2 * n, pa.py_buffer(offsets), buffer)
-    return interleaved.take(pa.array(np.arange(0, 2 * n, 2))).cast(pa.string())
+    """Strings block[starts[i]:ends[i]] (copied) for ordered, non-overlapping spans."""
+    if len(starts) == 0:
+        return _strings([])
+    every_other = _arrow(np.arange(0, 2 * len(starts), 2, dtype=np.int64))
+    spans = pc.take(_interleaved(buffer, starts, ends), every_other)
+    return spans if spans.type == pa.string() else pc.cast(spans, pa.string())
 
 
-def _line_of(positions: np.ndarray, newlines: np.ndarray) -> np.ndarray:
-    """Line number of each sorted byte position, given the sorted newline positions.
+_NUMPY_TYPES = {pa.int64(): np.int64, pa.float32(): np.float32}
 
-    Searches the (few) newlines in the (many) positions rather than the reverse.
+
+def _cast_spans(
+    buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid: np.ndarray, to: pa.DataType
+) -> np.ndarray:
+    """The spans parsed as `to` where `valid` (elsewhere 0), without copying them out.
+
+    Raises:
+        pa.ArrowInvalid: a valid span does not parse.
     """
-    per_line = np.diff(np.searchsorted(positions, newlines), prepend=0, append=len(positions))
-    return np.repeat(np.arange(len(newlines) + 1), per_line)
+    if len(starts) == 0:
+        return np.zeros(0, dtype=_NUMPY_TYPES[to])
+    parsed = pc.cast(_interleaved(buffer, starts, ends, valid), to)
+    values = np.frombuffer(parsed.buffers()[1], dtype=_NUMPY_TYPES[to])
+    return values[parsed.offset : parsed.offset + 2 * len(starts) : 2]
 
 
-def _first_row_flags(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For a sorted row index per entry: is the entry its row's first, is it its row's last."""
-    first = np.ones(len(rows), dtype=bool)
-    first[1:] = rows[1:] != rows[:-1]
-    last = np.ones(len(rows), dtype=bool)
-    last[:-1] = rows[:-1] != rows[1:]
-    return first, last
+# A field id of at most 7 bytes is identified by one uint64: its bytes (little-endian) with its
+# length in the top byte. Longer ids get the top byte 8, which no known field has.
+_KEY_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**56 - 1], dtype=np.uint64)
+_KEY_LENGTHS = np.array([n << 56 for n in range(9)], dtype=np.uint64)
+_HASH_BITS = 7  # 128 slots for the known fields
 
 
-def _parse_lines(block: bytes, names: tuple[str, ...], fields: tuple[str, ...]) -> _Parsed:
+@functools.lru_cache
+def _field_table(fields: tuple[str, ...]) -> tuple[np.uint64, np.ndarray, np.ndarray]:
+    """A perfect hash of the fields' keys: multiplier, key of each slot, field of each slot
+    (len(fields) in the empty slots, whose key matches nothing)."""
+    raw = [f.encode() for f in fields]
+    if any(len(r) > 7 for r in raw):
+        raise ValueError(f"field ids longer than 7 bytes are not supported: {fields}")
+    keys = np.array([int.from_bytes(r, "little") | len(r) << 56 for r in raw], dtype=np.uint64)
+    rng = np.random.default_rng(0)  # deterministic search for a collision-free multiplier
+    while True:
+        mult = np.uint64(rng.integers(0, 2**63, dtype=np.uint64) * 2 + 1)
+        slots = (keys * mult) >> np.uint64(64 - _HASH_BITS)
+        if len(np.unique(slots)) == len(keys):
+            break
+    slot_keys = np.full(1 << _HASH_BITS, 2**64 - 1, dtype=np.uint64)
+    slot_fields = np.full(1 << _HASH_BITS, len(fields), dtype=np.uint8)
+    slot_keys[slots], slot_fields[slots] = keys, np.arange(len(fields))
+    return mult, slot_keys, slot_fields
+
+
+def _field_index(
+    data: np.ndarray, starts: np.ndarray, ends: np.ndarray, fields: tuple[str, ...]
+) -> np.ndarray:
+    """Index in `fields` of each field id block[starts:ends] (len(fields) where unknown)."""
+    mult, slot_keys, slot_fields = _field_table(fields)
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    if starts.max() + 8 > len(data):  # the window reads 8 bytes: pad the tail of the block
+        data = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
+    # An unaligned little-endian uint64 at every byte offset of the block.
+    words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
+    lengths = np.minimum(ends - starts, 8)
+    keys = (words[starts] & _KEY_MASKS[lengths]) | _KEY_LENGTHS[lengths]
+    slot = (keys * mult) >> np.uint64(64 - _HASH_BITS)
+    return np.where(slot_keys[slot] == keys, slot_fields[slot], np.uint8(len(fields)))
+
+
+def _parse_lines(
+    block: bytes | bytearray, names: tuple[str, ...], fields: tuple[str, ...]
+) -> _Parsed:
     """Vectorised parse of a block of lines; lines with a defect get a reason instead of values."""
     n_cols = len(names)
     data = np.frombuffer(block, dtype=np.uint8)
     buffer = pa.py_buffer(block)
-    newlines = np.flatnonzero(data == _NL)
-    starts = np.concatenate([[0], newlines + 1])
-    ends = np.concatenate([newlines, [len(data)]])
-    n_lines = len(starts)
-    crlf = (ends > starts) & (data[np.maximum(ends - 1, 0)] == _CR)
+
+    # Tokens, with a virtual newline ending the block's last line and two more as padding
+    # (at positions len(data) + 0, 1, 2: the first ends the last line, the others are never
+    # read for a valid line).
+    low = np.empty(len(data) + 3, dtype=bool)
+    np.less(data, _LOW, out=low[: len(data)])
+    low[len(data) :] = True
+    pos = np.flatnonzero(low)
+    code = np.empty(len(pos), dtype=np.uint8)
+    code[:-3] = _TOKEN_CODE[data[pos[:-3]]]
+    code[-3:] = _T_NL
+    if not code.all():  # '\r', '+', spaces...: content, not tokens
+        pos, code = pos[code != 0], code[code != 0]
+
+    # Lines.
+    nl_tok = np.flatnonzero(code[:-2] == _T_NL)  # token index of each line's newline
+    n_lines = len(nl_tok)
+    ends = pos[nl_tok]
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    crlf = np.zeros(n_lines, dtype=bool)
+    crlf[ends > starts] = data[ends[ends > starts] - 1] == _CR
     ends = ends - crlf
-    reasons = np.full(n_lines, None, dtype=object)
-    reasons[starts == ends] = R_EMPTY
+    pos[nl_tok] = ends  # a value ending a CRLF line ends before the '\r'
+    reasons = np.zeros(n_lines, dtype=np.uint8)  # index in _REASONS, 0 = valid so far
+    reasons[starts == ends] = _REASON_CODE[R_EMPTY]
 
     # Invalid UTF-8 needs a byte >= 0x80: only lines holding one are decoded to check.
-    high = np.flatnonzero(data >= 0x80)
-    for line in np.unique(_line_of(high, newlines)) if len(high) else ():
-        try:
-            block[starts[line] : ends[line]].decode("utf-8")
-        except UnicodeDecodeError:
-            reasons[line] = R_UTF8
+    if len(data) and data.max() >= 0x80:
+        high = np.flatnonzero(data >= 0x80)
+        for line in np.unique(np.searchsorted(ends, high)):
+            try:
+                block[starts[line] : ends[line]].decode("utf-8")
+            except UnicodeDecodeError:
+                reasons[line] = _REASON_CODE[R_UTF8]
 
     # Columns: exactly n_cols - 1 commas (a feature list holds none).
-    commas = np.flatnonzero(data == _COMMA)
-    comma_line = _line_of(commas, newlines)
-    n_commas = np.bincount(comma_line, minlength=n_lines)
-    reasons[(n_commas != n_cols - 1) & (reasons == None)] = R_COLUMNS  # noqa: E711
+    comma_tok = np.flatnonzero(code == 5)
+    commas_before = np.searchsorted(comma_tok, nl_tok)  # commas before each line's end
+    first_comma_tok = np.concatenate([[0], commas_before[:-1]])
+    n_commas = commas_before - first_comma_tok
+    reasons[(n_commas != n_cols - 1) & (reasons == 0)] = _REASON_CODE[R_COLUMNS]
+    comma_pos = pos[comma_tok]
+    has_comma = n_commas > 0
     first_comma = np.full(n_lines, np.iinfo(np.int64).max)
-    np.minimum.at(first_comma, comma_line, commas)
+    first_comma[has_comma] = comma_pos[first_comma_tok[has_comma]]
     # Text up to the first comma (at most _MAX_ID_CHARS: a line without commas is no id),
     # kept only for the lines that get a reason (quarantine.csv).
     first_column_end = np.minimum(np.minimum(first_comma, ends), starts + _MAX_ID_CHARS)
 
-    valid = np.flatnonzero(reasons == None)  # noqa: E711
-    n_valid = len(valid)
-    row_of_line = np.full(n_lines, -1)
-    row_of_line[valid] = np.arange(n_valid)
-    # (n_valid, n_cols - 1) comma positions of the valid lines.
-    valid_commas = commas[row_of_line[comma_line] >= 0].reshape(n_valid, n_cols - 1)
-    col_starts = np.column_stack([starts[valid], valid_commas + 1])  # (n_valid, n_cols)
-    col_ends = np.column_stack([valid_commas, ends[valid]])
-    values = {
-        name: _spans(buffer, col_starts[:, i], col_ends[:, i]) for i, name in enumerate(names[:-1])
-    }
-    fl_start, fl_end = col_starts[:, -1], col_ends[:, -1]
+    # Structure: every pair of neighbouring tokens must be allowed; a pair belongs to the line
+    # of its second token (a newline belongs to the line it ends).
+    pairs = np.empty(len(code), dtype=np.uint8)
+    pairs[0] = _T_NL * 6 + code[0]
+    np.multiply(code[:-1], 6, out=pairs[1:])
+    pairs[1:] += code[1:]
+    bad_tok = np.flatnonzero(_DISALLOWED[pairs[: nl_tok[-1] + 1]])
+    struct_bad = np.zeros(n_lines, dtype=bool)
+    struct_bad[np.searchsorted(nl_tok, bad_tok)] = True
+    reasons[struct_bad & (reasons == 0)] = _REASON_CODE[R_ENTRY]
 
-    # Structure of each feature list: its separators must read 2 3 (1 2 3)*.
-    seps = np.flatnonzero(data < 4)
-    seps = seps[data[seps] != 0]  # 0x01-0x03 (a NUL byte is no separator)
-    sep_row = row_of_line[_line_of(seps, newlines)]
-    seps, sep_row = seps[sep_row >= 0], sep_row[sep_row >= 0]
-    kinds = data[seps]
-    bad_row = np.zeros(n_valid, dtype=bool)
-    bad_row[sep_row[seps < fl_start[sep_row]]] = True  # a separator before the feature list
-    # Position of each separator within its row (rows are sorted).
-    position = np.arange(len(seps)) - np.searchsorted(sep_row, np.arange(n_valid))[sep_row]
-    bad_row[sep_row[kinds != np.array([2, 3, 1], dtype=np.uint8)[position % 3]]] = True
-    n_seps = np.bincount(sep_row, minlength=n_valid)
-    empty_list = fl_start == fl_end
-    bad_row |= np.where(empty_list, n_seps != 0, n_seps % 3 != 2)
-    n_entries = np.where(empty_list, 0, (n_seps + 1) // 3)
+    # Entries (one per 0x02 token) of the lines still valid: field, id, value spans.
+    entry_tok = np.flatnonzero(code[: nl_tok[-1]] == _T_ENTRY)
+    per_line = np.diff(np.searchsorted(entry_tok, nl_tok), prepend=0)
+    line_ok = reasons == 0
+    entry_ok = np.repeat(line_ok, per_line)
+    two = pos[entry_tok]
+    field_start = pos[entry_tok - 1] + 1
+    three = pos[entry_tok + 1]
+    value_end = pos[entry_tok + 2]
+    # Spans of the other entries may be garbage: make them empty, keeping the order.
+    if not entry_ok.all():
+        field_start = np.where(entry_ok, field_start, two)
+        three = np.where(entry_ok, three, two)
+        value_end = np.where(entry_ok, value_end, two)
+    id_start, value_start = two + 1, three + 1
+    if not entry_ok.all():
+        id_start = np.where(entry_ok, id_start, two)
+        value_start = np.where(entry_ok, value_start, two)
 
-    # Entries of well-formed lists: field [start, 0x02), id (0x02, 0x03), value (0x03, end).
-    good = ~bad_row[sep_row]
-    seps, sep_row, kinds = seps[good], sep_row[good], kinds[good]
-    two, three, ones = seps[kinds == 2], seps[kinds == 3], seps[kinds == 1]
-    entry_row = sep_row[kinds == 2]
-    first, last = _first_row_flags(entry_row)
-    entry_start = np.empty(len(two), dtype=np.int64)
-    entry_start[first] = fl_start[entry_row[first]]
-    entry_start[~first] = ones + 1
-    entry_end = np.empty(len(two), dtype=np.int64)
-    entry_end[last] = fl_end[entry_row[last]]
-    entry_end[~last] = ones
-
-    id_tokens = _spans(buffer, two + 1, three)
     try:  # fast path: every id is an integer
-        ids = pc.cast(id_tokens, pa.int64()).to_numpy(zero_copy_only=False)
+        ids = _cast_spans(buffer, id_start, three, entry_ok, pa.int64())
         id_ok = ids >= 0
-    except pa.ArrowInvalid:
-        id_ok = pc.utf8_is_digit(id_tokens).to_numpy(zero_copy_only=False)
-        ids = pc.cast(pc.if_else(pa.array(id_ok), id_tokens, "0"), pa.int64()).to_numpy(
-            zero_copy_only=False
-        )
-    value_tokens = _spans(buffer, three + 1, entry_end)
+    except pa.ArrowInvalid:  # some id is not (rare, slower): digits only
+        tokens = _interleaved(buffer, id_start, three, entry_ok)
+        digits = _bools(pc.utf8_is_digit(tokens))[0::2]
+        id_ok = digits & (three - id_start <= 18)  # at most 18 digits always fit int64
+        ids = _cast_spans(buffer, id_start, three, entry_ok & id_ok, pa.int64())
     try:
-        wts = pc.cast(value_tokens, pa.float32()).to_numpy(zero_copy_only=False)
+        wts = _cast_spans(buffer, value_start, value_end, entry_ok, pa.float32())
         value_ok = np.ones(len(two), dtype=bool)
     except pa.ArrowInvalid:  # some value is not a number: find which (rare, slower)
-        value_ok = pc.match_substring_regex(value_tokens, _FLOAT_RE).to_numpy(zero_copy_only=False)
-        wts = pc.cast(pc.if_else(pa.array(value_ok), value_tokens, "0"), pa.float32()).to_numpy(
-            zero_copy_only=False
-        )
+        tokens = _interleaved(buffer, value_start, value_end, entry_ok)
+        value_ok = _bools(pc.match_substring_regex(tokens, _FLOAT_RE))[0::2]
+        wts = _cast_spans(buffer, value_start, value_end, entry_ok & value_ok, pa.float32())
     value_ok &= np.isfinite(wts)  # "nan" and "inf" parse as floats but are no weights
-    bad_row[entry_row[~(id_ok & value_ok & (two > entry_start))]] = True
+    entry_bad = entry_ok & ~(id_ok & value_ok & (two > field_start))
+    if entry_bad.any():
+        reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = _REASON_CODE[R_ENTRY]
+        line_ok = reasons == 0
 
-    row_reason = np.full(n_valid, None, dtype=object)
-    row_reason[bad_row] = R_ENTRY
-    num_ok = pc.utf8_is_digit(values["feature_num"]).to_numpy(zero_copy_only=False)
-    declared = np.where(
-        num_ok,
-        pc.cast(pc.if_else(pa.array(num_ok), values["feature_num"], "0"), pa.int64()).to_numpy(),
-        -1,
-    )
-    row_reason[(declared != n_entries) & (row_reason == None)] = R_FEATURE_NUM  # noqa: E711
-    if CLICK_LABEL_KEY in values:
-        click, conv = values[CLICK_LABEL_KEY], values[CONVERSION_LABEL_KEY]
-        binary = pa.array(["0", "1"])
-        label_ok = pc.is_in(click, binary).to_numpy(zero_copy_only=False) & pc.is_in(
-            conv, binary
-        ).to_numpy(zero_copy_only=False)
-        row_reason[~label_ok & (row_reason == None)] = R_LABEL  # noqa: E711
-        no_click = pc.equal(click, "0").to_numpy(zero_copy_only=False) & pc.equal(
-            conv, "1"
-        ).to_numpy(zero_copy_only=False)
-        row_reason[no_click & (row_reason == None)] = R_CONV_NO_CLICK  # noqa: E711
-    reasons[valid] = row_reason
-    keep = row_reason == None  # noqa: E711
-    columns = {k: v.filter(pa.array(keep)) for k, v in values.items() if k != "feature_num"}
+    # Plain columns of the lines still valid: (n_ok, n_cols - 1) comma positions.
+    ok_lines = np.flatnonzero(line_ok)
+    ok_commas = comma_pos[first_comma_tok[ok_lines, None] + np.arange(n_cols - 1)]
+    col_starts = np.column_stack([starts[ok_lines], ok_commas + 1])  # (n_ok, n_cols)
+    col_ends = np.column_stack([ok_commas, ends[ok_lines]])
+    col = {name: i for i, name in enumerate(names)}
 
-    # Entries of kept rows, regrouped per field into list columns.
-    entry_keep = keep[entry_row]
-    parent = (np.cumsum(keep) - 1)[entry_row[entry_keep]]
-    field_tokens = _spans(buffer, entry_start[entry_keep], two[entry_keep])
-    field_index = pc.index_in(field_tokens, value_set=pa.array(fields)).fill_null(-1)
-    field_index = field_index.to_numpy(zero_copy_only=False).astype(np.int64)
-    unknown = Counter(pc.filter(field_tokens, pa.array(field_index < 0)).to_pylist())
-    ids, wts = ids[entry_keep], wts[entry_keep]
-    n_keep = int(keep.sum())
+    row_reason = np.zeros(len(ok_lines), dtype=np.uint8)
+    num_start, num_end = col_starts[:, col["feature_num"]], col_ends[:, col["feature_num"]]
+    num_ok = _bools(pc.utf8_is_digit(_spans(buffer, num_start, num_end)))
+    num_ok &= num_end - num_start <= 18
+    declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
+    row_reason[declared != per_line[ok_lines]] = _REASON_CODE[R_FEATURE_NUM]
+    labels: dict[str, np.ndarray] = {}
+    if CLICK_LABEL_KEY in col:
+        for key in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
+            start, end = col_starts[:, col[key]], col_ends[:, col[key]]
+            byte = data[np.minimum(start, len(data) - 1)]
+            labels[key] = np.where((end - start == 1) & ((byte | 1) == ord("1")), byte - 48, -1)
+        click, conv = labels[CLICK_LABEL_KEY], labels[CONVERSION_LABEL_KEY]
+        row_reason[((click < 0) | (conv < 0)) & (row_reason == 0)] = _REASON_CODE[R_LABEL]
+        no_click = (click == 0) & (conv == 1) & (row_reason == 0)
+        row_reason[no_click] = _REASON_CODE[R_CONV_NO_CLICK]
+    reasons[ok_lines] = row_reason
+    keep = row_reason == 0
+    kept_lines = ok_lines[keep]
+    n_keep = len(kept_lines)
+
+    columns: dict[str, pa.Array] = {}
+    for name, i in col.items():
+        if name in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
+            columns[name] = _arrow(labels[name][keep].astype(np.int8))
+        elif name not in ("feature_num", "feature_list"):
+            columns[name] = _spans(buffer, col_starts[keep, i], col_ends[keep, i])
+
+    # Entries of kept lines, grouped per field (stable, so in line order) into list columns.
+    entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
+    if len(entry_keep) < len(entry_tok):
+        field_start, two = field_start[entry_keep], two[entry_keep]
+    parent = np.repeat(np.arange(n_keep), per_line[kept_lines])
+    field_index = _field_index(data, field_start, two, fields)
+    unknown = _unknown_fields(block, field_start, two, field_index, fields)
+    order = np.argsort(field_index, kind="stable")
+    counts = np.bincount(
+        field_index.astype(np.int64) * n_keep + parent, minlength=(len(fields) + 1) * n_keep
+    ).reshape(len(fields) + 1, n_keep)
+    offsets = np.zeros((len(fields) + 1, n_keep + 1), dtype=np.int32)
+    np.cumsum(counts, axis=1, out=offsets[:, 1:])
+    bounds = np.concatenate([[0], np.cumsum(offsets[:, -1])])
+    sorted_entries = entry_keep[order]
+    ids, wts = ids[sorted_entries], wts[sorted_entries]
     out_fields: dict[str, pa.Array] = {}
     for k, f in enumerate(fields):
-        mask = field_index == k
-        offsets = pa.array(
-            np.concatenate([[0], np.cumsum(np.bincount(parent[mask], minlength=n_keep))]).astype(
-                np.int32
-            )
-        )
-        out_fields[ids_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(ids[mask]))
-        out_fields[wts_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(wts[mask]))
-    bad = np.flatnonzero((reasons != None) & (reasons != R_UTF8))  # noqa: E711
+        field_offsets = _arrow(offsets[k])
+        lo, hi = bounds[k], bounds[k + 1]
+        out_fields[ids_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(ids[lo:hi]))
+        out_fields[wts_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(wts[lo:hi]))
+
+    bad = np.flatnonzero((reasons != 0) & (reasons != _REASON_CODE[R_UTF8]))
     # Decoded leniently: the cap may cut a multi-byte character.
-    texts = _spans(buffer, starts[bad], first_column_end[bad]).cast(pa.binary()).to_pylist()
     first_column = {
-        line: text.decode("utf-8", "replace")
-        for line, text in zip(bad.tolist(), texts, strict=True)
+        line: block[starts[line] : first_column_end[line]].decode("utf-8", "replace")
+        for line in bad.tolist()
     }
     return _Parsed(columns, out_fields, reasons, unknown, n_lines, int(crlf.sum()), first_column)
+
+
+def _unknown_fields(
+    block: bytes | bytearray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    field_index: np.ndarray,
+    fields: tuple[str, ...],
+) -> Counter:
+    """Entries per field id not in `fields` (decoded once per distinct id)."""
+    unknown = np.flatnonzero(field_index == len(fields))
+    if len(unknown) == 0:
+        return Counter()
+    spans = np.stack([starts[unknown], ends[unknown]], axis=1)
+    texts = Counter(bytes(block[s:e]) for s, e in spans.tolist())
+    return Counter({text.decode("utf-8"): n for text, n in texts.items()})
 
 
 class _SplitWriters:
@@ -729,33 +1095,47 @@ def _ingest_file(
     workers: int,
     quarantine,
     split_counts: dict[str, int],
-    known_keys: pa.Array | None = None,
+    known_keys: KnownKeys | None = None,
+    vocab: _VocabCounter | None = None,
     prefix: str = "",
-) -> tuple[FileReport, pa.Array]:
+) -> tuple[FileReport, KnownKeys]:
     """Stream one raw file into its split Parquet tables; returns its report and the unique
     keys it holds (context keys of a common file, without `prefix`).
 
     `prefix` is prepended to sample ids and context keys as written (earlier batches of a
-    training window); quarantine.csv names the file as `<prefix><file name>`."""
+    training window); quarantine.csv names the file as `<prefix><file name>`. With `vocab`,
+    the ids of the rows written to the train split are counted into it."""
     skeleton = kind == "skeleton"
     rep = FileReport(str(source))
     seen = SeenKeys()
     written_keys: list[pa.Array] = []
+    written_hashes: list[np.ndarray] = []
+    # Line numbers follow from each parsed block's line count (no extra pass over the bytes).
+    fields = SKELETON_FIELDS if skeleton else COMMON_FIELDS
+    count = vocab is not None
     blocks = (
-        (block, line, kind, cfg.valid_fraction)
-        for block, line in read_blocks(source, cfg.chunk_bytes)
+        (block, kind, cfg.valid_fraction, count) for block in _line_blocks(source, cfg.chunk_bytes)
     )
-    for pb in ordered_map(parse_block, blocks, workers, in_flight=2 * workers):
+    next_line = 1
+    for pb in ordered_map(_parse_counted, blocks, workers, in_flight=workers + 1):
+        pb.first_line, next_line = next_line, next_line + pb.n_lines
         table = pb.table
         late = np.full(table.num_rows, None, dtype=object)  # reasons found here, not in the worker
         keep = np.ones(table.num_rows, dtype=bool)
-        if known_keys is not None:
-            keep = pc.is_in(table[COMMON_INDEX_KEY], value_set=known_keys).to_numpy()
+        if known_keys is not None:  # one look-up per run of rows with the same context
+            keys = pc.take(table[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
+            known = known_keys.contains(keys, pb.context_hashes)
+            keep = np.repeat(known, np.diff(pb.context_runs, append=table.num_rows))
             late[~keep] = R_UNKNOWN_KEY
         dup = np.zeros(table.num_rows, dtype=bool)
         dup[keep] = seen.check_and_add(pb.key_hashes[keep])
         late[dup] = R_DUP_SAMPLE if skeleton else R_DUP_KEY
         keep &= ~dup
+        if vocab is not None:  # the worker counted every train row: take out rejected ones
+            vocab.add(pb.train_counts)
+            rejected_train = ~keep & ~pb.in_valid_split
+            if rejected_train.any():
+                vocab.add(_id_counts(table, rejected_train, fields), sign=-1)
 
         # Quarantine: lines rejected by the worker and rows rejected above, in line order.
         row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each parsed row
@@ -767,7 +1147,7 @@ def _ingest_file(
             quarantine.writerow([prefix + source.name, pb.first_line + line, key, reason])
             rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
 
-        kept = table.filter(pa.array(keep))
+        kept = table if keep.all() else pc.filter(table, _arrow(keep))
         rep.rows_read += pb.n_lines
         rep.rows_written += kept.num_rows
         rep.rows_quarantined += len(entries)
@@ -776,11 +1156,26 @@ def _ingest_file(
             rep.unknown_fields[fid] = rep.unknown_fields.get(fid, 0) + n
         if not skeleton:
             written_keys.append(kept[COMMON_INDEX_KEY].combine_chunks())
+            written_hashes.append(pb.key_hashes[keep])
         if prefix:
             kept = _prefixed(kept, prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
         _write_split(writers, kept, pb.in_valid_split[keep], out_splits, split_counts)
-    keys = pa.concat_arrays(written_keys) if written_keys else pa.array([], pa.string())
-    return rep, keys
+    keys = pa.concat_arrays(written_keys) if written_keys else _strings([])
+    hashes = np.concatenate(written_hashes) if written_hashes else np.zeros(0, dtype=np.uint64)
+    return rep, KnownKeys(keys, hashes)
+
+
+def _parse_counted(
+    block: bytes | bytearray, kind: str, valid_fraction: float, count: bool
+) -> ParsedBlock:
+    """`parse_block` (line numbers set by the caller), and with `count` the id counts of
+    the rows that go to the train split."""
+    pb = parse_block(block, 0, kind, valid_fraction)
+    if count:
+        fields = SKELETON_FIELDS if kind == "skeleton" else COMMON_FIELDS
+        train = ~pb.in_valid_split
+        pb.train_counts = _id_counts(pb.table, None if train.all() else train, fields)
+    return pb
 
 
 def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Table:
@@ -801,7 +1196,7 @@ def _write_split(
         counts["test"] += table.num_rows
         return
     for split, mask in (("train", ~in_valid), ("valid", in_valid)):
-        part = table.filter(pa.array(mask))
+        part = pc.filter(table, _arrow(mask))
         writers.write(split, part)
         counts[split] += part.num_rows
 
@@ -809,51 +1204,90 @@ def _write_split(
 # --- vocabularies ----------------------------------------------------------------------------
 
 
-def _write_vocab(out_dir: Path, min_count: int) -> dict[str, int]:
-    """Count ids per field over the train split; keep those seen at least min_count times."""
-    parts = []
-    for name, fields in (
-        ("common.parquet", COMMON_FIELDS),
-        ("impressions.parquet", SKELETON_FIELDS),
-    ):
-        pf = pq.ParquetFile(out_dir / "train" / name)
-        for f in fields:
-            partial = [
-                pa.table(
-                    pc.value_counts(pc.list_flatten(batch.column(0))).flatten(),
-                    names=["feature_id", "count"],
+def _id_counts(
+    table: pa.Table, rows: np.ndarray | None, fields: tuple[str, ...]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Distinct ids and their counts per field over `rows` (a mask; None: all rows)."""
+    if rows is not None:
+        table = pc.filter(table, _arrow(rows))
+    counts = {}
+    for f in fields:
+        found = pc.value_counts(pc.list_flatten(table[ids_key(f)]))
+        counts[f] = (_ints(found.field("values")), _ints(found.field("counts")))
+    return counts
+
+
+class _VocabCounter:
+    """Id counts per field over the rows written to the train split, merged as they come
+    (so memory holds about one count per distinct id)."""
+
+    _MERGE_EVERY = 16  # partial counts of a field kept before merging them
+
+    def __init__(self) -> None:
+        self._parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {
+            f: [] for f in COMMON_FIELDS + SKELETON_FIELDS
+        }
+
+    def add(self, counts: dict[str, tuple[np.ndarray, np.ndarray]], sign: int = 1) -> None:
+        for f, (ids, n) in counts.items():
+            self._parts[f].append((ids, sign * n))
+            if len(self._parts[f]) >= self._MERGE_EVERY:
+                self._parts[f] = [self._merged(f)]
+
+    def _merged(self, f: str) -> tuple[np.ndarray, np.ndarray]:
+        parts = self._parts[f]
+        if not parts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if len(parts) == 1:
+            return parts[0]
+        return _sum_by_key(
+            pa.chunked_array([_arrow(ids) for ids, _ in parts], pa.int64()),
+            pa.chunked_array([_arrow(n) for _, n in parts], pa.int64()),
+        )
+
+    def write(self, path: Path, min_count: int) -> dict[str, int]:
+        """Write the ids counted at least min_count times (field, feature_id, count; sorted
+        by id within a field); returns the vocabulary size of each non-empty field."""
+        tables, sizes = [], {}
+        for f in self._parts:
+            ids, n = self._merged(f)
+            keep = n >= min_count
+            order = np.argsort(ids[keep], kind="stable")
+            tables.append(
+                pa.Table.from_arrays(
+                    [_strings([f] * len(order)), _arrow(ids[keep][order]), _arrow(n[keep][order])],
+                    names=["field", "feature_id", "count"],
                 )
-                for batch in pf.iter_batches(columns=[ids_key(f)], batch_size=65_536)
-            ]
-            if not partial:
-                partial = [
-                    pa.table(
-                        {"feature_id": pa.array([], pa.int64()), "count": pa.array([], pa.int64())}
-                    )
-                ]
-            totals = pa.concat_tables(partial).group_by("feature_id").aggregate([("count", "sum")])
-            totals = totals.filter(pc.greater_equal(totals["count_sum"], min_count)).sort_by(
-                "feature_id"
             )
-            parts.append(
-                pa.table(
-                    {
-                        "field": pa.array([f] * totals.num_rows, pa.string()),
-                        "feature_id": totals["feature_id"],
-                        "count": totals["count_sum"],
-                    }
-                )
-            )
-    vocab = pa.concat_tables(parts)
-    pq.write_table(vocab, out_dir / "vocab.parquet")
-    return {f: int(n) for f, n in Counter(vocab["field"].to_pylist()).items()}
+            if len(order):
+                sizes[f] = len(order)
+        pq.write_table(pa.concat_tables(tables), path)
+        return sizes
+
+
+def _sum_by_key(keys: pa.ChunkedArray, counts: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct keys and the sum of their counts (Arrow's hash aggregation)."""
+    if hasattr(pc, "_group_by"):  # pyarrow 10: Table.group_by's kernel, minus a pandas import
+        sums = pc._group_by([counts], [keys], [("hash_sum", None)])
+        return _ints(sums.field(1)), _ints(sums.field(0))
+    table = pa.Table.from_arrays([keys, counts], names=["key", "count"])
+    sums = table.group_by("key").aggregate([("count", "sum")])
+    return _ints(sums["key"]), _ints(sums["count_sum"])
+
+
+def _ints(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """An int64 column without nulls as numpy (see `_arrow` for why not to_numpy)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(array) == 0:
+        return np.zeros(0, dtype=np.int64)
+    values = np.frombuffer(array.buffers()[1], dtype=np.int64)
+    return values[array.offset : array.offset + len(array)]
 
 
 def load_vocabularies(path: Path) -> dict[str, np.ndarray]:
     """Read `vocab.parquet` into {field: sorted int64 ids}."""
     table = pq.read_table(path)
-    df = table.to_pandas()
     return {
-        f: df.loc[df["field"] == f, "feature_id"].to_numpy(np.int64)
+        f: table.filter(pc.equal(table["field"], f))["feature_id"].to_numpy().astype(np.int64)
         for f in COMMON_FIELDS + SKELETON_FIELDS
     }

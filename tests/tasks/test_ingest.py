@@ -334,3 +334,45 @@ def test_quarantined_id_text_is_capped_and_decoded_leniently(tmp_path):
     )
     assert row["reason"] == ing.R_COLUMNS and row["line"] == "4"
     assert len(row["sample_id"].encode()) <= 64 + 3  # the cap, plus a replacement character
+
+
+def test_key_hashes_equal_pandas_hash_array():
+    """The train/valid split depends on hash_keys: it must stay pandas' hash_array exactly
+    (re-done with numpy so ingestion does not import pandas), for any length and UTF-8."""
+    import pandas as pd
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    alphabet = [*"abcdef0123456789,", "é", "中", "\x00", "😀"]
+    keys = ["", "a", KEY_A] + [
+        "".join(rng.choice(alphabet, size=int(rng.integers(0, 40)))) for _ in range(500)
+    ]
+    expected = pd.util.hash_array(np.array(keys, dtype=object), categorize=False)
+    assert np.array_equal(ing.hash_keys(pa.array(keys)), expected)
+    assert np.array_equal(ing.hash_keys(pa.array(keys).slice(3, 50)), expected[3:53])
+
+
+def test_known_keys_compare_strings_not_just_hashes():
+    """Membership is exact even when distinct keys share a hash (forced here)."""
+    import pyarrow as pa
+
+    known = ing.KnownKeys(pa.array(["a", "b", "c"]), np.array([7, 7, 9], dtype=np.uint64))
+    queries = pa.array(["b", "x", "a", "c", "y"])
+    hashes = np.array([7, 7, 7, 9, 3], dtype=np.uint64)
+    assert known.contains(queries, hashes).tolist() == [True, False, True, True, False]
+    empty = ing.KnownKeys(pa.array([], pa.string()), np.zeros(0, dtype=np.uint64))
+    assert empty.contains(queries, hashes).tolist() == [False] * 5
+
+
+def test_unknown_field_ids_are_counted_by_exact_name(tmp_path):
+    """Field ids are matched on all their bytes: longer ids, prefixes of known ids and ids
+    with a NUL byte are unknown, counted under their own name, and not kept."""
+    odd = [("1010", 8, 1.0), ("10", 9, 1.0), ("101\x00", 10, 1.0), ("109_14_extra", 11, 2.0)]
+    common = [f"{KEY_A},5,{_features([('101', 1, 1.0), *odd])}\n", COMMON[1]]
+    raw = _write_raw(tmp_path / "raw", GOOD, common)
+    report = ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    counted = next(f for f in report.files if f.path.endswith("common_features_train.csv"))
+    assert counted.unknown_fields == {"1010": 1, "10": 1, "101\x00": 1, "109_14_extra": 1, "999": 1}
+    contexts = pq.read_table(tmp_path / "out" / "train" / "common.parquet").to_pylist()
+    first = next(c for c in contexts if c["common_feature_index"] == KEY_A)
+    assert first["ids_101"] == [1] and first["wts_101"] == [1.0]
