@@ -12,6 +12,17 @@ from benchmarks.attainable import aucs, genie_predict, item_posteriors, replay
 from tasks.synth import synthesize_ali_ccp
 
 
+def _oracle(test: dict) -> dict:
+    """AUCs of the true probabilities, as the generator computes them."""
+    return aucs(
+        test["click"],
+        test["conversion"],
+        test["p_ctr"],
+        test["p_ctr"] * test["p_cvr"],
+        test["p_cvr"],
+    )
+
+
 @pytest.fixture(scope="module")
 def world_and_files(tmp_path_factory):
     out = tmp_path_factory.mktemp("raw")
@@ -31,13 +42,7 @@ def test_replay_reproduces_the_written_labels_and_truth(world_and_files):
         np.testing.assert_allclose(truth[:, 0], splits[split]["p_ctr"], atol=1e-8)
         np.testing.assert_allclose(truth[:, 1], splits[split]["p_cvr"], atol=1e-8)
     test = splits["test"]
-    oracle = aucs(
-        test["click"],
-        test["conversion"],
-        test["p_ctr"],
-        test["p_ctr"] * test["p_cvr"],
-        test["p_cvr"],
-    )
+    oracle = _oracle(test)
     written = json.loads((out / "oracle.json").read_text())["test"]
     for metric, value in oracle.items():
         assert value == pytest.approx(written[metric], abs=1e-9)
@@ -62,12 +67,6 @@ def test_genie_is_below_the_oracle_and_above_an_item_blind_predictor(world_and_f
         test["conversion"],
         *genie_predict(test, prior, support_ctr, support_cvr, bias, noise),
     )
-    oracle = aucs(
-        test["click"],
-        test["conversion"],
-        test["p_ctr"],
-        test["p_ctr"] * test["p_cvr"],
-        test["p_cvr"],
-    )
+    oracle = _oracle(test)
     assert blind["ctr_auc"] < genie["ctr_auc"] < oracle["ctr_auc"]
     assert genie["ctcvr_auc"] < oracle["ctcvr_auc"]
