@@ -68,26 +68,6 @@ def prepare(work: Path, n_train: int, n_test: int, seed: int, ingest_cfg) -> Pat
     return root
 
 
-def paired(ours, other, delong_difference) -> dict[str, float]:
-    """AUC differences (ours - other) on the same test impressions, with paired DeLong SEs."""
-    click = ours["click"].to_numpy()
-    conv = ours["conversion"].to_numpy()
-    assert (other["sample_id"].to_numpy() == ours["sample_id"].to_numpy()).all()
-    clicked = click == 1
-    tasks = {
-        "ctr_auc": (click, "p_ctr", slice(None)),
-        "ctcvr_auc": (click * conv, "p_ctcvr", slice(None)),
-        "cvr_auc_clicked": (conv[clicked], "p_cvr", clicked),
-    }
-    out = {}
-    for metric, (labels, key, rows) in tasks.items():
-        delta, se = delong_difference(
-            labels, ours[key].to_numpy()[rows], other[key].to_numpy()[rows]
-        )
-        out[f"{metric}_delta"], out[f"{metric}_delta_se"] = round(delta, 4), round(se, 4)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,7 +92,7 @@ def main() -> None:
     import models.esmm  # noqa: F401  (custom layers)
     from benchmarks.machine import machine_info
     from tasks.config import Params
-    from tasks.evaluate import compute_metrics, delong_difference
+    from tasks.evaluate import auc_differences, compute_metrics
     from tasks.train import predict_split, train_esmm
 
     raw_params = yaml.safe_load(args.params.read_text())
@@ -174,7 +154,8 @@ def main() -> None:
             for name, other in predictions.items():
                 if name != "esmm":
                     row = {"run": f"esmm - {name}", "train_impressions": n_train}
-                    row.update(paired(predictions["esmm"], other, delong_difference))
+                    deltas = auc_differences(predictions["esmm"], other)
+                    row.update({key: round(value, 4) for key, value in deltas.items()})
                     rows.append(row)
                     print(json.dumps(row), flush=True)
         oracle_row = {

@@ -21,7 +21,7 @@ from scipy.stats import rankdata
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
-from models.features import CLICK_LABEL_KEY, CONVERSION_LABEL_KEY
+from models.features import CLICK_LABEL_KEY, CONVERSION_LABEL_KEY, SAMPLE_ID_KEY
 from tasks.config import EvaluateConfig
 
 # metric name -> the EvaluateConfig floor that gates it
@@ -187,6 +187,23 @@ def compute_metrics(predictions: pd.DataFrame) -> dict[str, float]:
         "conversions": int(_task(predictions, "ctcvr")[0].sum()),
     }
     return metrics
+
+
+def auc_differences(predictions: pd.DataFrame, other: pd.DataFrame) -> dict[str, float]:
+    """Per task, AUC of `predictions` minus AUC of `other` scored on the same impressions,
+    with the paired DeLong standard error (`ctr_auc_delta`, `ctr_auc_delta_se`, ...,
+    `cvr_auc_clicked_delta`: CVR on clicked rows, as in `compute_metrics`)."""
+    if not np.array_equal(predictions[SAMPLE_ID_KEY].to_numpy(), other[SAMPLE_ID_KEY].to_numpy()):
+        raise ValueError("auc_differences needs both models' predictions of the same impressions")
+    out: dict[str, float] = {}
+    for task in TASKS:
+        name = "cvr_auc_clicked" if task == "cvr" else f"{task}_auc"
+        labels, scores, mask = _task(predictions, task)
+        other_scores = other[f"p_{task}"].to_numpy(np.float64)[mask]
+        out[f"{name}_delta"], out[f"{name}_delta_se"] = delong_difference(
+            labels, scores, other_scores
+        )
+    return out
 
 
 def metrics_by_position(predictions: pd.DataFrame, min_impressions: int) -> dict[str, dict]:

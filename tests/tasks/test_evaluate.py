@@ -16,6 +16,7 @@ from tasks.config import EvaluateConfig
 from tasks.evaluate import (
     HEADLINE,
     GateVerdict,
+    auc_differences,
     compute_metrics,
     delong_auc,
     delong_difference,
@@ -148,6 +149,24 @@ def test_paired_delong_difference_matches_the_bootstrap_and_beats_unpaired_error
     assert se == pytest.approx(boot, rel=0.15)
     assert se < 0.8 * delong_auc(labels, a)[1]
     assert np.isnan(delong_difference(np.zeros(5), a[:5], b[:5])[0])
+
+
+def test_auc_differences_pair_two_models_per_task_with_cvr_on_clicked_rows():
+    rng = np.random.default_rng(5)
+    n = 4000
+    click = (rng.random(n) < 0.3).astype(int)
+    conversion = click * (rng.random(n) < 0.4)
+    a = _frame(click, conversion, rng.random(n), rng.random(n)).assign(sample_id=np.arange(n))
+    b = _frame(click, conversion, rng.random(n), rng.random(n)).assign(sample_id=np.arange(n))
+    deltas = auc_differences(a, b)
+    clicked = click == 1
+    expected = delong_difference(conversion[clicked], a["p_cvr"][clicked], b["p_cvr"][clicked])
+    assert (deltas["cvr_auc_clicked_delta"], deltas["cvr_auc_clicked_delta_se"]) == expected
+    assert deltas["ctr_auc_delta"] == pytest.approx(
+        roc_auc_score(click, a["p_ctr"]) - roc_auc_score(click, b["p_ctr"]), abs=1e-12
+    )
+    with pytest.raises(ValueError, match="same impressions"):
+        auc_differences(a, b.iloc[::-1].reset_index(drop=True))
 
 
 def test_gauc_weights_users_by_impressions_and_counts_single_class_users():
