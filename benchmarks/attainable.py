@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
-    from benchmarks.machine import machine_info
+    from benchmarks.machine import machine_info, write_record
 
     start = time.perf_counter()
     world, bias, splits = replay(args.train, args.test, args.seed, args.profile)
@@ -222,11 +222,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
     }
     print(json.dumps(record, indent=2))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = (
-        args.out / f"attainable-{args.profile}-{args.train}-{record['machine']['date'][:10]}.json"
-    )
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, f"attainable-{args.profile}-{args.train}", record)
     print(f"wrote {path}")
     if not math.isfinite(genie["ctr_auc"]):
         raise SystemExit("genie AUC is not finite")

@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -761,14 +761,7 @@ def main() -> None:
             },
         },
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = f"-{args.tag}" if args.tag else ""
-    path = args.out / f"ingest-{n_train}-{record['machine']['date'][:10]}{suffix}.json"
-    if path.exists():  # never overwrite a record: add the time of day
-        path = path.with_name(
-            f"{path.stem}-{record['machine']['date'][11:16].replace(':', '')}.json"
-        )
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, f"ingest-{n_train}", record, args.tag)
     print(_table(record))
     if changed:
         print("WARNING: the code measured changed while the benchmark ran; see code.after")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def machine_info() -> dict[str, object]:
@@ -28,3 +30,16 @@ def machine_info() -> dict[str, object]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def write_record(out_dir: Path, name: str, record: dict, tag: str = "") -> Path:
+    """Write `record` (with `machine_info()` under "machine") as
+    `out_dir/<name>-<date>[-<tag>].json`. A record never overwrites another: a second one
+    of the same day gets the time of day appended."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = record["machine"]["date"]
+    path = out_dir / f"{name}-{stamp[:10]}{f'-{tag}' if tag else ''}.json"
+    if path.exists():
+        path = path.with_name(f"{path.stem}-{stamp[11:16].replace(':', '')}.json")
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path

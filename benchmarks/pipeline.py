@@ -11,7 +11,6 @@ machine and date to benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +78,7 @@ def main() -> None:
             by_alias=True, mode="json", include={"model", "train", "ingest"}
         ),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"pipeline-{n_train}-{record['machine']['date'][:10]}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, f"pipeline-{n_train}", record)
     for name in ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked"):
         m, o = record["metrics"][name], record["oracle"][name]
         print(f"{name:<16} model {m:.4f}  oracle {o:.4f}  gap {o - m:.4f}")

@@ -90,7 +90,7 @@ def main() -> None:
     import keras
 
     import models.esmm  # noqa: F401  (custom layers)
-    from benchmarks.machine import machine_info
+    from benchmarks.machine import machine_info, write_record
     from tasks.config import Params
     from tasks.evaluate import auc_differences, compute_metrics
     from tasks.train import predict_split, train_esmm
@@ -180,11 +180,8 @@ def main() -> None:
         ),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     kind = "curve" if args.curve else "table"
-    tag = f"-{args.tag}" if args.tag else ""
-    path = args.out / f"quality-{kind}-{max(sizes)}-{record['machine']['date'][:10]}{tag}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, f"quality-{kind}-{max(sizes)}", record, args.tag)
     print(f"wrote {path}")
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -274,9 +274,7 @@ def main() -> None:
         print(markdown_rows(args.out))
         return
     record = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"serving-{args.profile}-{record['machine']['date'][:10]}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, f"serving-{args.profile}", record)
     for key in (
         "http_single",
         f"http_batch_{args.batch_size}",

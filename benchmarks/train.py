@@ -23,7 +23,6 @@ achieves, and a plain float32 matmul of the first layer's shape, (batch, inputs)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -129,7 +128,7 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
-    from benchmarks.machine import machine_info
+    from benchmarks.machine import machine_info, write_record
     from tasks.config import Params
     from tasks.ingest import load_vocabularies
     from tasks.train import SplitReader, compiled_model, make_dataset
@@ -209,10 +208,7 @@ def main() -> None:
         "plain_matmul_shape": [batch_size, len(ALL_FIELDS) * d, first_units],
         "model": model_cfg.model_dump(mode="json"),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = f"-{args.tag}" if args.tag else ""
-    path = args.out / f"train-{args.train}-{record['machine']['date'][:10]}{tag}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, f"train-{args.train}", record, args.tag)
     print(f"load average before {load_before}, after {os.getloadavg()}; wrote {path}")
 
 

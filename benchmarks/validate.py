@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_record
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -152,10 +152,7 @@ def main() -> None:
         "speed_up": runs["in_memory"]["median_seconds"]
         / runs["multi_processing"]["median_seconds"],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    date = record["machine"]["date"][:10]
-    path = args.out / f"validate-{args.impressions}-{date}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_record(args.out, f"validate-{args.impressions}", record)
     print(
         f"same statistics: {record['same_statistics']}; speed-up {record['speed_up']:.2f}x; "
         f"wrote {path}"
