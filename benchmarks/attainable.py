@@ -152,18 +152,25 @@ def aucs(
     p_ctcvr: np.ndarray,
     p_cvr: np.ndarray | None = None,
 ):
-    """CTR and CTCVR AUC on all impressions, CVR AUC on clicked ones (p_cvr defaults to
-    p_ctcvr / p_ctr)."""
-    from sklearn.metrics import roc_auc_score
+    """CTR and CTCVR AUC on all impressions, CVR AUC on clicked ones, as the evaluation step
+    computes them (p_cvr defaults to p_ctcvr / p_ctr)."""
+    import pandas as pd
 
-    clicked = click.astype(bool)
+    from tasks.evaluate import compute_metrics
+
     if p_cvr is None:
         p_cvr = p_ctcvr / np.maximum(p_ctr, 1e-12)
-    return {
-        "ctr_auc": roc_auc_score(click, p_ctr),
-        "ctcvr_auc": roc_auc_score(click & conversion, p_ctcvr),
-        "cvr_auc_clicked": roc_auc_score(conversion[clicked], p_cvr[clicked]),
-    }
+    frame = pd.DataFrame(
+        {
+            "click": click.astype(np.int64),
+            "conversion": conversion.astype(np.int64),
+            "p_ctr": p_ctr,
+            "p_cvr": p_cvr,
+            "p_ctcvr": p_ctcvr,
+        }
+    )
+    metrics = compute_metrics(frame)
+    return {m: metrics[m] for m in METRICS}
 
 
 def main() -> None:
