@@ -40,9 +40,9 @@ SKELETON_FIELDS: tuple[str, ...] = (
 ALL_FIELDS: tuple[str, ...] = COMMON_FIELDS + SKELETON_FIELDS
 
 # Fields whose entries carry a count or weight rather than 1.0.
-WEIGHTED_FIELDS: frozenset[str] = frozenset(
-    {"109_14", "110_14", "127_14", "150_14", "508", "509", "702", "853"}
-)
+# User x item crosses: present only where the user's history matches the item.
+CROSS_FIELDS: frozenset[str] = frozenset({"508", "509", "702", "853"})
+WEIGHTED_FIELDS: frozenset[str] = frozenset({"109_14", "110_14", "127_14", "150_14"}) | CROSS_FIELDS
 # Fields with more than one entry per line.
 MULTI_VALUED_FIELDS: frozenset[str] = WEIGHTED_FIELDS | {"210"}
 

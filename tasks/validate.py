@@ -38,6 +38,7 @@ from models.features import (
     CLICK_LABEL_KEY,
     COMMON_INDEX_KEY,
     CONVERSION_LABEL_KEY,
+    CROSS_FIELDS,
     LABEL_KEYS,
     MULTI_VALUED_FIELDS,
     SAMPLE_ID_KEY,
@@ -60,7 +61,6 @@ _NOT_FEATURES = (SAMPLE_ID_KEY, COMMON_INDEX_KEY)
 # format), so any share of them is valid. Multi-valued lists get no upper length: the
 # format's behaviour lists often hold hundreds of entries.
 _PRESENCE_SLACK = 0.8
-_OPTIONAL_FIELDS = frozenset({"508", "509", "702", "853"})
 _UNIQUE_HEADROOM = 1.25  # distinct ids of a low-cardinality field, times its training count
 
 
@@ -252,7 +252,7 @@ def infer_schema(statistics, max_domain_size: int = 100, value_domains: bool = F
         if not common.num_non_missing:
             common = stats[feature.name].num_stats.common_stats
         field_name = feature.name.split("_", 1)[1]
-        share = 0.0 if field_name in _OPTIONAL_FIELDS else common.num_non_missing / rows
+        share = 0.0 if field_name in CROSS_FIELDS else common.num_non_missing / rows
         feature.presence.min_fraction = round(_PRESENCE_SLACK * share, 3)
         feature.presence.min_count = 1
         feature.value_count.min = 1
