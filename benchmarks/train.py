@@ -47,10 +47,12 @@ def prepare(work: Path, n_train: int, seed: int) -> Path:
 
 def dense_flops(model_cfg, batch_features) -> dict[str, float]:
     """Multiply-add FLOPs per training sample of the towers (3x forward for fwd + bwd)."""
-    from models.features import COMMON_FIELDS, SKELETON_FIELDS
+    from models.features import COMMON_FIELDS, CROSSES, SKELETON_FIELDS
 
     d = model_cfg.embedding_dim
     user_dim, item_dim = len(COMMON_FIELDS) * d, len(SKELETON_FIELDS) * d
+    dots = 2 * d * len(CROSSES) if model_cfg.interactions else 0  # user x item dots
+    item_dim += len(CROSSES) if model_cfg.interactions else 0
     batch = len(batch_features["context_row"])
     contexts = len(batch_features["ids_101"])
     per_context, per_impression = 0.0, 0.0
@@ -61,6 +63,8 @@ def dense_flops(model_cfg, batch_features) -> dict[str, float]:
         plain = 2 * (user_dim + item_dim) * units[0] + rest
         per_context += 3 * ours
         per_impression += 3 * plain
+    per_context += 3 * dots  # computed once, shared by both towers
+    per_impression += 3 * dots
     return {
         "flops_per_sample": per_context,
         "flops_per_sample_per_impression_model": per_impression,

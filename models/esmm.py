@@ -21,6 +21,11 @@ Semantics, written down once:
   the far more plentiful click data.
 - Each field's entries are pooled with their weights: `sum` = sum(w * e), `mean` =
   sum(w * e) / max(sum(w), eps), so an all-zero-weight field pools to a zero vector.
+- `model.interactions` (default on): each tower's per-impression input also gets, for
+  each cross of the format (`models.features.CROSSES`: history categories 109_14 x item
+  category 206, shops 110_14 x 207, brands 127_14 x 216, intention nodes 150_14 x 210),
+  the dot product of the weighted mean of the history field's embeddings with the item
+  field's embedding (`UserItemDot`), from the same shared tables.
 - `p_ctr = sigmoid(ctr_logit)`, `p_cvr = sigmoid(cvr_logit)`, `p_ctcvr = p_ctr * p_cvr`.
   All three are exposed as named outputs of shape `(batch,)`.
 - Training loss = w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(click * conversion, p_ctcvr)
@@ -48,7 +53,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from models.features import ALL_FIELDS, COMMON_FIELDS, SKELETON_FIELDS, ids_key, wts_key
+from models.features import (
+    ALL_FIELDS,
+    COMMON_FIELDS,
+    CROSSES,
+    SKELETON_FIELDS,
+    ids_key,
+    wts_key,
+)
 from tasks.config import ModelConfig, TowerConfig
 
 _PACKAGE = "esmm"
@@ -218,12 +230,8 @@ class ContextDense(keras.layers.Layer):
     def call(self, inputs: Sequence[Any]) -> Any:
         user, item, context_row = inputs
         per_context = ops.matmul(user, self.kernel[: self.user_dim])  # (n_contexts, units)
-        context_row = ops.cast(context_row, "int32")
-        # -1: the impression's own row (user fields given per impression). Unlike
-        # arange(n), this survives Keras slicing and shuffling arrays into batches.
-        own = ops.arange(ops.shape(context_row)[0], dtype="int32")
-        context_row = ops.where(context_row < 0, own, context_row)
-        x = ops.take(per_context, context_row, axis=0)  # (batch, units)
+        # -1: the impression's own row (user fields given per impression)
+        x = ops.take(per_context, _context_rows(context_row), axis=0)  # (batch, units)
         x = x + ops.matmul(item, self.kernel[self.user_dim :])  # (batch, units)
         if self.bias is not None:
             x = x + self.bias
@@ -241,6 +249,66 @@ class ContextDense(keras.layers.Layer):
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
             "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
         }
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class UserItemDot(keras.layers.Layer):
+    """Dot products of the user's pooled history fields with the item's fields.
+
+    For each user x item pair (the format's crosses, e.g. history categories 109_14 x item
+    category 206), `<h / max(sum(w), eps), e>`: the weighted mean of the history field's
+    embeddings against the item field's pooled embedding, i.e. the mean over the history
+    entries of an FM-style inner product. A tower's MLP only approximates such a bilinear
+    match of two embeddings; here it gets it directly, per impression, for the price of
+    one dot of `embedding_dim` per pair. An empty history gives 0.
+
+    Call args:
+        inputs: `[histories, totals, items, context_row]`: lists (one per pair) of
+            `(n_contexts, dim)` pooled history sums, `(n_contexts,)` weight totals and
+            `(batch, dim)` item embeddings, and `(batch,)` int rows as in `ContextDense`.
+
+    Returns:
+        `(batch, pairs)`.
+    """
+
+    def __init__(self, epsilon: float = 1e-8, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        histories, totals, items, context_row = inputs
+        rows = _context_rows(context_row)
+        dots = []
+        for history, total, item in zip(histories, totals, items, strict=True):
+            mean = history / ops.maximum(ops.expand_dims(total, -1), self.epsilon)
+            user = ops.take(mean, rows, axis=0)  # (batch, dim)
+            dots.append(ops.sum(user * item, axis=-1, keepdims=True))  # (batch, 1)
+        return ops.concatenate(dots, axis=-1)  # (batch, pairs)
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
+        return (input_shape[2][0][0], len(input_shape[0]))
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class WeightTotal(keras.layers.Layer):
+    """`(rows, length)` weights -> `(rows,)` their sum."""
+
+    def call(self, weights: Any) -> Any:
+        return ops.sum(ops.cast(weights, "float32"), axis=1)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0],)
+
+
+def _context_rows(context_row: Any) -> Any:
+    """`context_row` with -1 ("the impression's own row") replaced by the row's index."""
+    context_row = ops.cast(context_row, "int32")
+    # Unlike arange(n) passed in, -1 survives Keras slicing and shuffling into batches.
+    own = ops.arange(ops.shape(context_row)[0], dtype="int32")
+    return ops.where(context_row < 0, own, context_row)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -388,6 +456,7 @@ def build_esmm(
     pooled: dict[str, dict[bool, list[keras.KerasTensor]]] = {
         tower: {True: [], False: []} for tower in ("ctr", "cvr")
     }
+    bags: dict[str, dict[str, keras.KerasTensor]] = {"ctr": {}, "cvr": {}}
     for i, field in enumerate(ALL_FIELDS):
         ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(field))
         weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(field))
@@ -417,6 +486,7 @@ def build_esmm(
             bag = embedding([rows, weights])  # (rows, embedding_dim)
             for tower in towers:
                 pooled[tower][field in COMMON_FIELDS].append(bag)
+                bags[tower][field] = bag
     context_row = keras.Input(shape=(), dtype="int32", name=CONTEXT_ROW_KEY)
     inputs[CONTEXT_ROW_KEY] = context_row
 
@@ -431,6 +501,26 @@ def build_esmm(
             )
             for is_user, side in ((True, "user"), (False, "item"))
         )
+    if config.interactions:
+        # Per tower (once in ESMM, shared): the user x item dots of the format's crosses,
+        # joining the item (per impression) part of the tower's input.
+        totals = [
+            WeightTotal(name=f"total_{history}")(inputs[wts_key(history)])
+            for history, _ in CROSSES.values()
+        ]
+        for tower in towers:
+            dots = UserItemDot(name=f"{tower}_user_item_dots" if separate else "user_item_dots")(
+                [
+                    [bags[tower][history] for history, _ in CROSSES.values()],
+                    totals,
+                    [bags[tower][item] for _, item in CROSSES.values()],
+                    context_row,
+                ]
+            )  # (batch, len(CROSSES))
+            user, item = towers[tower]
+            name = f"{tower}_item_inputs" if separate else "shared_item_inputs"
+            item = keras.layers.Concatenate(axis=-1, name=name)([item, dots])
+            towers[tower] = (user, item)
     if not separate:
         towers["cvr"] = towers["ctr"]
 

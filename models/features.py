@@ -41,7 +41,14 @@ ALL_FIELDS: tuple[str, ...] = COMMON_FIELDS + SKELETON_FIELDS
 
 # Fields whose entries carry a count or weight rather than 1.0.
 # User x item crosses: present only where the user's history matches the item.
-CROSS_FIELDS: frozenset[str] = frozenset({"508", "509", "702", "853"})
+# Each cross is the user's history field x the item's field (ALI_CCP_FORMAT.md).
+CROSSES: dict[str, tuple[str, str]] = {
+    "508": ("109_14", "206"),  # history categories x item category
+    "509": ("110_14", "207"),  # history shops x shop
+    "702": ("127_14", "216"),  # history brands x brand
+    "853": ("150_14", "210"),  # history intention nodes x intention nodes
+}
+CROSS_FIELDS: frozenset[str] = frozenset(CROSSES)
 WEIGHTED_FIELDS: frozenset[str] = frozenset({"109_14", "110_14", "127_14", "150_14"}) | CROSS_FIELDS
 # Fields with more than one entry per line.
 MULTI_VALUED_FIELDS: frozenset[str] = WEIGHTED_FIELDS | {"210"}

@@ -111,6 +111,9 @@ class ModelConfig(_Section):
     embedding_dim: int = Field(12, gt=0)
     pooling: Literal["mean", "sum"] = "sum"  # how weighted multi-valued fields are pooled
     embedding_l2: float = Field(0.0, ge=0.0)  # L2 penalty on every embedding table
+    # Feed each tower the dot product of the user's pooled history (weighted mean) with the
+    # item's embedding for each cross of the format (109_14 x 206, 110_14 x 207, ...)
+    interactions: bool = True
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
     # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;

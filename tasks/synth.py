@@ -65,6 +65,7 @@ from sklearn.metrics import roc_auc_score
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
+    CROSSES,
     POSITION_FIELD,
     SKELETON_FIELDS,
     USER_ID_FIELD,
@@ -117,12 +118,7 @@ COMMON_KINDS: frozenset[str] = frozenset(
 # Cross field -> (user history field, item field). A cross entry is written only when the
 # context's history holds the item's category / shop / brand / intention node; its id
 # encodes that matched entity (see `feature_id_ranges`) and its value is the history weight.
-CROSS_FIELDS: Mapping[str, tuple[str, str]] = {
-    "508": ("109_14", "206"),
-    "509": ("110_14", "207"),
-    "702": ("127_14", "216"),
-    "853": ("150_14", "210"),
-}
+CROSS_FIELDS: Mapping[str, tuple[str, str]] = CROSSES
 HISTORY_FIELDS: tuple[str, ...] = ("109_14", "110_14", "127_14", "150_14")
 
 # Number of distinct values of the single-valued user profile fields (as in the real data).

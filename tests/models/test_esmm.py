@@ -17,6 +17,7 @@ from models.esmm import (
     CONTEXT_ROW_KEY,
     EmbeddingBag,
     EsmmModel,
+    UserItemDot,
     binary_crossentropy_per_row,
     build_esmm,
     compile_esmm,
@@ -26,8 +27,10 @@ from models.esmm import (
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
+    CROSSES,
     MULTI_VALUED_FIELDS,
     OUTPUT_KEYS,
+    SKELETON_FIELDS,
     WEIGHTED_FIELDS,
     ids_key,
     wts_key,
@@ -196,6 +199,73 @@ def test_each_embedding_table_feeds_both_towers(model, batch):
         for field, grad in zip(ALL_FIELDS, grads, strict=True):
             assert grad is not None, (name, field)
             assert np.abs(tf.convert_to_tensor(grad).numpy()).max() > 0, (name, field)
+
+
+# --- User x item interactions ----------------------------------------------------------
+
+
+def _pooled(table: EmbeddingBag, vocabulary: np.ndarray, ids: np.ndarray, weights: np.ndarray):
+    """sum_l w_l * E[row(id_l)] in numpy (row 0 is the OOV bucket, then the vocabulary)."""
+    rows = np.searchsorted(vocabulary, ids) + 1
+    embeddings = np.asarray(table.embeddings)
+    return (embeddings[rows] * weights[..., None]).sum(axis=1)
+
+
+def test_user_item_dots_are_history_means_against_the_item_embedding(model, batch, vocabularies):
+    """One dot per cross of the format: mean(history) . item, from the shared tables."""
+    assert set(CROSSES) == {"508", "509", "702", "853"}
+    dots_model = keras.Model(model.inputs, model.get_layer("user_item_dots").output)
+    got = np.asarray(dots_model(batch, training=False))
+    assert got.shape == (len(batch[CONTEXT_ROW_KEY]), len(CROSSES))
+    tables = embedding_layers(model)
+    for k, (history, item) in enumerate(CROSSES.values()):
+        h_ids, h_wts = batch[ids_key(history)], batch[wts_key(history)]
+        i_ids, i_wts = batch[ids_key(item)], batch[wts_key(item)]
+        total = h_wts.sum(axis=1, keepdims=True)
+        mean = _pooled(tables[history], np.sort(vocabularies[history]), h_ids, h_wts) / total
+        pooled_item = _pooled(tables[item], np.sort(vocabularies[item]), i_ids, i_wts)
+        np.testing.assert_allclose(
+            got[:, k], (mean * pooled_item).sum(axis=1), rtol=1e-4, atol=1e-7
+        )
+    # Both towers read the same dots (ESMM: one set of embeddings, one interaction layer).
+    assert sum(isinstance(layer, UserItemDot) for layer in model.layers) == 1
+
+
+def test_user_item_dots_use_each_impressions_context_row(model, vocabularies):
+    """Per-context user inputs give the same dots as each impression carrying its own."""
+    flat = make_batch(6, vocabularies, seed=5)
+    rows = np.array([0, 0, 1, 1, 1, 0], dtype=np.int32)
+    per_context = {key: value for key, value in flat.items() if key != CONTEXT_ROW_KEY}
+    for field in COMMON_FIELDS:
+        for key in (ids_key(field), wts_key(field)):
+            per_context[key] = flat[key][:2]  # two contexts
+            flat[key] = flat[key][:2][rows]  # each impression: its context's user fields
+    per_context[CONTEXT_ROW_KEY] = rows
+    dots_model = keras.Model(model.inputs, model.get_layer("user_item_dots").output)
+    np.testing.assert_allclose(
+        np.asarray(dots_model(per_context)), np.asarray(dots_model(flat)), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_an_empty_history_gives_a_zero_dot(model, batch):
+    emptied = dict(batch)
+    emptied[wts_key("109_14")] = np.zeros_like(batch[wts_key("109_14")])
+    dots_model = keras.Model(model.inputs, model.get_layer("user_item_dots").output)
+    dots = np.asarray(dots_model(emptied))
+    assert np.all(dots[:, list(CROSSES).index("508")] == 0.0)
+    assert np.all(np.isfinite(dots))
+
+
+def test_interactions_off_builds_the_plain_towers(vocabularies, batch):
+    plain = build_esmm(SMALL_CONFIG.model_copy(update={"interactions": False}), vocabularies)
+    assert not any(isinstance(layer, UserItemDot) for layer in plain.layers)
+    first = plain.get_layer("ctr_dense_0")
+    item_dim = first.kernel.shape[0] - first.user_dim
+    assert item_dim == len(SKELETON_FIELDS) * SMALL_CONFIG.embedding_dim
+    with_dots = build_esmm(SMALL_CONFIG, vocabularies)
+    first = with_dots.get_layer("ctr_dense_0")
+    assert first.kernel.shape[0] - first.user_dim == item_dim + len(CROSSES)
+    assert np.all(np.isfinite(predict(plain, batch)["p_ctcvr"]))
 
 
 # --- Pooling, padding and the OOV bucket -----------------------------------------------
@@ -526,6 +596,8 @@ def test_ns_and_base_give_each_tower_its_own_embedding_tables(vocabularies, batc
     assert sorted(layer.name for layer in bags) == sorted(
         f"{tower}_embedding_{field}" for tower in ("ctr", "cvr") for field in ALL_FIELDS
     )
+    dots = {layer.name for layer in model.layers if isinstance(layer, UserItemDot)}
+    assert dots == {"ctr_user_item_dots", "cvr_user_item_dots"}  # each from its own tables
     tables = {
         tower: [layer.weights[0] for layer in bags if layer.name.startswith(tower)]
         for tower in ("ctr", "cvr")
