@@ -1,7 +1,8 @@
 """Quality: test AUCs (with standard errors) of ESMM, ESMM fed only the first id of each
 field, ESMM-NS and BASE, against the generator's Bayes oracle; and a learning curve.
 
-Each run generates (or reuses) default-profile data with a fixed seed, ingests it with the
+Each run generates (or reuses) data of a synth profile (`--profile`, default `default`)
+with a fixed seed, ingests it with the
 `ingest` section of `--params`, trains with `tasks.train.train_esmm` (the `model` and
 `train` sections, optionally a preset and overrides) and scores the test split with
 `tasks.train.predict_split` + `tasks.evaluate.compute_metrics`. Standard errors are Hanley &
@@ -55,14 +56,16 @@ def counts(metrics: dict) -> dict[str, tuple[int, int]]:
     }
 
 
-def prepare(work: Path, n_train: int, n_test: int, seed: int, ingest_cfg) -> Path:
+def prepare(
+    work: Path, n_train: int, n_test: int, seed: int, ingest_cfg, profile: str = "default"
+) -> Path:
     from tasks.ingest import ingest_ali_ccp
     from tasks.synth import synthesize_ali_ccp
 
-    root = work / f"default-{n_train}-{n_test}-{seed}"
+    root = work / f"{profile}-{n_train}-{n_test}-{seed}"
     raw, ingest = root / "raw", root / f"ingest-{ingest_cfg.min_count}"
     if not (raw / "oracle.json").is_file():
-        synthesize_ali_ccp(raw, n_train, n_test, seed)
+        synthesize_ali_ccp(raw, n_train, n_test, seed, profile=profile)
     if not (ingest / "vocab.parquet").is_file():
         ingest_ali_ccp(raw, ingest, ingest_cfg)
     return root
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--curve", type=int, nargs="*", help="train sizes for a learning curve")
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--seed", type=int, default=2018)
+    parser.add_argument("--profile", default="default", help="synth profile (default, realistic)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "esmm-quality")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
@@ -115,7 +119,7 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     for n_train in sizes:
-        root = prepare(args.work, n_train, args.test, args.seed, params.ingest)
+        root = prepare(args.work, n_train, args.test, args.seed, params.ingest, args.profile)
         ingest = root / f"ingest-{params.ingest.min_count}"
         oracle = json.loads((root / "raw" / "oracle.json").read_text())["test"]
         predictions = {}
@@ -172,7 +176,7 @@ def main() -> None:
         "machine": machine_info(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "profile": "default",
+        "profile": args.profile,
         "seed": args.seed,
         "test_impressions": args.test,
         "params": params.model_dump(
