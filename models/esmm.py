@@ -57,6 +57,7 @@ from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
     CROSSES,
+    HISTORY_FIELDS,
     SKELETON_FIELDS,
     ids_key,
     wts_key,
@@ -474,7 +475,11 @@ def build_esmm(
             embedding = EmbeddingBag(
                 input_dim=len(vocab_arrays[field]) + _NUM_OOV_INDICES,
                 output_dim=config.embedding_dim,
-                pooling=config.pooling,
+                pooling=(
+                    config.list_pooling
+                    if field in HISTORY_FIELDS and config.list_pooling
+                    else config.pooling
+                ),
                 embeddings_initializer=keras.initializers.RandomUniform(
                     -0.05, 0.05, seed=embedding_seeds[i + j * n_fields]
                 ),

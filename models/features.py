@@ -49,7 +49,9 @@ CROSSES: dict[str, tuple[str, str]] = {
     "853": ("150_14", "210"),  # history intention nodes x intention nodes
 }
 CROSS_FIELDS: frozenset[str] = frozenset(CROSSES)
-WEIGHTED_FIELDS: frozenset[str] = frozenset({"109_14", "110_14", "127_14", "150_14"}) | CROSS_FIELDS
+# The user's 14-day behaviour lists (often hundreds of weighted entries).
+HISTORY_FIELDS: tuple[str, ...] = tuple(history for history, _ in CROSSES.values())
+WEIGHTED_FIELDS: frozenset[str] = frozenset(HISTORY_FIELDS) | CROSS_FIELDS
 # Fields with more than one entry per line.
 MULTI_VALUED_FIELDS: frozenset[str] = WEIGHTED_FIELDS | {"210"}
 

@@ -110,6 +110,8 @@ class TowerConfig(_Section):
 class ModelConfig(_Section):
     embedding_dim: int = Field(12, gt=0)
     pooling: Literal["mean", "sum"] = "sum"  # how weighted multi-valued fields are pooled
+    # pooling of the behaviour lists 109_14, 110_14, 127_14, 150_14; null: `pooling`
+    list_pooling: Literal["mean", "sum"] | None = None
     embedding_l2: float = Field(0.0, ge=0.0)  # L2 penalty on every embedding table
     # Feed each tower the dot product of the user's pooled history (weighted mean) with the
     # item's embedding for each cross of the format (109_14 x 206, 110_14 x 207, ...)

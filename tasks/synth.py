@@ -66,6 +66,7 @@ from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
     CROSSES,
+    HISTORY_FIELDS,
     POSITION_FIELD,
     SKELETON_FIELDS,
     USER_ID_FIELD,
@@ -119,7 +120,6 @@ COMMON_KINDS: frozenset[str] = frozenset(
 # context's history holds the item's category / shop / brand / intention node; its id
 # encodes that matched entity (see `feature_id_ranges`) and its value is the history weight.
 CROSS_FIELDS: Mapping[str, tuple[str, str]] = CROSSES
-HISTORY_FIELDS: tuple[str, ...] = ("109_14", "110_14", "127_14", "150_14")
 
 # Number of distinct values of the single-valued user profile fields (as in the real data).
 PROFILE_CARDINALITY: Mapping[str, int] = {
