@@ -659,12 +659,14 @@ _COMMON_NAMES = (COMMON_INDEX_KEY, "feature_num", "feature_list")
 
 @dataclass
 class ParsedBlock:
-    """One block, parsed: the valid rows as a table, and a reason for every other line."""
+    """One block, parsed: the valid rows, split into their output tables, and a reason for
+    every other line."""
 
     first_line: int
     n_lines: int
     crlf: int
-    table: pa.Table  # valid rows, in the output schema
+    head: pa.Table  # plain columns (no id/weight lists) of the valid rows, in line order
+    parts: tuple[pa.Table, ...]  # the valid rows in the output schema: (train, valid) or (all,)
     key_hashes: np.ndarray  # hash of each valid row's unique key (sample id / context key)
     in_valid_split: np.ndarray  # each valid row's context hashes into the validation split
     context_runs: np.ndarray  # first row of each run of rows with the same context key
@@ -673,46 +675,79 @@ class ParsedBlock:
     bad_reasons: list[str]
     bad_ids: list[str | None]  # sample id (or key) of each quarantined line, where readable
     unknown_fields: Counter
-    train_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # see _parse_counted
+    train_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None  # ids and counts in parts[0]
+
+    @property
+    def table(self) -> pa.Table:
+        """The valid rows in line order, in the output schema."""
+        if len(self.parts) == 1 or self.parts[1].num_rows == 0:
+            return self.parts[0]
+        line_order = np.argsort(np.argsort(self.in_valid_split, kind="stable"))
+        return pa.concat_tables(self.parts).take(_arrow(line_order))
 
 
 def parse_block(
-    block: bytes | bytearray, first_line: int, kind: str, valid_fraction: float
+    block: bytes | bytearray,
+    first_line: int,
+    kind: str,
+    valid_fraction: float | None = None,
+    count: bool = False,
 ) -> ParsedBlock:
     """Vectorised parse of a block of `kind` ("skeleton" or "common") lines.
 
-    Runs on a worker thread: everything here depends on the block alone. The block is
-    parsed in pieces of about `_PIECE_BYTES` (whole lines): the temporary arrays of a piece
-    stay in the CPU cache, which two threads parsing whole 16 MiB blocks thrash.
+    With `valid_fraction` the valid rows are split by context into the parts (train, valid),
+    without it there is one part; with `count` the ids in the first part are counted.
+    Runs on a worker thread: everything here depends on the block alone. The block is parsed
+    in pieces of about `_PIECE_BYTES` of whole lines, whose temporary arrays stay in the CPU
+    cache (two threads parsing whole 16 MiB blocks at once thrash it).
     """
     view = memoryview(block)
-    pieces = [_parse_piece(view[lo:hi], kind) for lo, hi in _piece_bounds(block)]
-    table = pa.concat_tables([p.table for p in pieces])  # chunks, not copied
-    line_offsets = np.cumsum([0] + [p.n_lines for p in pieces[:-1]])
-    row_offsets = np.cumsum([0] + [p.table.num_rows for p in pieces[:-1]])
-    context_hashes = np.concatenate([p.context_hashes for p in pieces])
-    context_runs = np.concatenate(
-        [p.context_runs + o for p, o in zip(pieces, row_offsets, strict=True)]
-    )
-    run_lengths = np.diff(context_runs, append=table.num_rows)
-    unknown = Counter()
-    for p in pieces:
-        unknown.update(p.unknown_fields)
+    pieces = [_parse_lines(view[lo:hi], kind, valid_fraction) for lo, hi in _piece_bounds(block)]
+    piece = pieces[0]
+    if len(pieces) > 1:  # tables as chunks, not copied
+        line_offsets = np.cumsum([0] + [p.n_lines for p in pieces[:-1]])
+        row_offsets = np.cumsum([0] + [p.head.num_rows for p in pieces[:-1]])
+        piece = _Piece(
+            head=pa.concat_tables([p.head for p in pieces]),
+            parts=tuple(
+                pa.concat_tables([p.parts[i] for p in pieces]) for i in range(len(piece.parts))
+            ),
+            train_ids={
+                f: [ids for p in pieces for ids in p.train_ids[f]] for f in pieces[0].train_ids
+            },
+            n_lines=sum(p.n_lines for p in pieces),
+            crlf=sum(p.crlf for p in pieces),
+            key_hashes=np.concatenate([p.key_hashes for p in pieces]),
+            in_valid=np.concatenate([p.in_valid for p in pieces]),
+            context_runs=np.concatenate(
+                [p.context_runs + o for p, o in zip(pieces, row_offsets, strict=True)]
+            ),
+            context_hashes=np.concatenate([p.context_hashes for p in pieces]),
+            bad_lines=np.concatenate(
+                [p.bad_lines + o for p, o in zip(pieces, line_offsets, strict=True)]
+            ),
+            bad_reasons=[r for p in pieces for r in p.bad_reasons],
+            bad_ids=[i for p in pieces for i in p.bad_ids],
+            unknown_fields=sum((p.unknown_fields for p in pieces), Counter()),
+        )
+    train_counts = None
+    if count:
+        train_counts = {f: _value_counts(chunks) for f, chunks in piece.train_ids.items()}
     return ParsedBlock(
         first_line=first_line,
-        n_lines=sum(p.n_lines for p in pieces),
-        crlf=sum(p.crlf for p in pieces),
-        table=table,
-        key_hashes=np.concatenate([p.key_hashes for p in pieces]),
-        in_valid_split=np.repeat(_in_valid(context_hashes, valid_fraction), run_lengths),
-        context_runs=context_runs,
-        context_hashes=context_hashes,
-        bad_lines=np.concatenate(
-            [p.bad_lines + o for p, o in zip(pieces, line_offsets, strict=True)]
-        ),
-        bad_reasons=[r for p in pieces for r in p.bad_reasons],
-        bad_ids=[i for p in pieces for i in p.bad_ids],
-        unknown_fields=unknown,
+        n_lines=piece.n_lines,
+        crlf=piece.crlf,
+        head=piece.head,
+        parts=piece.parts,
+        key_hashes=piece.key_hashes,
+        in_valid_split=piece.in_valid,
+        context_runs=piece.context_runs,
+        context_hashes=piece.context_hashes,
+        bad_lines=piece.bad_lines,
+        bad_reasons=piece.bad_reasons,
+        bad_ids=piece.bad_ids,
+        unknown_fields=piece.unknown_fields,
+        train_counts=train_counts,
     )
 
 
@@ -735,10 +770,16 @@ def _piece_bounds(block: bytes | bytearray) -> list[tuple[int, int]]:
 
 @dataclass
 class _Piece:
-    table: pa.Table
+    """A parsed piece of a block; the fields of `ParsedBlock`, and for counting the ids of
+    each field in the train part (numpy arrays, in chunks)."""
+
+    head: pa.Table
+    parts: tuple[pa.Table, ...]
+    train_ids: dict[str, list[np.ndarray]]
     n_lines: int
-    crlf: int
+    crlf: int  # lines that ended in CRLF (accepted)
     key_hashes: np.ndarray
+    in_valid: np.ndarray
     context_runs: np.ndarray
     context_hashes: np.ndarray
     bad_lines: np.ndarray
@@ -747,43 +788,10 @@ class _Piece:
     unknown_fields: Counter
 
 
-def _parse_piece(block: memoryview, kind: str) -> _Piece:
-    skeleton = kind == "skeleton"
-    names, fields = (
-        (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
-    )
-    parsed = _parse_lines(block, names, fields)
-    cols = parsed.columns  # labels already int8
-    if skeleton:
-        schema, unique_key = _impression_schema(), cols[SAMPLE_ID_KEY]
-    else:
-        schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
-    table = pa.table({**cols, **parsed.fields}, schema=schema)
-    bad = np.flatnonzero(parsed.reasons)
-    runs, context_hashes = _key_runs(cols[COMMON_INDEX_KEY])
-    return _Piece(
-        table=table,
-        n_lines=parsed.n_lines,
-        crlf=parsed.crlf,
-        key_hashes=hash_keys(unique_key),
-        context_runs=runs,
-        context_hashes=context_hashes,
-        bad_lines=bad,
-        bad_reasons=[_REASONS[code] for code in parsed.reasons[bad].tolist()],
-        bad_ids=[parsed.first_column.get(line) for line in bad.tolist()],
-        unknown_fields=parsed.unknown_fields,
-    )
-
-
-@dataclass
-class _Parsed:
-    columns: dict[str, pa.Array]  # plain columns of the valid rows (labels as int8)
-    fields: dict[str, pa.Array]  # ids_*/wts_* list columns of the valid rows
-    reasons: np.ndarray  # uint8, one per line: index in _REASONS (0: valid)
-    unknown_fields: Counter
-    n_lines: int
-    crlf: int  # lines that ended in CRLF (accepted)
-    first_column: dict[int, str]  # text up to the first comma of each quarantined, readable line
+def _value_counts(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct int64 values of the chunks and how often each occurs."""
+    found = pc.value_counts(pa.chunked_array([_arrow(c) for c in chunks], pa.int64()))
+    return _ints(found.field("values")), _ints(found.field("counts"))
 
 
 # --- the block parser ------------------------------------------------------------------------
@@ -821,7 +829,7 @@ def _offsets_type(size: int) -> tuple[type, pa.DataType]:
 def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=None) -> pa.Array:
     """A string array over the block whose even elements are the spans [starts, ends) and
     whose odd elements are the gaps between them (null, and so skipped by kernels, when
-    `valid` is given: then an even element is null where `valid` is False).
+    `valid` is given: True, or a mask that makes an even element null where it is False).
 
     Spans must be ordered and non-overlapping; nothing is copied."""
     n = len(starts)
@@ -830,7 +838,7 @@ def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=
     offsets[0:-1:2], offsets[1::2] = starts, ends
     offsets[-1] = ends[-1] if n else 0
     bitmap = None
-    if valid is not None and valid.all():  # even elements valid, odd ones null
+    if valid is True or (valid is not None and valid.all()):  # even elements valid, odd null
         bitmap = pa.py_buffer(np.full((2 * n + 7) // 8, 0x55, dtype=np.uint8))
     elif valid is not None:
         mask = np.zeros(2 * n, dtype=bool)
@@ -911,32 +919,39 @@ def _field_index(
     return np.where(slot_keys[slot] == keys, slot_fields[slot], np.uint8(len(fields)))
 
 
-def _parse_lines(
-    block: bytes | bytearray, names: tuple[str, ...], fields: tuple[str, ...]
-) -> _Parsed:
-    """Vectorised parse of a block of lines; lines with a defect get a reason instead of values."""
+def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> _Piece:
+    """Vectorised parse of a block of lines; lines with a defect get a reason instead of values.
+
+    With `valid_fraction` the valid rows are split by context into the parts (train, valid)
+    as the entries are grouped per field, so no table is filtered afterwards."""
+    skeleton = kind == "skeleton"
+    names, fields = (
+        (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
+    )
     n_cols = len(names)
     data = np.frombuffer(block, dtype=np.uint8)
     buffer = pa.py_buffer(block)
 
     # Tokens, with a virtual newline ending the block's last line and two more as padding
     # (at positions len(data) + 0, 1, 2: the first ends the last line, the others are never
-    # read for a valid line).
+    # read for a valid line). Positions are int32 where they fit: half the memory traffic.
     low = np.empty(len(data) + 3, dtype=bool)
     np.less(data, _LOW, out=low[: len(data)])
     low[len(data) :] = True
     pos = np.flatnonzero(low)
     code = np.empty(len(pos), dtype=np.uint8)
-    code[:-3] = _TOKEN_CODE[data[pos[:-3]]]
+    np.take(_TOKEN_CODE, data[pos[:-3]], out=code[:-3])
     code[-3:] = _T_NL
     if not code.all():  # '\r', '+', spaces...: content, not tokens
         pos, code = pos[code != 0], code[code != 0]
+    pos = pos.astype(_offsets_type(len(data) + 3)[0])
 
     # Lines.
     nl_tok = np.flatnonzero(code[:-2] == _T_NL)  # token index of each line's newline
     n_lines = len(nl_tok)
     ends = pos[nl_tok]
-    starts = np.concatenate([[0], ends[:-1] + 1])
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
     crlf = np.zeros(n_lines, dtype=bool)
     crlf[ends > starts] = data[ends[ends > starts] - 1] == _CR
     ends = ends - crlf
@@ -973,7 +988,7 @@ def _parse_lines(
     pairs[0] = _T_NL * 6 + code[0]
     np.multiply(code[:-1], 6, out=pairs[1:])
     pairs[1:] += code[1:]
-    bad_tok = np.flatnonzero(_DISALLOWED[pairs[: nl_tok[-1] + 1]])
+    bad_tok = np.flatnonzero(np.take(_DISALLOWED, pairs[: nl_tok[-1] + 1]))
     struct_bad = np.zeros(n_lines, dtype=bool)
     struct_bad[np.searchsorted(nl_tok, bad_tok)] = True
     reasons[struct_bad & (reasons == 0)] = _REASON_CODE[R_ENTRY]
@@ -982,41 +997,53 @@ def _parse_lines(
     entry_tok = np.flatnonzero(code[: nl_tok[-1]] == _T_ENTRY)
     per_line = np.diff(np.searchsorted(entry_tok, nl_tok), prepend=0)
     line_ok = reasons == 0
-    entry_ok = np.repeat(line_ok, per_line)
+    all_ok = bool(line_ok.all())  # the usual case: no per-entry mask needed
+    entry_ok = True if all_ok else np.repeat(line_ok, per_line)
     two = pos[entry_tok]
     field_start = pos[entry_tok - 1] + 1
-    three = pos[entry_tok + 1]
-    value_end = pos[entry_tok + 2]
+    three = pos[1:][entry_tok]
+    value_end = pos[2:][entry_tok]
+    id_start, value_start = two + 1, three + 1
     # Spans of the other entries may be garbage: make them empty, keeping the order.
-    if not entry_ok.all():
+    if not all_ok:
         field_start = np.where(entry_ok, field_start, two)
         three = np.where(entry_ok, three, two)
         value_end = np.where(entry_ok, value_end, two)
-    id_start, value_start = two + 1, three + 1
-    if not entry_ok.all():
         id_start = np.where(entry_ok, id_start, two)
         value_start = np.where(entry_ok, value_start, two)
 
+    id_ok = value_ok = None  # None: every entry's id / value parsed
     try:  # fast path: every id is an integer
         ids = _cast_spans(buffer, id_start, three, entry_ok, pa.int64())
-        id_ok = ids >= 0
     except pa.ArrowInvalid:  # some id is not (rare, slower): digits only
+        entry_ok = np.broadcast_to(entry_ok, len(two))
         tokens = _interleaved(buffer, id_start, three, entry_ok)
         digits = _bools(pc.utf8_is_digit(tokens))[0::2]
         id_ok = digits & (three - id_start <= 18)  # at most 18 digits always fit int64
         ids = _cast_spans(buffer, id_start, three, entry_ok & id_ok, pa.int64())
     try:
         wts = _cast_spans(buffer, value_start, value_end, entry_ok, pa.float32())
-        value_ok = np.ones(len(two), dtype=bool)
     except pa.ArrowInvalid:  # some value is not a number: find which (rare, slower)
+        entry_ok = np.broadcast_to(entry_ok, len(two))
         tokens = _interleaved(buffer, value_start, value_end, entry_ok)
         value_ok = _bools(pc.match_substring_regex(tokens, _FLOAT_RE))[0::2]
         wts = _cast_spans(buffer, value_start, value_end, entry_ok & value_ok, pa.float32())
-    value_ok &= np.isfinite(wts)  # "nan" and "inf" parse as floats but are no weights
-    entry_bad = entry_ok & ~(id_ok & value_ok & (two > field_start))
-    if entry_bad.any():
-        reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = _REASON_CODE[R_ENTRY]
-        line_ok = reasons == 0
+    field_length = two - field_start
+    # "nan" and "inf" parse as floats but are no weights; an empty field id is no field.
+    if not (
+        all_ok
+        and id_ok is None
+        and value_ok is None
+        and ids.min(initial=0) >= 0
+        and np.isfinite(wts).all()
+        and field_length.min(initial=1) > 0
+    ):
+        id_ok = ids >= 0 if id_ok is None else id_ok
+        value_ok = np.isfinite(wts) if value_ok is None else value_ok & np.isfinite(wts)
+        entry_bad = entry_ok & ~(id_ok & value_ok & (field_length > 0))
+        if entry_bad.any():
+            reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = _REASON_CODE[R_ENTRY]
+            line_ok = reasons == 0
 
     # Plain columns of the lines still valid: (n_ok, n_cols - 1) comma positions.
     ok_lines = np.flatnonzero(line_ok)
@@ -1032,7 +1059,7 @@ def _parse_lines(
     declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
     row_reason[declared != per_line[ok_lines]] = _REASON_CODE[R_FEATURE_NUM]
     labels: dict[str, np.ndarray] = {}
-    if CLICK_LABEL_KEY in col:
+    if skeleton:
         for key in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
             start, end = col_starts[:, col[key]], col_ends[:, col[key]]
             byte = data[np.minimum(start, len(data) - 1)]
@@ -1052,37 +1079,91 @@ def _parse_lines(
             columns[name] = _arrow(labels[name][keep].astype(np.int8))
         elif name not in ("feature_num", "feature_list"):
             columns[name] = _spans(buffer, col_starts[keep, i], col_ends[keep, i])
+    head = pa.table(columns)
 
-    # Entries of kept lines, grouped per field (stable, so in line order) into list columns.
-    entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
-    if len(entry_keep) < len(entry_tok):
+    # Keys: the unique key's hash (duplicates), runs of equal context keys and their hashes
+    # (the join, and the train/valid split by context).
+    runs, context_hashes = _key_runs(columns[COMMON_INDEX_KEY])
+    run_lengths = np.diff(runs, append=n_keep)
+    if skeleton:
+        key_hashes = hash_keys(columns[SAMPLE_ID_KEY])
+    else:  # the unique key is the context key
+        key_hashes = np.repeat(context_hashes, run_lengths)
+    if valid_fraction is None:
+        in_valid = np.zeros(n_keep, dtype=bool)
+        part_rows = [slice(None)]
+    else:
+        in_valid = np.repeat(_in_valid(context_hashes, valid_fraction), run_lengths)
+        part_rows = [~in_valid, in_valid]
+
+    # Entries of kept lines, grouped per field and part (stable, so in line order) into list
+    # columns: group = field * parts + part.
+    all_kept = n_keep == n_lines
+    if not all_kept:
+        entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
         field_start, two = field_start[entry_keep], two[entry_keep]
-    parent = np.repeat(np.arange(n_keep), per_line[kept_lines])
+    kept_per_line = per_line if all_kept else per_line[kept_lines]
     field_index = _field_index(data, field_start, two, fields)
     unknown = _unknown_fields(block, field_start, two, field_index, fields)
-    order = np.argsort(field_index, kind="stable")
+    n_parts = len(part_rows)
+    if n_parts == 1:
+        group = field_index
+    else:
+        group = field_index * np.uint8(2) + np.repeat(in_valid, kept_per_line).view(np.uint8)
+    order = np.argsort(group, kind="stable")
+    if not all_kept:
+        order = entry_keep[order]
+    ids, wts = ids[order], wts[order]
+    parent = np.repeat(np.arange(n_keep), kept_per_line)
     counts = np.bincount(
         field_index.astype(np.int64) * n_keep + parent, minlength=(len(fields) + 1) * n_keep
     ).reshape(len(fields) + 1, n_keep)
-    offsets = np.zeros((len(fields) + 1, n_keep + 1), dtype=np.int32)
-    np.cumsum(counts, axis=1, out=offsets[:, 1:])
-    bounds = np.concatenate([[0], np.cumsum(offsets[:, -1])])
-    sorted_entries = entry_keep[order]
-    ids, wts = ids[sorted_entries], wts[sorted_entries]
-    out_fields: dict[str, pa.Array] = {}
-    for k, f in enumerate(fields):
-        field_offsets = _arrow(offsets[k])
-        lo, hi = bounds[k], bounds[k + 1]
-        out_fields[ids_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(ids[lo:hi]))
-        out_fields[wts_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(wts[lo:hi]))
+    part_offsets = []
+    for rows in part_rows:
+        part_counts = counts[:, rows]
+        offsets = np.zeros((len(fields) + 1, part_counts.shape[1] + 1), dtype=np.int32)
+        np.cumsum(part_counts, axis=1, out=offsets[:, 1:])
+        part_offsets.append(offsets)
+    sizes = np.stack([offsets[:, -1] for offsets in part_offsets], axis=1).ravel()
+    bounds = np.concatenate([[0], np.cumsum(sizes)])  # of each group in the sorted entries
+    schema = _impression_schema() if skeleton else _common_schema()
+    parts = []
+    train_ids: dict[str, list[np.ndarray]] = {}
+    for p, rows in enumerate(part_rows):
+        part_head = head if n_parts == 1 else head.filter(_arrow(rows))
+        arrays = list(part_head.columns)
+        for k, f in enumerate(fields):
+            field_offsets = _arrow(part_offsets[p][k])
+            lo, hi = bounds[k * n_parts + p], bounds[k * n_parts + p + 1]
+            arrays.append(pa.ListArray.from_arrays(field_offsets, _arrow(ids[lo:hi])))
+            arrays.append(pa.ListArray.from_arrays(field_offsets, _arrow(wts[lo:hi])))
+            if p == 0:
+                train_ids[f] = [ids[lo:hi]]
+        parts.append(pa.Table.from_arrays(arrays, schema=schema))
 
-    bad = np.flatnonzero((reasons != 0) & (reasons != _REASON_CODE[R_UTF8]))
+    bad = np.flatnonzero(reasons)
     # Decoded leniently: the cap may cut a multi-byte character.
-    first_column = {
-        line: bytes(block[starts[line] : first_column_end[line]]).decode("utf-8", "replace")
+    bad_ids = [
+        None
+        if reasons[line] == _REASON_CODE[R_UTF8]
+        else bytes(block[starts[line] : first_column_end[line]]).decode("utf-8", "replace")
         for line in bad.tolist()
-    }
-    return _Parsed(columns, out_fields, reasons, unknown, n_lines, int(crlf.sum()), first_column)
+    ]
+    return _Piece(
+        head=head,
+        parts=tuple(parts),
+        train_ids=train_ids,
+        n_lines=n_lines,
+        crlf=int(crlf.sum()),
+        key_hashes=key_hashes,
+        in_valid=in_valid,
+        context_runs=runs,
+        context_hashes=context_hashes,
+        bad_lines=bad,
+        bad_reasons=[_REASONS[code] for code in reasons[bad].tolist()],
+        bad_ids=bad_ids,
+        unknown_fields=unknown,
+    )
 
 
 def _unknown_fields(
@@ -1173,70 +1254,66 @@ def _ingest_file(
     written_hashes: list[np.ndarray] = []
     # Line numbers follow from each parsed block's line count (no extra pass over the bytes).
     fields = SKELETON_FIELDS if skeleton else COMMON_FIELDS
-    count = vocab is not None
+    valid_fraction = cfg.valid_fraction if len(out_splits) == 2 else None  # (train, valid)
     blocks = (
-        (block, kind, cfg.valid_fraction, count) for block in _line_blocks(source, cfg.chunk_bytes)
+        (block, 0, kind, valid_fraction, vocab is not None)
+        for block in _line_blocks(source, cfg.chunk_bytes)
     )
     next_line = 1
-    for pb in ordered_map(_parse_counted, blocks, workers, in_flight=workers + 1):
+    for pb in ordered_map(parse_block, blocks, workers, in_flight=workers + 1):
         pb.first_line, next_line = next_line, next_line + pb.n_lines
-        table = pb.table
-        late = np.full(table.num_rows, None, dtype=object)  # reasons found here, not in the worker
-        keep = np.ones(table.num_rows, dtype=bool)
+        head = pb.head
+        n_rows = head.num_rows
+        late = np.full(n_rows, None, dtype=object)  # reasons found here, not in the worker
+        keep = np.ones(n_rows, dtype=bool)
         if known_keys is not None:  # one look-up per run of rows with the same context
-            keys = pc.take(table[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
+            keys = pc.take(head[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
             known = known_keys.contains(keys, pb.context_hashes)
-            keep = np.repeat(known, np.diff(pb.context_runs, append=table.num_rows))
+            keep = np.repeat(known, np.diff(pb.context_runs, append=n_rows))
             late[~keep] = R_UNKNOWN_KEY
-        dup = np.zeros(table.num_rows, dtype=bool)
+        dup = np.zeros(n_rows, dtype=bool)
         dup[keep] = seen.check_and_add(pb.key_hashes[keep])
         late[dup] = R_DUP_SAMPLE if skeleton else R_DUP_KEY
         keep &= ~dup
-        if vocab is not None:  # the worker counted every train row: take out rejected ones
+        in_valid = pb.in_valid_split
+        part_keep = [keep] if len(pb.parts) == 1 else [keep[~in_valid], keep[in_valid]]
+        if vocab is not None:  # the worker counted the train part: take out rejected rows
             vocab.add(pb.train_counts)
-            rejected_train = ~keep & ~pb.in_valid_split
-            if rejected_train.any():
-                vocab.add(_id_counts(table, rejected_train, fields), sign=-1)
+            if not part_keep[0].all():
+                vocab.add(_id_counts(pb.parts[0], ~part_keep[0], fields), sign=-1)
 
         # Quarantine: lines rejected by the worker and rows rejected above, in line order.
         row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each parsed row
         rejected = np.flatnonzero(~keep)
-        key_col = table[SAMPLE_ID_KEY if skeleton else COMMON_INDEX_KEY]
+        key_col = head[SAMPLE_ID_KEY if skeleton else COMMON_INDEX_KEY]
         entries = list(zip(pb.bad_lines.tolist(), pb.bad_ids, pb.bad_reasons, strict=True))
         entries += [(int(row_lines[i]), key_col[int(i)].as_py(), late[i]) for i in rejected]
         for line, key, reason in sorted(entries, key=lambda e: e[0]):
             quarantine.writerow([prefix + source.name, pb.first_line + line, key, reason])
             rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
 
-        kept = table if keep.all() else pc.filter(table, _arrow(keep))
         rep.rows_read += pb.n_lines
-        rep.rows_written += kept.num_rows
+        rep.rows_written += n_rows - len(rejected)
         rep.rows_quarantined += len(entries)
         rep.crlf_lines += pb.crlf
         for fid, n in pb.unknown_fields.items():
             rep.unknown_fields[fid] = rep.unknown_fields.get(fid, 0) + n
         if not skeleton:
-            written_keys.append(kept[COMMON_INDEX_KEY].combine_chunks())
+            context_keys = head[COMMON_INDEX_KEY].combine_chunks()
+            written_keys.append(
+                context_keys.filter(_arrow(keep)) if len(rejected) else context_keys
+            )
             written_hashes.append(pb.key_hashes[keep])
-        if prefix:
-            kept = _prefixed(kept, prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
-        _write_split(writers, kept, pb.in_valid_split[keep], out_splits, split_counts)
+        for split, part, part_kept in zip(out_splits, pb.parts, part_keep, strict=True):
+            if not part_kept.all():
+                part = pc.filter(part, _arrow(part_kept))
+            if prefix:
+                part = _prefixed(part, prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
+            writers.write(split, part)
+            split_counts[split] += part.num_rows
     keys = pa.concat_arrays(written_keys) if written_keys else _strings([])
     hashes = np.concatenate(written_hashes) if written_hashes else np.zeros(0, dtype=np.uint64)
     return rep, KnownKeys(keys, hashes)
-
-
-def _parse_counted(
-    block: bytes | bytearray, kind: str, valid_fraction: float, count: bool
-) -> ParsedBlock:
-    """`parse_block` (line numbers set by the caller), and with `count` the id counts of
-    the rows that go to the train split."""
-    pb = parse_block(block, 0, kind, valid_fraction)
-    if count:
-        fields = SKELETON_FIELDS if kind == "skeleton" else COMMON_FIELDS
-        train = ~pb.in_valid_split
-        pb.train_counts = _id_counts(pb.table, None if train.all() else train, fields)
-    return pb
 
 
 def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Table:
@@ -1247,19 +1324,6 @@ def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Tabl
             joined = pc.binary_join_element_wise(prefix, table[name], "")
             table = table.set_column(i, table.field(i), joined)
     return table
-
-
-def _write_split(
-    writers: _SplitWriters, table: pa.Table, in_valid: np.ndarray, out_splits, counts
-) -> None:
-    if out_splits == ("test",):
-        writers.write("test", table)
-        counts["test"] += table.num_rows
-        return
-    for split, mask in (("train", ~in_valid), ("valid", in_valid)):
-        part = pc.filter(table, _arrow(mask))
-        writers.write(split, part)
-        counts[split] += part.num_rows
 
 
 # --- vocabularies ----------------------------------------------------------------------------
