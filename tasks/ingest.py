@@ -182,7 +182,6 @@ def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestR
     batches = [("", split, *pair) for split, pair in sources.items()]
     for label, folder in history:
         batches.append((f"{label}:", "train", *find_raw_files(folder)["train"]))
-    files: list[FileReport] = []
     split_rows = dict.fromkeys(SPLITS, 0)
     split_contexts = dict.fromkeys(SPLITS, 0)
     impressions = _SplitWriters(out_dir, "impressions.parquet", SPLITS)
@@ -191,36 +190,18 @@ def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestR
     with open(out_dir / "quarantine.csv", "w", newline="") as qf:
         quarantine = csv.writer(qf)
         quarantine.writerow(["file", "line", "sample_id", "reason"])
+        jobs = []
         for prefix, split, skeleton, common in batches:
             out_splits = ("train", "valid") if split == "train" else ("test",)
+            counted = vocab if split == "train" else None
             # Common features first: their keys decide which impressions are joinable.
-            rep, keys = _ingest_file(
-                common,
-                "common",
-                contexts,
-                out_splits,
-                cfg,
-                workers,
-                quarantine,
-                split_contexts,
-                vocab=vocab if split == "train" else None,
-                prefix=prefix,
+            jobs.append(
+                _FileJob(common, "common", contexts, out_splits, split_contexts, counted, prefix)
             )
-            files.append(rep)
-            rep, _ = _ingest_file(
-                skeleton,
-                "skeleton",
-                impressions,
-                out_splits,
-                cfg,
-                workers,
-                quarantine,
-                split_rows,
-                known_keys=keys,
-                vocab=vocab if split == "train" else None,
-                prefix=prefix,
+            jobs.append(
+                _FileJob(skeleton, "skeleton", impressions, out_splits, split_rows, counted, prefix)
             )
-            files.append(rep)
+        files = _ingest_files(jobs, cfg, workers, quarantine)
     impressions.close(_impression_schema())
     contexts.close(_common_schema())
 
@@ -805,7 +786,8 @@ def _value_counts(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 # C kernels turn into ids and weights.
 
 _NL, _CR, _COMMA = 10, 13, 44
-_FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+# What Arrow's float cast reads, less "nan"/"inf" (no weights) and a leading '+' (not read).
+_FLOAT_RE = r"^-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 _LOW = 0x2D  # every token byte is below '-'; digits, '.', '-', 'e' and letters are not
 # Token codes: 0 = content byte, then the three feature-list separators, newline, comma.
 _TOKEN_CODE = np.zeros(256, dtype=np.uint8)
@@ -1015,10 +997,15 @@ def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> 
     id_ok = value_ok = None  # None: every entry's id / value parsed
     try:  # fast path: every id is an integer
         ids = _cast_spans(buffer, id_start, three, entry_ok, pa.int64())
+        # Arrow also reads "-0" and hexadecimal ("0x1F"): an id is decimal digits only.
+        lead = np.take(data, id_start, mode="clip") if len(data) else np.zeros(0, np.uint8)
+        odd = (lead == ord("-")) | ((lead == ord("0")) & (three - id_start > 2))
+        if (odd & entry_ok).any():
+            raise pa.ArrowInvalid("an id that is not decimal digits")
     except pa.ArrowInvalid:  # some id is not (rare, slower): digits only
         entry_ok = np.broadcast_to(entry_ok, len(two))
         tokens = _interleaved(buffer, id_start, three, entry_ok)
-        digits = _bools(pc.utf8_is_digit(tokens))[0::2]
+        digits = _bools(pc.ascii_is_decimal(tokens))[0::2]
         id_ok = digits & (three - id_start <= 18)  # at most 18 digits always fit int64
         ids = _cast_spans(buffer, id_start, three, entry_ok & id_ok, pa.int64())
     try:
@@ -1054,7 +1041,7 @@ def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> 
 
     row_reason = np.zeros(len(ok_lines), dtype=np.uint8)
     num_start, num_end = col_starts[:, col["feature_num"]], col_ends[:, col["feature_num"]]
-    num_ok = _bools(pc.utf8_is_digit(_spans(buffer, num_start, num_end)))
+    num_ok = _bools(pc.ascii_is_decimal(_spans(buffer, num_start, num_end)))
     num_ok &= num_end - num_start <= 18
     declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
     row_reason[declared != per_line[ok_lines]] = _REASON_CODE[R_FEATURE_NUM]
@@ -1228,59 +1215,98 @@ def _schema(head: list[pa.Field], fields: tuple[str, ...]) -> pa.Schema:
     return pa.schema(cols)
 
 
-def _ingest_file(
-    source: RawSource,
-    kind: str,
-    writers: _SplitWriters,
-    out_splits: tuple[str, ...],
-    cfg: IngestConfig,
-    workers: int,
-    quarantine,
-    split_counts: dict[str, int],
-    known_keys: KnownKeys | None = None,
-    vocab: _VocabCounter | None = None,
-    prefix: str = "",
-) -> tuple[FileReport, KnownKeys]:
-    """Stream one raw file into its split Parquet tables; returns its report and the unique
-    keys it holds (context keys of a common file, without `prefix`).
+@dataclass
+class _FileJob:
+    """One raw file to ingest and where its rows go."""
 
-    `prefix` is prepended to sample ids and context keys as written (earlier batches of a
-    training window); quarantine.csv names the file as `<prefix><file name>`. With `vocab`,
-    the ids of the rows written to the train split are counted into it."""
-    skeleton = kind == "skeleton"
-    rep = FileReport(str(source))
-    seen = SeenKeys()
-    written_keys: list[pa.Array] = []
-    written_hashes: list[np.ndarray] = []
-    # Line numbers follow from each parsed block's line count (no extra pass over the bytes).
-    fields = SKELETON_FIELDS if skeleton else COMMON_FIELDS
-    valid_fraction = cfg.valid_fraction if len(out_splits) == 2 else None  # (train, valid)
-    blocks = (
-        (block, 0, kind, valid_fraction, vocab is not None)
-        for block in _line_blocks(source, cfg.chunk_bytes)
+    source: RawSource
+    kind: str  # "common" or "skeleton"
+    writers: _SplitWriters
+    out_splits: tuple[str, ...]  # ("train", "valid") or ("test",)
+    split_counts: dict[str, int]  # rows written per split, updated as they are
+    vocab: _VocabCounter | None  # counts the ids of the rows written to the train split
+    prefix: str  # prepended to sample ids and context keys (earlier batches of a window)
+
+
+def _ingest_files(
+    jobs: list[_FileJob], cfg: IngestConfig, workers: int, quarantine
+) -> list[FileReport]:
+    """Ingest the files in order, each skeleton file joined with the common file before it.
+
+    The blocks of all files go through one pool of parsing threads, so the threads start
+    on the next file while this one finishes the last blocks of the current one."""
+    items = (
+        (n, block, job.kind, cfg.valid_fraction if len(job.out_splits) == 2 else None, job.vocab)
+        for n, job in enumerate(jobs)
+        for block in _line_blocks(job.source, cfg.chunk_bytes)
     )
-    next_line = 1
-    for pb in ordered_map(parse_block, blocks, workers, in_flight=workers + 1):
-        pb.first_line, next_line = next_line, next_line + pb.n_lines
+    files: list[_FileIngest] = []
+
+    def next_file() -> _FileIngest:
+        job = jobs[len(files)]
+        known_keys = None
+        if files:
+            keys = files[-1].finish()
+            known_keys = keys if job.kind == "skeleton" else None
+        files.append(_FileIngest(job, quarantine, known_keys))
+        return files[-1]
+
+    for n, pb in ordered_map(_parse_job, items, workers, in_flight=workers + 1):
+        while len(files) <= n:  # files before n without a single block are empty
+            next_file()
+        files[-1].add(pb)
+    while len(files) < len(jobs):
+        next_file()
+    if files:
+        files[-1].finish()
+    return [f.report for f in files]
+
+
+def _parse_job(
+    n: int, block: bytearray, kind: str, valid_fraction: float | None, vocab
+) -> tuple[int, ParsedBlock]:
+    return n, parse_block(block, 0, kind, valid_fraction, count=vocab is not None)
+
+
+class _FileIngest:
+    """The checks that need a whole file so far (duplicate keys, known context keys), the
+    quarantine, the report and the writing of one raw file's parsed blocks, in order."""
+
+    def __init__(self, job: _FileJob, quarantine, known_keys: KnownKeys | None):
+        """`known_keys`: the context keys a skeleton file's rows must have (else quarantined)."""
+        self.job = job
+        self.report = FileReport(str(job.source))
+        self._quarantine = quarantine
+        self._known_keys = known_keys
+        self._seen = SeenKeys()
+        self._written_keys: list[pa.Array] = []
+        self._written_hashes: list[np.ndarray] = []
+        self._next_line = 1  # line numbers follow from each block's line count
+
+    def add(self, pb: ParsedBlock) -> None:
+        job, rep = self.job, self.report
+        skeleton = job.kind == "skeleton"
+        fields = SKELETON_FIELDS if skeleton else COMMON_FIELDS
+        pb.first_line, self._next_line = self._next_line, self._next_line + pb.n_lines
         head = pb.head
         n_rows = head.num_rows
         late = np.full(n_rows, None, dtype=object)  # reasons found here, not in the worker
         keep = np.ones(n_rows, dtype=bool)
-        if known_keys is not None:  # one look-up per run of rows with the same context
+        if self._known_keys is not None:  # one look-up per run of rows with the same context
             keys = pc.take(head[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
-            known = known_keys.contains(keys, pb.context_hashes)
+            known = self._known_keys.contains(keys, pb.context_hashes)
             keep = np.repeat(known, np.diff(pb.context_runs, append=n_rows))
             late[~keep] = R_UNKNOWN_KEY
         dup = np.zeros(n_rows, dtype=bool)
-        dup[keep] = seen.check_and_add(pb.key_hashes[keep])
+        dup[keep] = self._seen.check_and_add(pb.key_hashes[keep])
         late[dup] = R_DUP_SAMPLE if skeleton else R_DUP_KEY
         keep &= ~dup
         in_valid = pb.in_valid_split
         part_keep = [keep] if len(pb.parts) == 1 else [keep[~in_valid], keep[in_valid]]
-        if vocab is not None:  # the worker counted the train part: take out rejected rows
-            vocab.add(pb.train_counts)
+        if job.vocab is not None:  # the worker counted the train part: take out rejected rows
+            job.vocab.add(pb.train_counts)
             if not part_keep[0].all():
-                vocab.add(_id_counts(pb.parts[0], ~part_keep[0], fields), sign=-1)
+                job.vocab.add(_id_counts(pb.parts[0], ~part_keep[0], fields), sign=-1)
 
         # Quarantine: lines rejected by the worker and rows rejected above, in line order.
         row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each parsed row
@@ -1289,7 +1315,9 @@ def _ingest_file(
         entries = list(zip(pb.bad_lines.tolist(), pb.bad_ids, pb.bad_reasons, strict=True))
         entries += [(int(row_lines[i]), key_col[int(i)].as_py(), late[i]) for i in rejected]
         for line, key, reason in sorted(entries, key=lambda e: e[0]):
-            quarantine.writerow([prefix + source.name, pb.first_line + line, key, reason])
+            self._quarantine.writerow(
+                [job.prefix + job.source.name, pb.first_line + line, key, reason]
+            )
             rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
 
         rep.rows_read += pb.n_lines
@@ -1300,20 +1328,27 @@ def _ingest_file(
             rep.unknown_fields[fid] = rep.unknown_fields.get(fid, 0) + n
         if not skeleton:
             context_keys = head[COMMON_INDEX_KEY].combine_chunks()
-            written_keys.append(
-                context_keys.filter(_arrow(keep)) if len(rejected) else context_keys
-            )
-            written_hashes.append(pb.key_hashes[keep])
-        for split, part, part_kept in zip(out_splits, pb.parts, part_keep, strict=True):
+            if len(rejected):
+                context_keys = context_keys.filter(_arrow(keep))
+            self._written_keys.append(context_keys)
+            self._written_hashes.append(pb.key_hashes[keep])
+        for split, part, part_kept in zip(job.out_splits, pb.parts, part_keep, strict=True):
             if not part_kept.all():
                 part = pc.filter(part, _arrow(part_kept))
-            if prefix:
-                part = _prefixed(part, prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
-            writers.write(split, part)
-            split_counts[split] += part.num_rows
-    keys = pa.concat_arrays(written_keys) if written_keys else _strings([])
-    hashes = np.concatenate(written_hashes) if written_hashes else np.zeros(0, dtype=np.uint64)
-    return rep, KnownKeys(keys, hashes)
+            if job.prefix:
+                part = _prefixed(part, job.prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
+            job.writers.write(split, part)
+            job.split_counts[split] += part.num_rows
+
+    def finish(self) -> KnownKeys:
+        """The unique keys the file held (context keys of a common file, without prefix)."""
+        keys = pa.concat_arrays(self._written_keys) if self._written_keys else _strings([])
+        hashes = (
+            np.concatenate(self._written_hashes)
+            if self._written_hashes
+            else np.zeros(0, dtype=np.uint64)
+        )
+        return KnownKeys(keys, hashes)
 
 
 def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Table:

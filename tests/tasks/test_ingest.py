@@ -376,3 +376,36 @@ def test_unknown_field_ids_are_counted_by_exact_name(tmp_path):
     contexts = pq.read_table(tmp_path / "out" / "train" / "common.parquet").to_pylist()
     first = next(c for c in contexts if c["common_feature_index"] == KEY_A)
     assert first["ids_101"] == [1] and first["wts_101"] == [1.0]
+
+
+ARABIC_THREE = "\u0663"  # a Unicode digit, not an ASCII one
+ODD_NUMBERS = {  # forms that Arrow's casts read but the format does not: (line, reason)
+    "hexadecimal id": (f"21,0,0,{KEY_A},1,{_features([('205', '0x1F', 1.0)])}\n", ing.R_ENTRY),
+    "signed id": (f"22,0,0,{KEY_A},1,{_features([('205', '-0', 1.0)])}\n", ing.R_ENTRY),
+    "non-ASCII digit id": (
+        f"23,0,0,{KEY_A},1,{_features([('205', ARABIC_THREE, 1.0)])}\n",
+        ing.R_ENTRY,
+    ),
+    "weight with +": (f"24,0,0,{KEY_A},1,{_features([('205', 100, '+1.0')])}\n", ing.R_ENTRY),
+    "non-ASCII feature_num": (
+        f"25,0,0,{KEY_A},{ARABIC_THREE},{_features([('205', 100, 1.0)])}\n",
+        ing.R_FEATURE_NUM,
+    ),
+}
+
+
+@pytest.mark.parametrize("other_bad", [False, True])
+@pytest.mark.parametrize("odd", list(ODD_NUMBERS))
+def test_odd_numbers_are_quarantined_whatever_else_the_block_holds(tmp_path, odd, other_bad):
+    """A hexadecimal or signed id, a non-ASCII digit or a '+' weight makes a line malformed,
+    alone in its block or next to other malformed ids and weights (which send the parser
+    down its slower path); never an exception."""
+    line, reason = ODD_NUMBERS[odd]
+    others = [f"31,0,0,{KEY_A},1,205\x02x\x03y\n"] if other_bad else []
+    raw = _write_raw(tmp_path / "raw", [GOOD[0], line, *others], COMMON)
+    ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    rows = _read_quarantine(tmp_path / "out")
+    got = {(r["line"], r["reason"]) for r in rows if r["file"] == "sample_skeleton_train.csv"}
+    assert ("2", reason) in got
+    train = pq.read_table(tmp_path / "out" / "train" / "impressions.parquet")
+    assert train["sample_id"].to_pylist() == ["1"]
