@@ -857,10 +857,10 @@ def _cast_spans(
     return values[parsed.offset : parsed.offset + 2 * len(starts) : 2]
 
 
-# A field id of at most 7 bytes is identified by one uint64: its bytes (little-endian) with its
-# length in the top byte. Longer ids get the top byte 8, which no known field has.
-_KEY_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**56 - 1], dtype=np.uint64)
-_KEY_LENGTHS = np.array([n << 56 for n in range(9)], dtype=np.uint64)
+# A field id of at most 7 bytes is identified by one uint64: its bytes and the 0x02 after it
+# (little-endian; where the 0x02 sits gives the length, so "101" and "101\x00" differ). The
+# first 8 bytes of a longer id hold no 0x02, so they match no known field.
+_FIELD_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(1, 8)] + [2**64 - 1], dtype=np.uint64)
 _HASH_BITS = 7  # 128 slots for the known fields
 
 
@@ -871,23 +871,24 @@ def _field_table(fields: tuple[str, ...]) -> tuple[np.uint64, np.ndarray, np.nda
     raw = [f.encode() for f in fields]
     if any(len(r) > 7 for r in raw):
         raise ValueError(f"field ids longer than 7 bytes are not supported: {fields}")
-    keys = np.array([int.from_bytes(r, "little") | len(r) << 56 for r in raw], dtype=np.uint64)
+    keys = np.array([int.from_bytes(r + b"\x02", "little") for r in raw], dtype=np.uint64)
     rng = np.random.default_rng(0)  # deterministic search for a collision-free multiplier
     while True:
         mult = np.uint64(rng.integers(0, 2**63, dtype=np.uint64) * 2 + 1)
         slots = (keys * mult) >> np.uint64(64 - _HASH_BITS)
         if len(np.unique(slots)) == len(keys):
             break
-    slot_keys = np.full(1 << _HASH_BITS, 2**64 - 1, dtype=np.uint64)
+    slot_keys = np.zeros(1 << _HASH_BITS, dtype=np.uint64)  # 0: no key (all hold a 0x02)
     slot_fields = np.full(1 << _HASH_BITS, len(fields), dtype=np.uint8)
     slot_keys[slots], slot_fields[slots] = keys, np.arange(len(fields))
     return mult, slot_keys, slot_fields
 
 
 def _field_index(
-    data: np.ndarray, starts: np.ndarray, ends: np.ndarray, fields: tuple[str, ...]
+    data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, fields: tuple[str, ...]
 ) -> np.ndarray:
-    """Index in `fields` of each field id block[starts:ends] (len(fields) where unknown)."""
+    """Index in `fields` of each field id block[starts:starts + lengths], each followed by its
+    0x02 (len(fields) where unknown)."""
     mult, slot_keys, slot_fields = _field_table(fields)
     if len(starts) == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -895,10 +896,16 @@ def _field_index(
         data = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
     # An unaligned little-endian uint64 at every byte offset of the block.
     words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
-    lengths = np.minimum(ends - starts, 8)
-    keys = (words[starts] & _KEY_MASKS[lengths]) | _KEY_LENGTHS[lengths]
-    slot = (keys * mult) >> np.uint64(64 - _HASH_BITS)
-    return np.where(slot_keys[slot] == keys, slot_fields[slot], np.uint8(len(fields)))
+    keys = words[starts]
+    keys &= np.take(_FIELD_MASKS, lengths, mode="clip")
+    slot = keys * mult
+    slot >>= np.uint64(64 - _HASH_BITS)
+    slot = slot.view(np.int64)
+    found = np.take(slot_fields, slot)
+    unknown = np.take(slot_keys, slot) != keys
+    if unknown.any():
+        found[unknown] = len(fields)
+    return found
 
 
 def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> _Piece:
@@ -1078,10 +1085,11 @@ def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> 
         key_hashes = np.repeat(context_hashes, run_lengths)
     if valid_fraction is None:
         in_valid = np.zeros(n_keep, dtype=bool)
-        part_rows = [slice(None)]
+        part_sizes = [n_keep]
     else:
         in_valid = np.repeat(_in_valid(context_hashes, valid_fraction), run_lengths)
-        part_rows = [~in_valid, in_valid]
+        n_valid = int(np.count_nonzero(in_valid))
+        part_sizes = [n_keep - n_valid, n_valid]
 
     # Entries of kept lines, grouped per field and part (stable, so in line order) into list
     # columns: group = field * parts + part.
@@ -1089,43 +1097,48 @@ def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> 
     if not all_kept:
         entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
         field_start, two = field_start[entry_keep], two[entry_keep]
+        field_length = field_length[entry_keep]
     kept_per_line = per_line if all_kept else per_line[kept_lines]
-    field_index = _field_index(data, field_start, two, fields)
+    field_index = _field_index(data, field_start, field_length, fields)
     unknown = _unknown_fields(block, field_start, two, field_index, fields)
-    n_parts = len(part_rows)
-    if n_parts == 1:
-        group = field_index
+    # Rows in part order (train rows, then valid rows), each part in line order.
+    if len(part_sizes) == 1:
+        group, rank, part_head = field_index, np.arange(n_keep), head
     else:
-        group = field_index * np.uint8(2) + np.repeat(in_valid, kept_per_line).view(np.uint8)
+        group = field_index * np.uint8(2)
+        group += np.repeat(in_valid, kept_per_line).view(np.uint8)
+        row_order = np.argsort(in_valid, kind="stable")
+        rank = np.empty(n_keep, dtype=np.int64)
+        rank[row_order] = np.arange(n_keep)
+        part_head = head.take(_arrow(row_order))
     order = np.argsort(group, kind="stable")
     if not all_kept:
         order = entry_keep[order]
-    ids, wts = ids[order], wts[order]
-    parent = np.repeat(np.arange(n_keep), kept_per_line)
+    ids = ids[order]
+    ids_array, wts_array = _arrow(ids), _arrow(wts[order])
     counts = np.bincount(
-        field_index.astype(np.int64) * n_keep + parent, minlength=(len(fields) + 1) * n_keep
-    ).reshape(len(fields) + 1, n_keep)
-    part_offsets = []
-    for rows in part_rows:
-        part_counts = counts[:, rows]
-        offsets = np.zeros((len(fields) + 1, part_counts.shape[1] + 1), dtype=np.int32)
-        np.cumsum(part_counts, axis=1, out=offsets[:, 1:])
-        part_offsets.append(offsets)
-    sizes = np.stack([offsets[:, -1] for offsets in part_offsets], axis=1).ravel()
-    bounds = np.concatenate([[0], np.cumsum(sizes)])  # of each group in the sorted entries
+        field_index.astype(np.int64) * n_keep + np.repeat(rank, kept_per_line),
+        minlength=(len(fields) + 1) * n_keep,
+    ).reshape(len(fields) + 1, n_keep)  # entries per field and row (in part order)
+    field_first = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])  # in the sorted entries
     schema = _impression_schema() if skeleton else _common_schema()
     parts = []
     train_ids: dict[str, list[np.ndarray]] = {}
-    for p, rows in enumerate(part_rows):
-        part_head = head if n_parts == 1 else head.filter(_arrow(rows))
-        arrays = list(part_head.columns)
+    row, before = 0, np.zeros(len(fields) + 1, dtype=np.int64)  # in the parts before
+    for p, n_rows in enumerate(part_sizes):
+        offsets = np.zeros((len(fields) + 1, n_rows + 1), dtype=np.int32)
+        np.cumsum(counts[:, row : row + n_rows], axis=1, out=offsets[:, 1:])
+        all_offsets = _arrow(offsets.ravel())
+        arrays = list(part_head.slice(row, n_rows).columns)
         for k, f in enumerate(fields):
-            field_offsets = _arrow(part_offsets[p][k])
-            lo, hi = bounds[k * n_parts + p], bounds[k * n_parts + p + 1]
-            arrays.append(pa.ListArray.from_arrays(field_offsets, _arrow(ids[lo:hi])))
-            arrays.append(pa.ListArray.from_arrays(field_offsets, _arrow(wts[lo:hi])))
+            lo, n = int(field_first[k] + before[k]), int(offsets[k, -1])
+            field_offsets = all_offsets.slice(k * (n_rows + 1), n_rows + 1)
+            arrays.append(pa.ListArray.from_arrays(field_offsets, ids_array.slice(lo, n)))
+            arrays.append(pa.ListArray.from_arrays(field_offsets, wts_array.slice(lo, n)))
             if p == 0:
-                train_ids[f] = [ids[lo:hi]]
+                train_ids[f] = [ids[lo : lo + n]]
+        before += offsets[:, -1]
+        row += n_rows
         parts.append(pa.Table.from_arrays(arrays, schema=schema))
 
     bad = np.flatnonzero(reasons)
@@ -1191,10 +1204,12 @@ class _SplitWriters:
             self._writers[split].close()
 
 
+@functools.cache
 def _common_schema() -> pa.Schema:
     return _schema([pa.field(COMMON_INDEX_KEY, pa.string())], COMMON_FIELDS)
 
 
+@functools.cache
 def _impression_schema() -> pa.Schema:
     head = [
         pa.field(SAMPLE_ID_KEY, pa.string()),
