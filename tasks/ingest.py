@@ -1191,17 +1191,33 @@ class _SplitWriters:
 
     def write(self, split: str, table: pa.Table) -> None:
         if split not in self._writers:
-            self._writers[split] = pq.ParquetWriter(
-                self._paths[split], table.schema, compression="zstd"
-            )
+            self._writers[split] = _parquet_writer(self._paths[split], table.schema)
         if table.num_rows:
             self._writers[split].write_table(table)
 
     def close(self, schema: pa.Schema) -> None:
         for split, path in self._paths.items():
             if split not in self._writers:  # no rows at all: still write an empty table
-                self._writers[split] = pq.ParquetWriter(path, schema, compression="zstd")
+                self._writers[split] = _parquet_writer(path, schema)
             self._writers[split].close()
+
+
+def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    """zstd Parquet; no dictionary for the key columns (about one distinct value per row:
+    pure cost) and min/max statistics only for the plain columns (no reader uses those of
+    the id and weight lists; skipping them saves about a tenth of the writing time)."""
+    leaves = {  # column name -> path of its Parquet leaf column
+        f.name: f"{f.name}.list.{f.type.value_field.name}" if pa.types.is_list(f.type) else f.name
+        for f in schema
+    }
+    keys = (SAMPLE_ID_KEY, COMMON_INDEX_KEY)
+    return pq.ParquetWriter(
+        path,
+        schema,
+        compression="zstd",
+        use_dictionary=[leaf for name, leaf in leaves.items() if name not in keys],
+        write_statistics=[leaf for name, leaf in leaves.items() if leaf == name],
+    )
 
 
 @functools.cache
