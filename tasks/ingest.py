@@ -503,6 +503,15 @@ class SeenKeys:
 
     def check_and_add(self, hashes: np.ndarray) -> np.ndarray:
         """True where a key was seen before (earlier in the file or the same batch)."""
+        if len(hashes) == 0:
+            return np.zeros(0, dtype=bool)
+        keys = np.sort(hashes)  # the usual case, no key seen before: no need for the order
+        if not (keys[1:] == keys[:-1]).any() and not any(
+            (run[np.minimum(np.searchsorted(run, keys), len(run) - 1)] == keys).any()
+            for run in self._runs
+        ):
+            self._add(keys)
+            return np.zeros(len(hashes), dtype=bool)
         order = np.argsort(hashes, kind="stable")  # a batch repeat's first occurrence first
         keys = hashes[order]
         dup = np.zeros(len(keys), dtype=bool)
@@ -1321,17 +1330,15 @@ class _FileIngest:
         pb.first_line, self._next_line = self._next_line, self._next_line + pb.n_lines
         head = pb.head
         n_rows = head.num_rows
-        late = np.full(n_rows, None, dtype=object)  # reasons found here, not in the worker
-        keep = np.ones(n_rows, dtype=bool)
+        known = np.ones(n_rows, dtype=bool)
         if self._known_keys is not None:  # one look-up per run of rows with the same context
             keys = pc.take(head[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
-            known = self._known_keys.contains(keys, pb.context_hashes)
-            keep = np.repeat(known, np.diff(pb.context_runs, append=n_rows))
-            late[~keep] = R_UNKNOWN_KEY
+            known_runs = self._known_keys.contains(keys, pb.context_hashes)
+            if not known_runs.all():
+                known = np.repeat(known_runs, np.diff(pb.context_runs, append=n_rows))
         dup = np.zeros(n_rows, dtype=bool)
-        dup[keep] = self._seen.check_and_add(pb.key_hashes[keep])
-        late[dup] = R_DUP_SAMPLE if skeleton else R_DUP_KEY
-        keep &= ~dup
+        dup[known] = self._seen.check_and_add(pb.key_hashes[known])
+        keep = known & ~dup
         in_valid = pb.in_valid_split
         part_keep = [keep] if len(pb.parts) == 1 else [keep[~in_valid], keep[in_valid]]
         if job.vocab is not None:  # the worker counted the train part: take out rejected rows
@@ -1340,11 +1347,20 @@ class _FileIngest:
                 job.vocab.add(_id_counts(pb.parts[0], ~part_keep[0], fields), sign=-1)
 
         # Quarantine: lines rejected by the worker and rows rejected above, in line order.
-        row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each parsed row
-        rejected = np.flatnonzero(~keep)
-        key_col = head[SAMPLE_ID_KEY if skeleton else COMMON_INDEX_KEY]
         entries = list(zip(pb.bad_lines.tolist(), pb.bad_ids, pb.bad_reasons, strict=True))
-        entries += [(int(row_lines[i]), key_col[int(i)].as_py(), late[i]) for i in rejected]
+        rejected = np.flatnonzero(~keep)
+        if len(rejected):
+            row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each row
+            key_col = head[SAMPLE_ID_KEY if skeleton else COMMON_INDEX_KEY]
+            dup_reason = R_DUP_SAMPLE if skeleton else R_DUP_KEY
+            entries += [
+                (
+                    int(row_lines[i]),
+                    key_col[int(i)].as_py(),
+                    dup_reason if known[i] else R_UNKNOWN_KEY,
+                )
+                for i in rejected
+            ]
         for line, key, reason in sorted(entries, key=lambda e: e[0]):
             self._quarantine.writerow(
                 [job.prefix + job.source.name, pb.first_line + line, key, reason]
