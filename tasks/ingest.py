@@ -1052,21 +1052,37 @@ def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> 
 
     # Plain columns of the lines still valid: (n_ok, n_cols - 1) comma positions.
     ok_lines = np.flatnonzero(line_ok)
-    ok_commas = comma_pos[first_comma_tok[ok_lines, None] + np.arange(n_cols - 1)]
-    col_starts = np.column_stack([starts[ok_lines], ok_commas + 1])  # (n_ok, n_cols)
-    col_ends = np.column_stack([ok_commas, ends[ok_lines]])
+    if len(ok_lines) == n_lines:  # each line has its n_cols - 1 commas, in order
+        ok_commas = comma_pos.reshape(n_lines, n_cols - 1)
+        ok_starts, ok_ends = starts, ends
+    else:
+        ok_commas = comma_pos[first_comma_tok[ok_lines, None] + np.arange(n_cols - 1)]
+        ok_starts, ok_ends = starts[ok_lines], ends[ok_lines]
     col = {name: i for i, name in enumerate(names)}
 
+    def column(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end of each valid line's column `name`."""
+        i = col[name]
+        start = ok_starts if i == 0 else ok_commas[:, i - 1] + 1
+        return start, (ok_commas[:, i] if i < n_cols - 1 else ok_ends)
+
     row_reason = np.zeros(len(ok_lines), dtype=np.uint8)
-    num_start, num_end = col_starts[:, col["feature_num"]], col_ends[:, col["feature_num"]]
-    num_ok = _bools(pc.ascii_is_decimal(_spans(buffer, num_start, num_end)))
-    num_ok &= num_end - num_start <= 18
-    declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
+    num_start, num_end = column("feature_num")
+    try:  # fast path: every feature_num is an integer of at most 18 digits
+        declared = _cast_spans(buffer, num_start, num_end, True, pa.int64())
+        lead = np.take(data, num_start, mode="clip") if len(data) else np.zeros(0, np.uint8)
+        length = num_end - num_start
+        if ((lead == ord("-")) | ((lead == ord("0")) & (length > 2)) | (length > 18)).any():
+            raise pa.ArrowInvalid("a feature_num that is not decimal digits")
+    except pa.ArrowInvalid:  # digits only (Arrow also reads "-0" and "0x1F")
+        num_ok = _bools(pc.ascii_is_decimal(_spans(buffer, num_start, num_end)))
+        num_ok &= num_end - num_start <= 18
+        declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
     row_reason[declared != per_line[ok_lines]] = _REASON_CODE[R_FEATURE_NUM]
     labels: dict[str, np.ndarray] = {}
     if skeleton:
         for key in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
-            start, end = col_starts[:, col[key]], col_ends[:, col[key]]
+            start, end = column(key)
             byte = data[np.minimum(start, len(data) - 1)]
             labels[key] = np.where((end - start == 1) & ((byte | 1) == ord("1")), byte - 48, -1)
         click, conv = labels[CLICK_LABEL_KEY], labels[CONVERSION_LABEL_KEY]
@@ -1075,15 +1091,21 @@ def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> 
         row_reason[no_click] = _REASON_CODE[R_CONV_NO_CLICK]
     reasons[ok_lines] = row_reason
     keep = row_reason == 0
-    kept_lines = ok_lines[keep]
+    all_valid = bool(keep.all())
+    kept_lines = ok_lines if all_valid else ok_lines[keep]
     n_keep = len(kept_lines)
 
     columns: dict[str, pa.Array] = {}
-    for name, i in col.items():
+    for name in col:
         if name in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
-            columns[name] = _arrow(labels[name][keep].astype(np.int8))
+            columns[name] = _arrow(
+                (labels[name] if all_valid else labels[name][keep]).astype(np.int8)
+            )
         elif name not in ("feature_num", "feature_list"):
-            columns[name] = _spans(buffer, col_starts[keep, i], col_ends[keep, i])
+            start, end = column(name)
+            columns[name] = _spans(
+                buffer, *((start, end) if all_valid else (start[keep], end[keep]))
+            )
     head = pa.table(columns)
 
     # Keys: the unique key's hash (duplicates), runs of equal context keys and their hashes
