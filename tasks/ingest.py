@@ -1216,19 +1216,40 @@ def _unknown_fields(
 
 
 class _SplitWriters:
-    """One ParquetWriter per output split, opened lazily with the first batch's schema."""
+    """One ParquetWriter per output split, opened lazily with the first batch's schema.
+
+    Each split's tables are written in order on a thread of its own (pyarrow releases the
+    GIL while it encodes and compresses), so the calling thread goes on with the next block;
+    at most `_QUEUED` tables wait per split."""
+
+    _QUEUED = 2
 
     def __init__(self, out_dir: Path, name: str, splits: tuple[str, ...]):
         self._paths = {s: out_dir / s / name for s in splits}
         self._writers: dict[str, pq.ParquetWriter] = {}
+        self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._queued: dict[str, deque] = {}
 
     def write(self, split: str, table: pa.Table) -> None:
         if split not in self._writers:
             self._writers[split] = _parquet_writer(self._paths[split], table.schema)
+            self._threads[split] = ThreadPoolExecutor(1, thread_name_prefix=f"write-{split}")
+            self._queued[split] = deque()
         if table.num_rows:
-            self._writers[split].write_table(table)
+            queued = self._queued[split]
+            queued.append(self._threads[split].submit(self._writers[split].write_table, table))
+            while len(queued) > self._QUEUED:
+                queued.popleft().result()  # raises what the write raised
 
     def close(self, schema: pa.Schema) -> None:
+        """Wait for the queued tables, then close every split's file."""
+        try:
+            for queued in self._queued.values():
+                while queued:
+                    queued.popleft().result()
+        finally:
+            for thread in self._threads.values():
+                thread.shutdown()
         for split, path in self._paths.items():
             if split not in self._writers:  # no rows at all: still write an empty table
                 self._writers[split] = _parquet_writer(path, schema)
