@@ -1015,9 +1015,11 @@ def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> 
     id_ok = value_ok = None  # None: every entry's id / value parsed
     try:  # fast path: every id is an integer
         ids = _cast_spans(buffer, id_start, three, entry_ok, pa.int64())
-        # Arrow also reads "-0" and hexadecimal ("0x1F"): an id is decimal digits only.
+        # Arrow also reads "-0", hexadecimal ("0x1F") and 19 digits: an id is at most 18
+        # decimal digits.
         lead = np.take(data, id_start, mode="clip") if len(data) else np.zeros(0, np.uint8)
-        odd = (lead == ord("-")) | ((lead == ord("0")) & (three - id_start > 2))
+        length = three - id_start
+        odd = (lead == ord("-")) | ((lead == ord("0")) & (length > 2)) | (length > 18)
         if (odd & entry_ok).any():
             raise pa.ArrowInvalid("an id that is not decimal digits")
     except pa.ArrowInvalid:  # some id is not (rare, slower): digits only

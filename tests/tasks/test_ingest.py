@@ -385,6 +385,7 @@ ARABIC_THREE = "\u0663"  # a Unicode digit, not an ASCII one
 ODD_NUMBERS = {  # forms that Arrow's casts read but the format does not: (line, reason)
     "hexadecimal id": (f"21,0,0,{KEY_A},1,{_features([('205', '0x1F', 1.0)])}\n", ing.R_ENTRY),
     "signed id": (f"22,0,0,{KEY_A},1,{_features([('205', '-0', 1.0)])}\n", ing.R_ENTRY),
+    "19-digit id": (f"26,0,0,{KEY_A},1,{_features([('205', 10**18, 1.0)])}\n", ing.R_ENTRY),
     "non-ASCII digit id": (
         f"23,0,0,{KEY_A},1,{_features([('205', ARABIC_THREE, 1.0)])}\n",
         ing.R_ENTRY,
@@ -400,9 +401,9 @@ ODD_NUMBERS = {  # forms that Arrow's casts read but the format does not: (line,
 @pytest.mark.parametrize("other_bad", [False, True])
 @pytest.mark.parametrize("odd", list(ODD_NUMBERS))
 def test_odd_numbers_are_quarantined_whatever_else_the_block_holds(tmp_path, odd, other_bad):
-    """A hexadecimal or signed id, a non-ASCII digit or a '+' weight makes a line malformed,
-    alone in its block or next to other malformed ids and weights (which send the parser
-    down its slower path); never an exception."""
+    """A hexadecimal, signed or 19-digit id, a non-ASCII digit or a '+' weight makes a line
+    malformed, alone in its block or next to other malformed ids and weights (which send the
+    parser down its slower path); never an exception."""
     line, reason = ODD_NUMBERS[odd]
     others = [f"31,0,0,{KEY_A},1,205\x02x\x03y\n"] if other_bad else []
     raw = _write_raw(tmp_path / "raw", [GOOD[0], line, *others], COMMON)
