@@ -169,10 +169,10 @@ def ingest_ali_ccp(
 
 def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestReport:
     sources = find_raw_files(raw_dir)
-    # By default one parsing thread per core; this thread meanwhile checks duplicates, joins
-    # keys and writes Parquet. numpy and Arrow release the GIL in their kernels, so threads
-    # run in parallel without copying whole tables between processes. With one worker
-    # everything runs in this thread.
+    # By default one parsing thread per core; this thread meanwhile checks duplicates and
+    # joins keys, and one thread per output file writes its Parquet. numpy and Arrow release
+    # the GIL in their kernels, so threads run in parallel without copying whole tables
+    # between processes. With one worker the parsing runs in this thread.
     workers = cfg.workers or os.cpu_count() or 1
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
