@@ -42,7 +42,7 @@ class IngestConfig(_Section):
     min_count: int = Field(2, ge=1)  # ids seen fewer times in train map to the OOV bucket
     chunk_bytes: int = Field(
         16 << 20, gt=0
-    )  # bytes of raw text parsed per chunk (peak memory ~40x)
+    )  # bytes of raw text parsed per chunk (peak memory ~25x)
     workers: int = Field(0, ge=0)  # parsing threads; 0 = one per core
     max_quarantine_fraction: float = Field(0.01, ge=0.0, le=1.0)  # fail above this share
     # Training data = the train files of this many most recent data versions (1 = the

@@ -169,10 +169,10 @@ def ingest_ali_ccp(
 
 def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestReport:
     sources = find_raw_files(raw_dir)
-    # By default one parsing thread per core; this thread meanwhile checks duplicates, joins
-    # keys and writes Parquet. numpy and Arrow release the GIL in their kernels, so threads
-    # run in parallel without copying whole tables between processes. With one worker
-    # everything runs in this thread.
+    # By default one parsing thread per core; this thread meanwhile checks duplicates and
+    # joins keys, and one thread per output file writes its Parquet. numpy and Arrow release
+    # the GIL in their kernels, so threads run in parallel without copying whole tables
+    # between processes. With one worker the parsing runs in this thread.
     workers = cfg.workers or os.cpu_count() or 1
     out_dir.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
@@ -182,7 +182,6 @@ def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestR
     batches = [("", split, *pair) for split, pair in sources.items()]
     for label, folder in history:
         batches.append((f"{label}:", "train", *find_raw_files(folder)["train"]))
-    files: list[FileReport] = []
     split_rows = dict.fromkeys(SPLITS, 0)
     split_contexts = dict.fromkeys(SPLITS, 0)
     impressions = _SplitWriters(out_dir, "impressions.parquet", SPLITS)
@@ -191,36 +190,18 @@ def _ingest(raw_dir: Path, out_dir: Path, cfg: IngestConfig, history) -> IngestR
     with open(out_dir / "quarantine.csv", "w", newline="") as qf:
         quarantine = csv.writer(qf)
         quarantine.writerow(["file", "line", "sample_id", "reason"])
+        jobs = []
         for prefix, split, skeleton, common in batches:
             out_splits = ("train", "valid") if split == "train" else ("test",)
+            counted = vocab if split == "train" else None
             # Common features first: their keys decide which impressions are joinable.
-            rep, keys = _ingest_file(
-                common,
-                "common",
-                contexts,
-                out_splits,
-                cfg,
-                workers,
-                quarantine,
-                split_contexts,
-                vocab=vocab if split == "train" else None,
-                prefix=prefix,
+            jobs.append(
+                _FileJob(common, "common", contexts, out_splits, split_contexts, counted, prefix)
             )
-            files.append(rep)
-            rep, _ = _ingest_file(
-                skeleton,
-                "skeleton",
-                impressions,
-                out_splits,
-                cfg,
-                workers,
-                quarantine,
-                split_rows,
-                known_keys=keys,
-                vocab=vocab if split == "train" else None,
-                prefix=prefix,
+            jobs.append(
+                _FileJob(skeleton, "skeleton", impressions, out_splits, split_rows, counted, prefix)
             )
-            files.append(rep)
+        files = _ingest_files(jobs, cfg, workers, quarantine)
     impressions.close(_impression_schema())
     contexts.close(_common_schema())
 
@@ -312,6 +293,8 @@ def _key_runs(keys: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]
 
 # numpy <-> Arrow without `pa.array` / `to_numpy`: those check for pandas objects, and the
 # first check imports pandas (0.3 s from bytecode, 0.7 s from source) in every ingestion.
+# For the same reason: `pc.take(x, i)` and `pc.filter(x, m)`, not the methods `x.take(i)`
+# and `x.filter(m)` of arrays and tables (pyarrow 10).
 
 
 def _arrow(values: np.ndarray) -> pa.Array:
@@ -522,6 +505,15 @@ class SeenKeys:
 
     def check_and_add(self, hashes: np.ndarray) -> np.ndarray:
         """True where a key was seen before (earlier in the file or the same batch)."""
+        if len(hashes) == 0:
+            return np.zeros(0, dtype=bool)
+        keys = np.sort(hashes)  # the usual case, no key seen before: no need for the order
+        if not (keys[1:] == keys[:-1]).any() and not any(
+            (run[np.minimum(np.searchsorted(run, keys), len(run) - 1)] == keys).any()
+            for run in self._runs
+        ):
+            self._add(keys)
+            return np.zeros(len(hashes), dtype=bool)
         order = np.argsort(hashes, kind="stable")  # a batch repeat's first occurrence first
         keys = hashes[order]
         dup = np.zeros(len(keys), dtype=bool)
@@ -659,12 +651,14 @@ _COMMON_NAMES = (COMMON_INDEX_KEY, "feature_num", "feature_list")
 
 @dataclass
 class ParsedBlock:
-    """One block, parsed: the valid rows as a table, and a reason for every other line."""
+    """One block, parsed: the valid rows, split into their output tables, and a reason for
+    every other line."""
 
     first_line: int
     n_lines: int
     crlf: int
-    table: pa.Table  # valid rows, in the output schema
+    head: pa.Table  # plain columns (no id/weight lists) of the valid rows, in line order
+    parts: tuple[pa.Table, ...]  # the valid rows in the output schema: (train, valid) or (all,)
     key_hashes: np.ndarray  # hash of each valid row's unique key (sample id / context key)
     in_valid_split: np.ndarray  # each valid row's context hashes into the validation split
     context_runs: np.ndarray  # first row of each run of rows with the same context key
@@ -673,56 +667,123 @@ class ParsedBlock:
     bad_reasons: list[str]
     bad_ids: list[str | None]  # sample id (or key) of each quarantined line, where readable
     unknown_fields: Counter
-    train_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # see _parse_counted
+    train_counts: dict[str, tuple[np.ndarray, np.ndarray]] | None  # ids and counts in parts[0]
+
+    @property
+    def table(self) -> pa.Table:
+        """The valid rows in line order, in the output schema."""
+        if len(self.parts) == 1 or self.parts[1].num_rows == 0:
+            return self.parts[0]
+        line_order = np.argsort(np.argsort(self.in_valid_split, kind="stable"))
+        return pc.take(pa.concat_tables(self.parts), _arrow(line_order))
 
 
 def parse_block(
-    block: bytes | bytearray, first_line: int, kind: str, valid_fraction: float
+    block: bytes | bytearray,
+    first_line: int,
+    kind: str,
+    valid_fraction: float | None = None,
+    count: bool = False,
 ) -> ParsedBlock:
     """Vectorised parse of a block of `kind` ("skeleton" or "common") lines.
 
-    Runs on a worker thread: everything here depends on the block alone.
+    With `valid_fraction` the valid rows are split by context into the parts (train, valid),
+    without it there is one part; with `count` the ids in the first part are counted.
+    Runs on a worker thread: everything here depends on the block alone. The block is parsed
+    in pieces of about `_PIECE_BYTES` of whole lines, whose temporary arrays stay in the CPU
+    cache (two threads parsing whole 16 MiB blocks at once thrash it).
     """
-    skeleton = kind == "skeleton"
-    names, fields = (
-        (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
-    )
-    parsed = _parse_lines(block, names, fields)
-    cols = parsed.columns  # labels already int8
-    if skeleton:
-        schema, unique_key = _impression_schema(), cols[SAMPLE_ID_KEY]
-    else:
-        schema, unique_key = _common_schema(), cols[COMMON_INDEX_KEY]
-    table = pa.table({**cols, **parsed.fields}, schema=schema)
-    bad = np.flatnonzero(parsed.reasons)
-    bad_ids = [parsed.first_column.get(line) for line in bad.tolist()]
-    runs, context_hashes = _key_runs(cols[COMMON_INDEX_KEY])
-    run_lengths = np.diff(runs, append=table.num_rows)
+    view = memoryview(block)
+    pieces = [_parse_lines(view[lo:hi], kind, valid_fraction) for lo, hi in _piece_bounds(block)]
+    piece = pieces[0]
+    if len(pieces) > 1:  # tables as chunks, not copied
+        line_offsets = np.cumsum([0] + [p.n_lines for p in pieces[:-1]])
+        row_offsets = np.cumsum([0] + [p.head.num_rows for p in pieces[:-1]])
+        piece = _Piece(
+            head=pa.concat_tables([p.head for p in pieces]),
+            parts=tuple(
+                pa.concat_tables([p.parts[i] for p in pieces]) for i in range(len(piece.parts))
+            ),
+            train_ids={
+                f: [ids for p in pieces for ids in p.train_ids[f]] for f in pieces[0].train_ids
+            },
+            n_lines=sum(p.n_lines for p in pieces),
+            crlf=sum(p.crlf for p in pieces),
+            key_hashes=np.concatenate([p.key_hashes for p in pieces]),
+            in_valid=np.concatenate([p.in_valid for p in pieces]),
+            context_runs=np.concatenate(
+                [p.context_runs + o for p, o in zip(pieces, row_offsets, strict=True)]
+            ),
+            context_hashes=np.concatenate([p.context_hashes for p in pieces]),
+            bad_lines=np.concatenate(
+                [p.bad_lines + o for p, o in zip(pieces, line_offsets, strict=True)]
+            ),
+            bad_reasons=[r for p in pieces for r in p.bad_reasons],
+            bad_ids=[i for p in pieces for i in p.bad_ids],
+            unknown_fields=sum((p.unknown_fields for p in pieces), Counter()),
+        )
+    train_counts = None
+    if count:
+        train_counts = {f: _value_counts(chunks) for f, chunks in piece.train_ids.items()}
     return ParsedBlock(
         first_line=first_line,
-        n_lines=parsed.n_lines,
-        crlf=parsed.crlf,
-        table=table,
-        key_hashes=hash_keys(unique_key),
-        in_valid_split=np.repeat(_in_valid(context_hashes, valid_fraction), run_lengths),
-        context_runs=runs,
-        context_hashes=context_hashes,
-        bad_lines=bad,
-        bad_reasons=[_REASONS[code] for code in parsed.reasons[bad].tolist()],
-        bad_ids=bad_ids,
-        unknown_fields=parsed.unknown_fields,
+        n_lines=piece.n_lines,
+        crlf=piece.crlf,
+        head=piece.head,
+        parts=piece.parts,
+        key_hashes=piece.key_hashes,
+        in_valid_split=piece.in_valid,
+        context_runs=piece.context_runs,
+        context_hashes=piece.context_hashes,
+        bad_lines=piece.bad_lines,
+        bad_reasons=piece.bad_reasons,
+        bad_ids=piece.bad_ids,
+        unknown_fields=piece.unknown_fields,
+        train_counts=train_counts,
     )
+
+
+_PIECE_BYTES = 4 << 20
+
+
+def _piece_bounds(block: bytes | bytearray) -> list[tuple[int, int]]:
+    """(start, end) of consecutive pieces of about _PIECE_BYTES of whole lines (each piece
+    like a block: its lines without the newline after the last)."""
+    bounds, start = [], 0
+    while len(block) - start > _PIECE_BYTES + _PIECE_BYTES // 2:
+        cut = block.find(b"\n", start + _PIECE_BYTES)
+        if cut < 0:
+            break
+        bounds.append((start, cut))
+        start = cut + 1
+    bounds.append((start, len(block)))
+    return bounds
 
 
 @dataclass
-class _Parsed:
-    columns: dict[str, pa.Array]  # plain columns of the valid rows (labels as int8)
-    fields: dict[str, pa.Array]  # ids_*/wts_* list columns of the valid rows
-    reasons: np.ndarray  # uint8, one per line: index in _REASONS (0: valid)
-    unknown_fields: Counter
+class _Piece:
+    """A parsed piece of a block; the fields of `ParsedBlock`, and for counting the ids of
+    each field in the train part (numpy arrays, in chunks)."""
+
+    head: pa.Table
+    parts: tuple[pa.Table, ...]
+    train_ids: dict[str, list[np.ndarray]]
     n_lines: int
     crlf: int  # lines that ended in CRLF (accepted)
-    first_column: dict[int, str]  # text up to the first comma of each quarantined, readable line
+    key_hashes: np.ndarray
+    in_valid: np.ndarray
+    context_runs: np.ndarray
+    context_hashes: np.ndarray
+    bad_lines: np.ndarray
+    bad_reasons: list[str]
+    bad_ids: list[str | None]
+    unknown_fields: Counter
+
+
+def _value_counts(chunks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct int64 values of the chunks and how often each occurs."""
+    found = pc.value_counts(pa.chunked_array([_arrow(c) for c in chunks], pa.int64()))
+    return _ints(found.field("values")), _ints(found.field("counts"))
 
 
 # --- the block parser ------------------------------------------------------------------------
@@ -736,7 +797,8 @@ class _Parsed:
 # C kernels turn into ids and weights.
 
 _NL, _CR, _COMMA = 10, 13, 44
-_FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
+# What Arrow's float cast reads, less "nan"/"inf" (no weights) and a leading '+' (not read).
+_FLOAT_RE = r"^-?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 _LOW = 0x2D  # every token byte is below '-'; digits, '.', '-', 'e' and letters are not
 # Token codes: 0 = content byte, then the three feature-list separators, newline, comma.
 _TOKEN_CODE = np.zeros(256, dtype=np.uint8)
@@ -760,7 +822,7 @@ def _offsets_type(size: int) -> tuple[type, pa.DataType]:
 def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=None) -> pa.Array:
     """A string array over the block whose even elements are the spans [starts, ends) and
     whose odd elements are the gaps between them (null, and so skipped by kernels, when
-    `valid` is given: then an even element is null where `valid` is False).
+    `valid` is given: True, or a mask that makes an even element null where it is False).
 
     Spans must be ordered and non-overlapping; nothing is copied."""
     n = len(starts)
@@ -769,7 +831,7 @@ def _interleaved(buffer: pa.Buffer, starts: np.ndarray, ends: np.ndarray, valid=
     offsets[0:-1:2], offsets[1::2] = starts, ends
     offsets[-1] = ends[-1] if n else 0
     bitmap = None
-    if valid is not None and valid.all():  # even elements valid, odd ones null
+    if valid is True or (valid is not None and valid.all()):  # even elements valid, odd null
         bitmap = pa.py_buffer(np.full((2 * n + 7) // 8, 0x55, dtype=np.uint8))
     elif valid is not None:
         mask = np.zeros(2 * n, dtype=bool)
@@ -806,10 +868,10 @@ def _cast_spans(
     return values[parsed.offset : parsed.offset + 2 * len(starts) : 2]
 
 
-# A field id of at most 7 bytes is identified by one uint64: its bytes (little-endian) with its
-# length in the top byte. Longer ids get the top byte 8, which no known field has.
-_KEY_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(8)] + [2**56 - 1], dtype=np.uint64)
-_KEY_LENGTHS = np.array([n << 56 for n in range(9)], dtype=np.uint64)
+# A field id of at most 7 bytes is identified by one uint64: its bytes and the 0x02 after it
+# (little-endian; where the 0x02 sits gives the length, so "101" and "101\x00" differ). The
+# first 8 bytes of a longer id hold no 0x02, so they match no known field.
+_FIELD_MASKS = np.array([(1 << (8 * n)) - 1 for n in range(1, 8)] + [2**64 - 1], dtype=np.uint64)
 _HASH_BITS = 7  # 128 slots for the known fields
 
 
@@ -820,23 +882,24 @@ def _field_table(fields: tuple[str, ...]) -> tuple[np.uint64, np.ndarray, np.nda
     raw = [f.encode() for f in fields]
     if any(len(r) > 7 for r in raw):
         raise ValueError(f"field ids longer than 7 bytes are not supported: {fields}")
-    keys = np.array([int.from_bytes(r, "little") | len(r) << 56 for r in raw], dtype=np.uint64)
+    keys = np.array([int.from_bytes(r + b"\x02", "little") for r in raw], dtype=np.uint64)
     rng = np.random.default_rng(0)  # deterministic search for a collision-free multiplier
     while True:
         mult = np.uint64(rng.integers(0, 2**63, dtype=np.uint64) * 2 + 1)
         slots = (keys * mult) >> np.uint64(64 - _HASH_BITS)
         if len(np.unique(slots)) == len(keys):
             break
-    slot_keys = np.full(1 << _HASH_BITS, 2**64 - 1, dtype=np.uint64)
+    slot_keys = np.zeros(1 << _HASH_BITS, dtype=np.uint64)  # 0: no key (all hold a 0x02)
     slot_fields = np.full(1 << _HASH_BITS, len(fields), dtype=np.uint8)
     slot_keys[slots], slot_fields[slots] = keys, np.arange(len(fields))
     return mult, slot_keys, slot_fields
 
 
 def _field_index(
-    data: np.ndarray, starts: np.ndarray, ends: np.ndarray, fields: tuple[str, ...]
+    data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, fields: tuple[str, ...]
 ) -> np.ndarray:
-    """Index in `fields` of each field id block[starts:ends] (len(fields) where unknown)."""
+    """Index in `fields` of each field id block[starts:starts + lengths], each followed by its
+    0x02 (len(fields) where unknown)."""
     mult, slot_keys, slot_fields = _field_table(fields)
     if len(starts) == 0:
         return np.zeros(0, dtype=np.uint8)
@@ -844,38 +907,51 @@ def _field_index(
         data = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
     # An unaligned little-endian uint64 at every byte offset of the block.
     words = np.ndarray(shape=(len(data) - 7,), dtype="<u8", buffer=data, strides=(1,))
-    lengths = np.minimum(ends - starts, 8)
-    keys = (words[starts] & _KEY_MASKS[lengths]) | _KEY_LENGTHS[lengths]
-    slot = (keys * mult) >> np.uint64(64 - _HASH_BITS)
-    return np.where(slot_keys[slot] == keys, slot_fields[slot], np.uint8(len(fields)))
+    keys = words[starts]
+    keys &= np.take(_FIELD_MASKS, lengths, mode="clip")
+    slot = keys * mult
+    slot >>= np.uint64(64 - _HASH_BITS)
+    slot = slot.view(np.int64)
+    found = np.take(slot_fields, slot)
+    unknown = np.take(slot_keys, slot) != keys
+    if unknown.any():
+        found[unknown] = len(fields)
+    return found
 
 
-def _parse_lines(
-    block: bytes | bytearray, names: tuple[str, ...], fields: tuple[str, ...]
-) -> _Parsed:
-    """Vectorised parse of a block of lines; lines with a defect get a reason instead of values."""
+def _parse_lines(block: memoryview, kind: str, valid_fraction: float | None) -> _Piece:
+    """Vectorised parse of a block of lines; lines with a defect get a reason instead of values.
+
+    With `valid_fraction` the valid rows are split by context into the parts (train, valid)
+    as the entries are grouped per field, so no table is filtered afterwards."""
+    skeleton = kind == "skeleton"
+    names, fields = (
+        (_SKELETON_NAMES, SKELETON_FIELDS) if skeleton else (_COMMON_NAMES, COMMON_FIELDS)
+    )
     n_cols = len(names)
     data = np.frombuffer(block, dtype=np.uint8)
     buffer = pa.py_buffer(block)
 
     # Tokens, with a virtual newline ending the block's last line and two more as padding
     # (at positions len(data) + 0, 1, 2: the first ends the last line, the others are never
-    # read for a valid line).
+    # read for a valid line). Positions are int32 where they fit: half the memory traffic.
     low = np.empty(len(data) + 3, dtype=bool)
     np.less(data, _LOW, out=low[: len(data)])
     low[len(data) :] = True
     pos = np.flatnonzero(low)
     code = np.empty(len(pos), dtype=np.uint8)
-    code[:-3] = _TOKEN_CODE[data[pos[:-3]]]
+    np.take(_TOKEN_CODE, data[pos[:-3]], out=code[:-3])
     code[-3:] = _T_NL
     if not code.all():  # '\r', '+', spaces...: content, not tokens
         pos, code = pos[code != 0], code[code != 0]
+    pos = pos.astype(_offsets_type(len(data) + 3)[0])
 
     # Lines.
     nl_tok = np.flatnonzero(code[:-2] == _T_NL)  # token index of each line's newline
     n_lines = len(nl_tok)
     ends = pos[nl_tok]
-    starts = np.concatenate([[0], ends[:-1] + 1])
+    starts = np.empty_like(ends)
+    starts[0], starts[1:] = 0, ends[:-1] + 1
     crlf = np.zeros(n_lines, dtype=bool)
     crlf[ends > starts] = data[ends[ends > starts] - 1] == _CR
     ends = ends - crlf
@@ -888,7 +964,7 @@ def _parse_lines(
         high = np.flatnonzero(data >= 0x80)
         for line in np.unique(np.searchsorted(ends, high)):
             try:
-                block[starts[line] : ends[line]].decode("utf-8")
+                bytes(block[starts[line] : ends[line]]).decode("utf-8")
             except UnicodeDecodeError:
                 reasons[line] = _REASON_CODE[R_UTF8]
 
@@ -912,7 +988,7 @@ def _parse_lines(
     pairs[0] = _T_NL * 6 + code[0]
     np.multiply(code[:-1], 6, out=pairs[1:])
     pairs[1:] += code[1:]
-    bad_tok = np.flatnonzero(_DISALLOWED[pairs[: nl_tok[-1] + 1]])
+    bad_tok = np.flatnonzero(np.take(_DISALLOWED, pairs[: nl_tok[-1] + 1]))
     struct_bad = np.zeros(n_lines, dtype=bool)
     struct_bad[np.searchsorted(nl_tok, bad_tok)] = True
     reasons[struct_bad & (reasons == 0)] = _REASON_CODE[R_ENTRY]
@@ -921,59 +997,94 @@ def _parse_lines(
     entry_tok = np.flatnonzero(code[: nl_tok[-1]] == _T_ENTRY)
     per_line = np.diff(np.searchsorted(entry_tok, nl_tok), prepend=0)
     line_ok = reasons == 0
-    entry_ok = np.repeat(line_ok, per_line)
+    all_ok = bool(line_ok.all())  # the usual case: no per-entry mask needed
+    entry_ok = True if all_ok else np.repeat(line_ok, per_line)
     two = pos[entry_tok]
     field_start = pos[entry_tok - 1] + 1
-    three = pos[entry_tok + 1]
-    value_end = pos[entry_tok + 2]
+    three = pos[1:][entry_tok]
+    value_end = pos[2:][entry_tok]
+    id_start, value_start = two + 1, three + 1
     # Spans of the other entries may be garbage: make them empty, keeping the order.
-    if not entry_ok.all():
+    if not all_ok:
         field_start = np.where(entry_ok, field_start, two)
         three = np.where(entry_ok, three, two)
         value_end = np.where(entry_ok, value_end, two)
-    id_start, value_start = two + 1, three + 1
-    if not entry_ok.all():
         id_start = np.where(entry_ok, id_start, two)
         value_start = np.where(entry_ok, value_start, two)
 
+    id_ok = value_ok = None  # None: every entry's id / value parsed
     try:  # fast path: every id is an integer
         ids = _cast_spans(buffer, id_start, three, entry_ok, pa.int64())
-        id_ok = ids >= 0
+        # Arrow also reads "-0", hexadecimal ("0x1F") and 19 digits: an id is at most 18
+        # decimal digits.
+        lead = np.take(data, id_start, mode="clip") if len(data) else np.zeros(0, np.uint8)
+        length = three - id_start
+        odd = (lead == ord("-")) | ((lead == ord("0")) & (length > 2)) | (length > 18)
+        if (odd & entry_ok).any():
+            raise pa.ArrowInvalid("an id that is not decimal digits")
     except pa.ArrowInvalid:  # some id is not (rare, slower): digits only
+        entry_ok = np.broadcast_to(entry_ok, len(two))
         tokens = _interleaved(buffer, id_start, three, entry_ok)
-        digits = _bools(pc.utf8_is_digit(tokens))[0::2]
+        digits = _bools(pc.ascii_is_decimal(tokens))[0::2]
         id_ok = digits & (three - id_start <= 18)  # at most 18 digits always fit int64
         ids = _cast_spans(buffer, id_start, three, entry_ok & id_ok, pa.int64())
     try:
         wts = _cast_spans(buffer, value_start, value_end, entry_ok, pa.float32())
-        value_ok = np.ones(len(two), dtype=bool)
     except pa.ArrowInvalid:  # some value is not a number: find which (rare, slower)
+        entry_ok = np.broadcast_to(entry_ok, len(two))
         tokens = _interleaved(buffer, value_start, value_end, entry_ok)
         value_ok = _bools(pc.match_substring_regex(tokens, _FLOAT_RE))[0::2]
         wts = _cast_spans(buffer, value_start, value_end, entry_ok & value_ok, pa.float32())
-    value_ok &= np.isfinite(wts)  # "nan" and "inf" parse as floats but are no weights
-    entry_bad = entry_ok & ~(id_ok & value_ok & (two > field_start))
-    if entry_bad.any():
-        reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = _REASON_CODE[R_ENTRY]
-        line_ok = reasons == 0
+    field_length = two - field_start
+    # "nan" and "inf" parse as floats but are no weights; an empty field id is no field.
+    if not (
+        all_ok
+        and id_ok is None
+        and value_ok is None
+        and ids.min(initial=0) >= 0
+        and np.isfinite(wts).all()
+        and field_length.min(initial=1) > 0
+    ):
+        id_ok = ids >= 0 if id_ok is None else id_ok
+        value_ok = np.isfinite(wts) if value_ok is None else value_ok & np.isfinite(wts)
+        entry_bad = entry_ok & ~(id_ok & value_ok & (field_length > 0))
+        if entry_bad.any():
+            reasons[np.searchsorted(nl_tok, entry_tok[entry_bad])] = _REASON_CODE[R_ENTRY]
+            line_ok = reasons == 0
 
     # Plain columns of the lines still valid: (n_ok, n_cols - 1) comma positions.
     ok_lines = np.flatnonzero(line_ok)
-    ok_commas = comma_pos[first_comma_tok[ok_lines, None] + np.arange(n_cols - 1)]
-    col_starts = np.column_stack([starts[ok_lines], ok_commas + 1])  # (n_ok, n_cols)
-    col_ends = np.column_stack([ok_commas, ends[ok_lines]])
+    if len(ok_lines) == n_lines:  # each line has its n_cols - 1 commas, in order
+        ok_commas = comma_pos.reshape(n_lines, n_cols - 1)
+        ok_starts, ok_ends = starts, ends
+    else:
+        ok_commas = comma_pos[first_comma_tok[ok_lines, None] + np.arange(n_cols - 1)]
+        ok_starts, ok_ends = starts[ok_lines], ends[ok_lines]
     col = {name: i for i, name in enumerate(names)}
 
+    def column(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Start and end of each valid line's column `name`."""
+        i = col[name]
+        start = ok_starts if i == 0 else ok_commas[:, i - 1] + 1
+        return start, (ok_commas[:, i] if i < n_cols - 1 else ok_ends)
+
     row_reason = np.zeros(len(ok_lines), dtype=np.uint8)
-    num_start, num_end = col_starts[:, col["feature_num"]], col_ends[:, col["feature_num"]]
-    num_ok = _bools(pc.utf8_is_digit(_spans(buffer, num_start, num_end)))
-    num_ok &= num_end - num_start <= 18
-    declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
+    num_start, num_end = column("feature_num")
+    try:  # fast path: every feature_num is an integer of at most 18 digits
+        declared = _cast_spans(buffer, num_start, num_end, True, pa.int64())
+        lead = np.take(data, num_start, mode="clip") if len(data) else np.zeros(0, np.uint8)
+        length = num_end - num_start
+        if ((lead == ord("-")) | ((lead == ord("0")) & (length > 2)) | (length > 18)).any():
+            raise pa.ArrowInvalid("a feature_num that is not decimal digits")
+    except pa.ArrowInvalid:  # digits only (Arrow also reads "-0" and "0x1F")
+        num_ok = _bools(pc.ascii_is_decimal(_spans(buffer, num_start, num_end)))
+        num_ok &= num_end - num_start <= 18
+        declared = np.where(num_ok, _cast_spans(buffer, num_start, num_end, num_ok, pa.int64()), -1)
     row_reason[declared != per_line[ok_lines]] = _REASON_CODE[R_FEATURE_NUM]
     labels: dict[str, np.ndarray] = {}
-    if CLICK_LABEL_KEY in col:
+    if skeleton:
         for key in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
-            start, end = col_starts[:, col[key]], col_ends[:, col[key]]
+            start, end = column(key)
             byte = data[np.minimum(start, len(data) - 1)]
             labels[key] = np.where((end - start == 1) & ((byte | 1) == ord("1")), byte - 48, -1)
         click, conv = labels[CLICK_LABEL_KEY], labels[CONVERSION_LABEL_KEY]
@@ -982,46 +1093,112 @@ def _parse_lines(
         row_reason[no_click] = _REASON_CODE[R_CONV_NO_CLICK]
     reasons[ok_lines] = row_reason
     keep = row_reason == 0
-    kept_lines = ok_lines[keep]
+    all_valid = bool(keep.all())
+    kept_lines = ok_lines if all_valid else ok_lines[keep]
     n_keep = len(kept_lines)
 
     columns: dict[str, pa.Array] = {}
-    for name, i in col.items():
+    for name in col:
         if name in (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY):
-            columns[name] = _arrow(labels[name][keep].astype(np.int8))
+            columns[name] = _arrow(
+                (labels[name] if all_valid else labels[name][keep]).astype(np.int8)
+            )
         elif name not in ("feature_num", "feature_list"):
-            columns[name] = _spans(buffer, col_starts[keep, i], col_ends[keep, i])
+            start, end = column(name)
+            columns[name] = _spans(
+                buffer, *((start, end) if all_valid else (start[keep], end[keep]))
+            )
+    head = pa.table(columns)
 
-    # Entries of kept lines, grouped per field (stable, so in line order) into list columns.
-    entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
-    if len(entry_keep) < len(entry_tok):
+    # Keys: the unique key's hash (duplicates), runs of equal context keys and their hashes
+    # (the join, and the train/valid split by context).
+    runs, context_hashes = _key_runs(columns[COMMON_INDEX_KEY])
+    run_lengths = np.diff(runs, append=n_keep)
+    if skeleton:
+        key_hashes = hash_keys(columns[SAMPLE_ID_KEY])
+    else:  # the unique key is the context key
+        key_hashes = np.repeat(context_hashes, run_lengths)
+    if valid_fraction is None:
+        in_valid = np.zeros(n_keep, dtype=bool)
+        part_sizes = [n_keep]
+    else:
+        in_valid = np.repeat(_in_valid(context_hashes, valid_fraction), run_lengths)
+        n_valid = int(np.count_nonzero(in_valid))
+        part_sizes = [n_keep - n_valid, n_valid]
+
+    # Entries of kept lines, grouped per field and part (stable, so in line order) into list
+    # columns: group = field * parts + part.
+    all_kept = n_keep == n_lines
+    if not all_kept:
+        entry_keep = np.flatnonzero(np.repeat(reasons == 0, per_line))
         field_start, two = field_start[entry_keep], two[entry_keep]
-    parent = np.repeat(np.arange(n_keep), per_line[kept_lines])
-    field_index = _field_index(data, field_start, two, fields)
+        field_length = field_length[entry_keep]
+    kept_per_line = per_line if all_kept else per_line[kept_lines]
+    field_index = _field_index(data, field_start, field_length, fields)
     unknown = _unknown_fields(block, field_start, two, field_index, fields)
-    order = np.argsort(field_index, kind="stable")
+    # Rows in part order (train rows, then valid rows), each part in line order.
+    if len(part_sizes) == 1:
+        group, rank, part_head = field_index, np.arange(n_keep), head
+    else:
+        group = field_index * np.uint8(2)
+        group += np.repeat(in_valid, kept_per_line).view(np.uint8)
+        row_order = np.argsort(in_valid, kind="stable")
+        rank = np.empty(n_keep, dtype=np.int64)
+        rank[row_order] = np.arange(n_keep)
+        part_head = pc.take(head, _arrow(row_order))
+    order = np.argsort(group, kind="stable")
+    if not all_kept:
+        order = entry_keep[order]
+    ids = ids[order]
+    ids_array, wts_array = _arrow(ids), _arrow(wts[order])
     counts = np.bincount(
-        field_index.astype(np.int64) * n_keep + parent, minlength=(len(fields) + 1) * n_keep
-    ).reshape(len(fields) + 1, n_keep)
-    offsets = np.zeros((len(fields) + 1, n_keep + 1), dtype=np.int32)
-    np.cumsum(counts, axis=1, out=offsets[:, 1:])
-    bounds = np.concatenate([[0], np.cumsum(offsets[:, -1])])
-    sorted_entries = entry_keep[order]
-    ids, wts = ids[sorted_entries], wts[sorted_entries]
-    out_fields: dict[str, pa.Array] = {}
-    for k, f in enumerate(fields):
-        field_offsets = _arrow(offsets[k])
-        lo, hi = bounds[k], bounds[k + 1]
-        out_fields[ids_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(ids[lo:hi]))
-        out_fields[wts_key(f)] = pa.ListArray.from_arrays(field_offsets, _arrow(wts[lo:hi]))
+        field_index.astype(np.int64) * n_keep + np.repeat(rank, kept_per_line),
+        minlength=(len(fields) + 1) * n_keep,
+    ).reshape(len(fields) + 1, n_keep)  # entries per field and row (in part order)
+    field_first = np.concatenate([[0], np.cumsum(counts.sum(axis=1))])  # in the sorted entries
+    schema = _impression_schema() if skeleton else _common_schema()
+    parts = []
+    train_ids: dict[str, list[np.ndarray]] = {}
+    row, before = 0, np.zeros(len(fields) + 1, dtype=np.int64)  # in the parts before
+    for p, n_rows in enumerate(part_sizes):
+        offsets = np.zeros((len(fields) + 1, n_rows + 1), dtype=np.int32)
+        np.cumsum(counts[:, row : row + n_rows], axis=1, out=offsets[:, 1:])
+        all_offsets = _arrow(offsets.ravel())
+        arrays = list(part_head.slice(row, n_rows).columns)
+        for k, f in enumerate(fields):
+            lo, n = int(field_first[k] + before[k]), int(offsets[k, -1])
+            field_offsets = all_offsets.slice(k * (n_rows + 1), n_rows + 1)
+            arrays.append(pa.ListArray.from_arrays(field_offsets, ids_array.slice(lo, n)))
+            arrays.append(pa.ListArray.from_arrays(field_offsets, wts_array.slice(lo, n)))
+            if p == 0:
+                train_ids[f] = [ids[lo : lo + n]]
+        before += offsets[:, -1]
+        row += n_rows
+        parts.append(pa.Table.from_arrays(arrays, schema=schema))
 
-    bad = np.flatnonzero((reasons != 0) & (reasons != _REASON_CODE[R_UTF8]))
+    bad = np.flatnonzero(reasons)
     # Decoded leniently: the cap may cut a multi-byte character.
-    first_column = {
-        line: block[starts[line] : first_column_end[line]].decode("utf-8", "replace")
+    bad_ids = [
+        None
+        if reasons[line] == _REASON_CODE[R_UTF8]
+        else bytes(block[starts[line] : first_column_end[line]]).decode("utf-8", "replace")
         for line in bad.tolist()
-    }
-    return _Parsed(columns, out_fields, reasons, unknown, n_lines, int(crlf.sum()), first_column)
+    ]
+    return _Piece(
+        head=head,
+        parts=tuple(parts),
+        train_ids=train_ids,
+        n_lines=n_lines,
+        crlf=int(crlf.sum()),
+        key_hashes=key_hashes,
+        in_valid=in_valid,
+        context_runs=runs,
+        context_hashes=context_hashes,
+        bad_lines=bad,
+        bad_reasons=[_REASONS[code] for code in reasons[bad].tolist()],
+        bad_ids=bad_ids,
+        unknown_fields=unknown,
+    )
 
 
 def _unknown_fields(
@@ -1041,31 +1218,70 @@ def _unknown_fields(
 
 
 class _SplitWriters:
-    """One ParquetWriter per output split, opened lazily with the first batch's schema."""
+    """One ParquetWriter per output split, opened lazily with the first batch's schema.
+
+    Each split's tables are written in order on a thread of its own (pyarrow releases the
+    GIL while it encodes and compresses), so the calling thread goes on with the next block;
+    at most `_QUEUED` tables wait per split."""
+
+    _QUEUED = 2
 
     def __init__(self, out_dir: Path, name: str, splits: tuple[str, ...]):
         self._paths = {s: out_dir / s / name for s in splits}
         self._writers: dict[str, pq.ParquetWriter] = {}
+        self._threads: dict[str, ThreadPoolExecutor] = {}
+        self._queued: dict[str, deque] = {}
 
     def write(self, split: str, table: pa.Table) -> None:
         if split not in self._writers:
-            self._writers[split] = pq.ParquetWriter(
-                self._paths[split], table.schema, compression="zstd"
-            )
+            self._writers[split] = _parquet_writer(self._paths[split], table.schema)
+            self._threads[split] = ThreadPoolExecutor(1, thread_name_prefix=f"write-{split}")
+            self._queued[split] = deque()
         if table.num_rows:
-            self._writers[split].write_table(table)
+            queued = self._queued[split]
+            queued.append(self._threads[split].submit(self._writers[split].write_table, table))
+            while len(queued) > self._QUEUED:
+                queued.popleft().result()  # raises what the write raised
 
     def close(self, schema: pa.Schema) -> None:
+        """Wait for the queued tables, then close every split's file."""
+        try:
+            for queued in self._queued.values():
+                while queued:
+                    queued.popleft().result()
+        finally:
+            for thread in self._threads.values():
+                thread.shutdown()
         for split, path in self._paths.items():
             if split not in self._writers:  # no rows at all: still write an empty table
-                self._writers[split] = pq.ParquetWriter(path, schema, compression="zstd")
+                self._writers[split] = _parquet_writer(path, schema)
             self._writers[split].close()
 
 
+def _parquet_writer(path: Path, schema: pa.Schema) -> pq.ParquetWriter:
+    """zstd Parquet; no dictionary for the key columns (about one distinct value per row:
+    pure cost) and min/max statistics only for the plain columns (no reader uses those of
+    the id and weight lists; skipping them saves about a tenth of the writing time)."""
+    leaves = {  # column name -> path of its Parquet leaf column
+        f.name: f"{f.name}.list.{f.type.value_field.name}" if pa.types.is_list(f.type) else f.name
+        for f in schema
+    }
+    keys = (SAMPLE_ID_KEY, COMMON_INDEX_KEY)
+    return pq.ParquetWriter(
+        path,
+        schema,
+        compression="zstd",
+        use_dictionary=[leaf for name, leaf in leaves.items() if name not in keys],
+        write_statistics=[leaf for name, leaf in leaves.items() if leaf == name],
+    )
+
+
+@functools.cache
 def _common_schema() -> pa.Schema:
     return _schema([pa.field(COMMON_INDEX_KEY, pa.string())], COMMON_FIELDS)
 
 
+@functools.cache
 def _impression_schema() -> pa.Schema:
     head = [
         pa.field(SAMPLE_ID_KEY, pa.string()),
@@ -1086,96 +1302,147 @@ def _schema(head: list[pa.Field], fields: tuple[str, ...]) -> pa.Schema:
     return pa.schema(cols)
 
 
-def _ingest_file(
-    source: RawSource,
-    kind: str,
-    writers: _SplitWriters,
-    out_splits: tuple[str, ...],
-    cfg: IngestConfig,
-    workers: int,
-    quarantine,
-    split_counts: dict[str, int],
-    known_keys: KnownKeys | None = None,
-    vocab: _VocabCounter | None = None,
-    prefix: str = "",
-) -> tuple[FileReport, KnownKeys]:
-    """Stream one raw file into its split Parquet tables; returns its report and the unique
-    keys it holds (context keys of a common file, without `prefix`).
+@dataclass
+class _FileJob:
+    """One raw file to ingest and where its rows go."""
 
-    `prefix` is prepended to sample ids and context keys as written (earlier batches of a
-    training window); quarantine.csv names the file as `<prefix><file name>`. With `vocab`,
-    the ids of the rows written to the train split are counted into it."""
-    skeleton = kind == "skeleton"
-    rep = FileReport(str(source))
-    seen = SeenKeys()
-    written_keys: list[pa.Array] = []
-    written_hashes: list[np.ndarray] = []
-    # Line numbers follow from each parsed block's line count (no extra pass over the bytes).
-    fields = SKELETON_FIELDS if skeleton else COMMON_FIELDS
-    count = vocab is not None
-    blocks = (
-        (block, kind, cfg.valid_fraction, count) for block in _line_blocks(source, cfg.chunk_bytes)
+    source: RawSource
+    kind: str  # "common" or "skeleton"
+    writers: _SplitWriters
+    out_splits: tuple[str, ...]  # ("train", "valid") or ("test",)
+    split_counts: dict[str, int]  # rows written per split, updated as they are
+    vocab: _VocabCounter | None  # counts the ids of the rows written to the train split
+    prefix: str  # prepended to sample ids and context keys (earlier batches of a window)
+
+
+def _ingest_files(
+    jobs: list[_FileJob], cfg: IngestConfig, workers: int, quarantine
+) -> list[FileReport]:
+    """Ingest the files in order, each skeleton file joined with the common file before it.
+
+    The blocks of all files go through one pool of parsing threads, so the threads start
+    on the next file while this one finishes the last blocks of the current one."""
+    items = (
+        (n, block, job.kind, cfg.valid_fraction if len(job.out_splits) == 2 else None, job.vocab)
+        for n, job in enumerate(jobs)
+        for block in _line_blocks(job.source, cfg.chunk_bytes)
     )
-    next_line = 1
-    for pb in ordered_map(_parse_counted, blocks, workers, in_flight=workers + 1):
-        pb.first_line, next_line = next_line, next_line + pb.n_lines
-        table = pb.table
-        late = np.full(table.num_rows, None, dtype=object)  # reasons found here, not in the worker
-        keep = np.ones(table.num_rows, dtype=bool)
-        if known_keys is not None:  # one look-up per run of rows with the same context
-            keys = pc.take(table[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
-            known = known_keys.contains(keys, pb.context_hashes)
-            keep = np.repeat(known, np.diff(pb.context_runs, append=table.num_rows))
-            late[~keep] = R_UNKNOWN_KEY
-        dup = np.zeros(table.num_rows, dtype=bool)
-        dup[keep] = seen.check_and_add(pb.key_hashes[keep])
-        late[dup] = R_DUP_SAMPLE if skeleton else R_DUP_KEY
-        keep &= ~dup
-        if vocab is not None:  # the worker counted every train row: take out rejected ones
-            vocab.add(pb.train_counts)
-            rejected_train = ~keep & ~pb.in_valid_split
-            if rejected_train.any():
-                vocab.add(_id_counts(table, rejected_train, fields), sign=-1)
+    files: list[_FileIngest] = []
+
+    def next_file() -> _FileIngest:
+        job = jobs[len(files)]
+        known_keys = None
+        if files:
+            keys = files[-1].finish()
+            known_keys = keys if job.kind == "skeleton" else None
+        files.append(_FileIngest(job, quarantine, known_keys))
+        return files[-1]
+
+    for n, pb in ordered_map(_parse_job, items, workers, in_flight=workers + 1):
+        while len(files) <= n:  # files before n without a single block are empty
+            next_file()
+        files[-1].add(pb)
+    while len(files) < len(jobs):
+        next_file()
+    if files:
+        files[-1].finish()
+    return [f.report for f in files]
+
+
+def _parse_job(
+    n: int, block: bytearray, kind: str, valid_fraction: float | None, vocab
+) -> tuple[int, ParsedBlock]:
+    return n, parse_block(block, 0, kind, valid_fraction, count=vocab is not None)
+
+
+class _FileIngest:
+    """The checks that need a whole file so far (duplicate keys, known context keys), the
+    quarantine, the report and the writing of one raw file's parsed blocks, in order."""
+
+    def __init__(self, job: _FileJob, quarantine, known_keys: KnownKeys | None):
+        """`known_keys`: the context keys a skeleton file's rows must have (else quarantined)."""
+        self.job = job
+        self.report = FileReport(str(job.source))
+        self._quarantine = quarantine
+        self._known_keys = known_keys
+        self._seen = SeenKeys()
+        self._written_keys: list[pa.Array] = []
+        self._written_hashes: list[np.ndarray] = []
+        self._next_line = 1  # line numbers follow from each block's line count
+
+    def add(self, pb: ParsedBlock) -> None:
+        job, rep = self.job, self.report
+        skeleton = job.kind == "skeleton"
+        fields = SKELETON_FIELDS if skeleton else COMMON_FIELDS
+        pb.first_line, self._next_line = self._next_line, self._next_line + pb.n_lines
+        head = pb.head
+        n_rows = head.num_rows
+        known = np.ones(n_rows, dtype=bool)
+        if self._known_keys is not None:  # one look-up per run of rows with the same context
+            keys = pc.take(head[COMMON_INDEX_KEY].combine_chunks(), _arrow(pb.context_runs))
+            known_runs = self._known_keys.contains(keys, pb.context_hashes)
+            if not known_runs.all():
+                known = np.repeat(known_runs, np.diff(pb.context_runs, append=n_rows))
+        dup = np.zeros(n_rows, dtype=bool)
+        dup[known] = self._seen.check_and_add(pb.key_hashes[known])
+        keep = known & ~dup
+        in_valid = pb.in_valid_split
+        part_keep = [keep] if len(pb.parts) == 1 else [keep[~in_valid], keep[in_valid]]
+        if job.vocab is not None:  # the worker counted the train part: take out rejected rows
+            job.vocab.add(pb.train_counts)
+            if not part_keep[0].all():
+                job.vocab.add(_id_counts(pb.parts[0], ~part_keep[0], fields), sign=-1)
 
         # Quarantine: lines rejected by the worker and rows rejected above, in line order.
-        row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each parsed row
-        rejected = np.flatnonzero(~keep)
-        key_col = table[SAMPLE_ID_KEY if skeleton else COMMON_INDEX_KEY]
         entries = list(zip(pb.bad_lines.tolist(), pb.bad_ids, pb.bad_reasons, strict=True))
-        entries += [(int(row_lines[i]), key_col[int(i)].as_py(), late[i]) for i in rejected]
+        rejected = np.flatnonzero(~keep)
+        if len(rejected):
+            row_lines = np.delete(np.arange(pb.n_lines), pb.bad_lines)  # line of each row
+            key_col = head[SAMPLE_ID_KEY if skeleton else COMMON_INDEX_KEY]
+            dup_reason = R_DUP_SAMPLE if skeleton else R_DUP_KEY
+            entries += [
+                (
+                    int(row_lines[i]),
+                    key_col[int(i)].as_py(),
+                    dup_reason if known[i] else R_UNKNOWN_KEY,
+                )
+                for i in rejected
+            ]
         for line, key, reason in sorted(entries, key=lambda e: e[0]):
-            quarantine.writerow([prefix + source.name, pb.first_line + line, key, reason])
+            self._quarantine.writerow(
+                [job.prefix + job.source.name, pb.first_line + line, key, reason]
+            )
             rep.quarantined_by_reason[reason] = rep.quarantined_by_reason.get(reason, 0) + 1
 
-        kept = table if keep.all() else pc.filter(table, _arrow(keep))
         rep.rows_read += pb.n_lines
-        rep.rows_written += kept.num_rows
+        rep.rows_written += n_rows - len(rejected)
         rep.rows_quarantined += len(entries)
         rep.crlf_lines += pb.crlf
         for fid, n in pb.unknown_fields.items():
             rep.unknown_fields[fid] = rep.unknown_fields.get(fid, 0) + n
         if not skeleton:
-            written_keys.append(kept[COMMON_INDEX_KEY].combine_chunks())
-            written_hashes.append(pb.key_hashes[keep])
-        if prefix:
-            kept = _prefixed(kept, prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
-        _write_split(writers, kept, pb.in_valid_split[keep], out_splits, split_counts)
-    keys = pa.concat_arrays(written_keys) if written_keys else _strings([])
-    hashes = np.concatenate(written_hashes) if written_hashes else np.zeros(0, dtype=np.uint64)
-    return rep, KnownKeys(keys, hashes)
+            context_keys = head[COMMON_INDEX_KEY].combine_chunks()
+            if len(rejected):
+                context_keys = pc.filter(context_keys, _arrow(keep))
+            self._written_keys.append(context_keys)
+            self._written_hashes.append(pb.key_hashes[keep])
+        for split, part, part_kept in zip(job.out_splits, pb.parts, part_keep, strict=True):
+            if not part_kept.all():
+                part = pc.filter(part, _arrow(part_kept))
+            if job.prefix:
+                part = _prefixed(part, job.prefix, (SAMPLE_ID_KEY, COMMON_INDEX_KEY))
+            job.writers.write(split, part)
+            job.split_counts[split] += part.num_rows
 
-
-def _parse_counted(
-    block: bytes | bytearray, kind: str, valid_fraction: float, count: bool
-) -> ParsedBlock:
-    """`parse_block` (line numbers set by the caller), and with `count` the id counts of
-    the rows that go to the train split."""
-    pb = parse_block(block, 0, kind, valid_fraction)
-    if count:
-        fields = SKELETON_FIELDS if kind == "skeleton" else COMMON_FIELDS
-        train = ~pb.in_valid_split
-        pb.train_counts = _id_counts(pb.table, None if train.all() else train, fields)
-    return pb
+    def finish(self) -> KnownKeys:
+        """The unique keys the file held (context keys of a common file, without prefix)."""
+        keys = pa.concat_arrays(self._written_keys) if self._written_keys else _strings([])
+        hashes = (
+            np.concatenate(self._written_hashes)
+            if self._written_hashes
+            else np.zeros(0, dtype=np.uint64)
+        )
+        return KnownKeys(keys, hashes)
 
 
 def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Table:
@@ -1186,19 +1453,6 @@ def _prefixed(table: pa.Table, prefix: str, columns: tuple[str, ...]) -> pa.Tabl
             joined = pc.binary_join_element_wise(prefix, table[name], "")
             table = table.set_column(i, table.field(i), joined)
     return table
-
-
-def _write_split(
-    writers: _SplitWriters, table: pa.Table, in_valid: np.ndarray, out_splits, counts
-) -> None:
-    if out_splits == ("test",):
-        writers.write("test", table)
-        counts["test"] += table.num_rows
-        return
-    for split, mask in (("train", ~in_valid), ("valid", in_valid)):
-        part = pc.filter(table, _arrow(mask))
-        writers.write(split, part)
-        counts[split] += part.num_rows
 
 
 # --- vocabularies ----------------------------------------------------------------------------

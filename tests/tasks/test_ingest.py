@@ -6,6 +6,8 @@ import csv
 import gzip
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from tasks.config import IngestConfig
 
 KEY_A, KEY_B, KEY_UNKNOWN = "a" * 32, "b" * 32, "c" * 32
 LENIENT = IngestConfig(valid_fraction=0.0, min_count=1, max_quarantine_fraction=1.0)
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _features(entries) -> str:
@@ -376,3 +379,58 @@ def test_unknown_field_ids_are_counted_by_exact_name(tmp_path):
     contexts = pq.read_table(tmp_path / "out" / "train" / "common.parquet").to_pylist()
     first = next(c for c in contexts if c["common_feature_index"] == KEY_A)
     assert first["ids_101"] == [1] and first["wts_101"] == [1.0]
+
+
+ARABIC_THREE = "\u0663"  # a Unicode digit, not an ASCII one
+ODD_NUMBERS = {  # forms that Arrow's casts read but the format does not: (line, reason)
+    "hexadecimal id": (f"21,0,0,{KEY_A},1,{_features([('205', '0x1F', 1.0)])}\n", ing.R_ENTRY),
+    "signed id": (f"22,0,0,{KEY_A},1,{_features([('205', '-0', 1.0)])}\n", ing.R_ENTRY),
+    "19-digit id": (f"26,0,0,{KEY_A},1,{_features([('205', 10**18, 1.0)])}\n", ing.R_ENTRY),
+    "non-ASCII digit id": (
+        f"23,0,0,{KEY_A},1,{_features([('205', ARABIC_THREE, 1.0)])}\n",
+        ing.R_ENTRY,
+    ),
+    "weight with +": (f"24,0,0,{KEY_A},1,{_features([('205', 100, '+1.0')])}\n", ing.R_ENTRY),
+    "non-ASCII feature_num": (
+        f"25,0,0,{KEY_A},{ARABIC_THREE},{_features([('205', 100, 1.0)])}\n",
+        ing.R_FEATURE_NUM,
+    ),
+}
+
+
+@pytest.mark.parametrize("other_bad", [False, True])
+@pytest.mark.parametrize("odd", list(ODD_NUMBERS))
+def test_odd_numbers_are_quarantined_whatever_else_the_block_holds(tmp_path, odd, other_bad):
+    """A hexadecimal, signed or 19-digit id, a non-ASCII digit or a '+' weight makes a line
+    malformed, alone in its block or next to other malformed ids and weights (which send the
+    parser down its slower path); never an exception."""
+    line, reason = ODD_NUMBERS[odd]
+    others = [f"31,0,0,{KEY_A},1,205\x02x\x03y\n"] if other_bad else []
+    raw = _write_raw(tmp_path / "raw", [GOOD[0], line, *others], COMMON)
+    ing.ingest_ali_ccp(raw, tmp_path / "out", LENIENT)
+    rows = _read_quarantine(tmp_path / "out")
+    got = {(r["line"], r["reason"]) for r in rows if r["file"] == "sample_skeleton_train.csv"}
+    assert ("2", reason) in got
+    train = pq.read_table(tmp_path / "out" / "train" / "impressions.parquet")
+    assert train["sample_id"].to_pylist() == ["1"]
+
+
+def test_ingestion_imports_no_pandas_nor_the_training_stack(tmp_path, small_raw):
+    """Ingestion loads only numpy and pyarrow: pandas (0.3-0.7 s to import, pulled in by
+    pyarrow 10's `Array.take`/`Table.filter` methods and `pa.array`) and the heavy stacks
+    would add their start-up to every run."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tasks.config import IngestConfig\n"
+        "from tasks.ingest import ingest_ali_ccp\n"
+        f"ingest_ali_ccp(Path({str(small_raw)!r}), Path({str(tmp_path / 'out')!r}),"
+        " IngestConfig(valid_fraction=0.2, min_count=1, chunk_bytes=4096, workers=2))\n"
+        "heavy = ('pandas', 'tensorflow', 'tensorflow_data_validation', 'apache_beam',"
+        " 'mlflow', 'prefect')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert done.stdout.strip() == "[]"
