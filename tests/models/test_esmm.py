@@ -28,6 +28,7 @@ from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
     CROSSES,
+    HISTORY_FIELDS,
     MULTI_VALUED_FIELDS,
     OUTPUT_KEYS,
     SKELETON_FIELDS,
@@ -254,6 +255,19 @@ def test_an_empty_history_gives_a_zero_dot(model, batch):
     dots = np.asarray(dots_model(emptied))
     assert np.all(dots[:, list(CROSSES).index("508")] == 0.0)
     assert np.all(np.isfinite(dots))
+
+
+def test_list_pooling_applies_to_the_behaviour_lists_only(vocabularies):
+    config = SMALL_CONFIG.model_copy(update={"pooling": "sum", "list_pooling": "mean"})
+    pooling = {
+        field: bag.pooling
+        for field, bag in embedding_layers(build_esmm(config, vocabularies)).items()
+    }
+    assert {field for field, kind in pooling.items() if kind == "mean"} == set(HISTORY_FIELDS)
+    default = embedding_layers(
+        build_esmm(SMALL_CONFIG.model_copy(update={"pooling": "sum"}), vocabularies)
+    )
+    assert {bag.pooling for bag in default.values()} == {"sum"}  # null: model.pooling
 
 
 def test_interactions_off_builds_the_plain_towers(vocabularies, batch):
