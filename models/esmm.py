@@ -254,54 +254,55 @@ class ContextDense(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class UserItemDot(keras.layers.Layer):
-    """Dot products of the user's pooled history fields with the item's fields.
+    """Dot products of the user's history fields (weighted means) with the item's fields.
 
     For each user x item pair (the format's crosses, e.g. history categories 109_14 x item
-    category 206), `<h / max(sum(w), eps), e>`: the weighted mean of the history field's
-    embeddings against the item field's pooled embedding, i.e. the mean over the history
-    entries of an FM-style inner product. A tower's MLP only approximates such a bilinear
-    match of two embeddings; here it gets it directly, per impression, for the price of
-    one dot of `embedding_dim` per pair. An empty history gives 0.
+    category 206), `<mean_h, e>`: the weighted mean of the history field's embeddings
+    against the item field's pooled embedding, i.e. the mean over the history entries of an
+    FM-style inner product. A tower's MLP only approximates such a bilinear match of two
+    embeddings; here it gets it directly, per impression, for the price of one dot of
+    `embedding_dim` per pair.
 
     Call args:
-        inputs: `[histories, totals, items, context_row]`: lists (one per pair) of
-            `(n_contexts, dim)` pooled history sums, `(n_contexts,)` weight totals and
-            `(batch, dim)` item embeddings, and `(batch,)` int rows as in `ContextDense`.
+        inputs: `[histories, items, context_row]`: lists (one per pair) of
+            `(n_contexts, dim)` history means and `(batch, dim)` item embeddings, and
+            `(batch,)` int rows as in `ContextDense`.
 
     Returns:
         `(batch, pairs)`.
     """
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        histories, items, context_row = inputs
+        rows = _context_rows(context_row)
+        dots = []
+        for history, item in zip(histories, items, strict=True):
+            user = ops.take(history, rows, axis=0)  # (batch, dim)
+            dots.append(ops.sum(user * item, axis=-1, keepdims=True))  # (batch, 1)
+        return ops.concatenate(dots, axis=-1)  # (batch, pairs)
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
+        return (input_shape[1][0][0], len(input_shape[0]))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class WeightedMean(keras.layers.Layer):
+    """A summed bag and its weights -> the weighted mean (a zero vector for zero weights)."""
 
     def __init__(self, epsilon: float = 1e-8, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.epsilon = epsilon
 
     def call(self, inputs: Sequence[Any]) -> Any:
-        histories, totals, items, context_row = inputs
-        rows = _context_rows(context_row)
-        dots = []
-        for history, total, item in zip(histories, totals, items, strict=True):
-            mean = history / ops.maximum(ops.expand_dims(total, -1), self.epsilon)
-            user = ops.take(mean, rows, axis=0)  # (batch, dim)
-            dots.append(ops.sum(user * item, axis=-1, keepdims=True))  # (batch, 1)
-        return ops.concatenate(dots, axis=-1)  # (batch, pairs)
+        pooled, weights = inputs  # (rows, dim), (rows, length)
+        total = ops.sum(ops.cast(weights, pooled.dtype), axis=1, keepdims=True)  # (rows, 1)
+        return pooled / ops.maximum(total, self.epsilon)
 
-    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
-        return (input_shape[2][0][0], len(input_shape[0]))
+    def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
+        return input_shape[0]
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "epsilon": self.epsilon}
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class WeightTotal(keras.layers.Layer):
-    """`(rows, length)` weights -> `(rows,)` their sum."""
-
-    def call(self, weights: Any) -> Any:
-        return ops.sum(ops.cast(weights, "float32"), axis=1)
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0],)
 
 
 def _context_rows(context_row: Any) -> Any:
@@ -509,18 +510,16 @@ def build_esmm(
     if config.interactions:
         # Per tower (once in ESMM, shared): the user x item dots of the format's crosses,
         # joining the item (per impression) part of the tower's input.
-        totals = [
-            WeightTotal(name=f"total_{history}")(inputs[wts_key(history)])
-            for history, _ in CROSSES.values()
-        ]
+        list_pooling = config.list_pooling or config.pooling
         for tower in towers:
-            dots = UserItemDot(name=f"{tower}_user_item_dots" if separate else "user_item_dots")(
-                [
-                    [bags[tower][history] for history, _ in CROSSES.values()],
-                    totals,
-                    [bags[tower][item] for _, item in CROSSES.values()],
-                    context_row,
+            histories = [bags[tower][history] for history, _ in CROSSES.values()]
+            if list_pooling == "sum":  # the dots take the lists' weighted means
+                histories = [
+                    WeightedMean(name=f"{tower}_mean_{history}")([bag, inputs[wts_key(history)]])
+                    for bag, (history, _) in zip(histories, CROSSES.values(), strict=True)
                 ]
+            dots = UserItemDot(name=f"{tower}_user_item_dots" if separate else "user_item_dots")(
+                [histories, [bags[tower][item] for _, item in CROSSES.values()], context_row]
             )  # (batch, len(CROSSES))
             user, item = towers[tower]
             name = f"{tower}_item_inputs" if separate else "shared_item_inputs"

@@ -232,6 +232,23 @@ def test_user_item_dots_are_history_means_against_the_item_embedding(model, batc
     assert sum(isinstance(layer, UserItemDot) for layer in model.layers) == 1
 
 
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_user_item_dots_take_the_history_mean_whatever_the_list_pooling(
+    vocabularies, batch, pooling
+):
+    """The same tables give the same dots when the lists are summed or averaged."""
+
+    def dots(list_pooling):
+        config = SMALL_CONFIG.model_copy(update={"pooling": pooling, "list_pooling": list_pooling})
+        model = build_esmm(config, vocabularies, seed=3)
+        return np.asarray(
+            keras.Model(model.inputs, model.get_layer("user_item_dots").output)(batch)
+        )
+
+    np.testing.assert_allclose(dots("mean"), dots("sum"), rtol=1e-4, atol=1e-7)
+    assert np.abs(dots("mean")).max() > 0
+
+
 def test_user_item_dots_use_each_impressions_context_row(model, vocabularies):
     """Per-context user inputs give the same dots as each impression carrying its own."""
     flat = make_batch(6, vocabularies, seed=5)
