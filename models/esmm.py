@@ -142,8 +142,7 @@ class EmbeddingBag(keras.layers.Layer):
             pooled = self._weighted_sum_dense(indices, weights)
         if self.pooling == "sum":
             return pooled
-        total = ops.sum(weights, axis=1, keepdims=True)  # (batch, 1)
-        return pooled / ops.maximum(total, self.epsilon)  # (batch, output_dim)
+        return _weighted_mean(pooled, weights, self.epsilon)  # (batch, output_dim)
 
     def _weighted_sum_dense(self, indices: Any, weights: Any) -> Any:
         embedded = ops.take(self.embeddings, ops.cast(indices, "int32"), axis=0)
@@ -295,14 +294,19 @@ class WeightedMean(keras.layers.Layer):
 
     def call(self, inputs: Sequence[Any]) -> Any:
         pooled, weights = inputs  # (rows, dim), (rows, length)
-        total = ops.sum(ops.cast(weights, pooled.dtype), axis=1, keepdims=True)  # (rows, 1)
-        return pooled / ops.maximum(total, self.epsilon)
+        return _weighted_mean(pooled, ops.cast(weights, pooled.dtype), self.epsilon)
 
     def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
         return input_shape[0]
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def _weighted_mean(pooled: Any, weights: Any, epsilon: float) -> Any:
+    """`(rows, dim)` weighted sums and their `(rows, length)` weights -> weighted means."""
+    total = ops.sum(weights, axis=1, keepdims=True)  # (rows, 1)
+    return pooled / ops.maximum(total, epsilon)
 
 
 def _context_rows(context_row: Any) -> Any:
@@ -455,10 +459,7 @@ def build_esmm(
 
     inputs: dict[str, keras.KerasTensor] = {}
     # user (per context) and item (per impression) pooled fields, per tower
-    pooled: dict[str, dict[bool, list[keras.KerasTensor]]] = {
-        tower: {True: [], False: []} for tower in ("ctr", "cvr")
-    }
-    bags: dict[str, dict[str, keras.KerasTensor]] = {"ctr": {}, "cvr": {}}
+    bags: dict[str, dict[str, keras.KerasTensor]] = {"ctr": {}, "cvr": {}}  # pooled fields
     for i, field in enumerate(ALL_FIELDS):
         ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(field))
         weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(field))
@@ -491,7 +492,6 @@ def build_esmm(
             )
             bag = embedding([rows, weights])  # (rows, embedding_dim)
             for tower in towers:
-                pooled[tower][field in COMMON_FIELDS].append(bag)
                 bags[tower][field] = bag
     context_row = keras.Input(shape=(), dtype="int32", name=CONTEXT_ROW_KEY)
     inputs[CONTEXT_ROW_KEY] = context_row
@@ -503,7 +503,7 @@ def build_esmm(
         prefix = f"{tower}_" if separate else "shared_"
         towers[tower] = tuple(
             keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_embeddings")(
-                pooled[tower][is_user]
+                [bags[tower][f] for f in ALL_FIELDS if (f in COMMON_FIELDS) == is_user]
             )
             for is_user, side in ((True, "user"), (False, "item"))
         )
