@@ -26,6 +26,10 @@ Semantics, written down once:
   category 206, shops 110_14 x 207, brands 127_14 x 216, intention nodes 150_14 x 210),
   the dot product of the weighted mean of the history field's embeddings with the item
   field's embedding (`UserItemDot`), from the same shared tables.
+- `model.weight_features` (default on): each tower also reads, per field, `log1p` of the
+  weight total and of the entry count (`WeightStats`; user fields once per context). For
+  the crosses that is the user's history count of the item's category, shop, brand or
+  node, whatever the matched id.
 - `p_ctr = sigmoid(ctr_logit)`, `p_cvr = sigmoid(cvr_logit)`, `p_ctcvr = p_ctr * p_cvr`.
   All three are exposed as named outputs of shape `(batch,)`.
 - Training loss = w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(click * conversion, p_ctcvr)
@@ -273,15 +277,39 @@ class UserItemDot(keras.layers.Layer):
 
     def call(self, inputs: Sequence[Any]) -> Any:
         histories, items, context_row = inputs
-        rows = _context_rows(context_row)
-        dots = []
-        for history, item in zip(histories, items, strict=True):
-            user = ops.take(history, rows, axis=0)  # (batch, dim)
-            dots.append(ops.sum(user * item, axis=-1, keepdims=True))  # (batch, 1)
-        return ops.concatenate(dots, axis=-1)  # (batch, pairs)
+        # (batch, pairs, dim) each: one gather of all histories' rows
+        user = ops.take(ops.stack(histories, axis=1), _context_rows(context_row), axis=0)
+        return ops.sum(user * ops.stack(items, axis=1), axis=-1)  # (batch, pairs)
 
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
         return (input_shape[1][0][0], len(input_shape[0]))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class WeightStats(keras.layers.Layer):
+    """A field's weights -> `[log1p(sum of weights), log1p(number of entries)]` per row.
+
+    The format's crosses (508, 509, 702, 853) carry the user's history count of the item's
+    category, shop, brand or node as the entry's weight: "how much has this user engaged
+    with what this item is". A weighted embedding sum gives it to the towers only through
+    the matched id's own embedding, which a rare shop or brand has barely learnt; these
+    two numbers give every field's amount of signal to the towers whatever its ids.
+
+    Call args:
+        inputs: `(rows, length)` weights (0: padding).
+
+    Returns:
+        `(rows, 2)` float32.
+    """
+
+    def call(self, weights: Any) -> Any:
+        weights = ops.cast(weights, "float32")
+        total = ops.sum(ops.maximum(weights, 0.0), axis=1, keepdims=True)
+        count = ops.sum(ops.cast(ops.not_equal(weights, 0.0), "float32"), axis=1, keepdims=True)
+        return ops.log1p(ops.concatenate([total, count], axis=-1))
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return (input_shape[0], 2)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -507,16 +535,29 @@ def build_esmm(
             )
             for is_user, side in ((True, "user"), (False, "item"))
         )
+    if config.weight_features:
+        # Per field: log1p of its weight total and entry count, with the field's side.
+        stats = {f: WeightStats(name=f"weight_stats_{f}")(inputs[wts_key(f)]) for f in ALL_FIELDS}
+        for tower in towers:
+            user, item = towers[tower]
+            prefix = f"{tower}_" if separate else "shared_"
+            user = keras.layers.Concatenate(axis=-1, name=f"{prefix}user_with_stats")(
+                [user] + [stats[f] for f in COMMON_FIELDS]
+            )  # (n_contexts, 13 * dim + 26)
+            item = keras.layers.Concatenate(axis=-1, name=f"{prefix}item_with_stats")(
+                [item] + [stats[f] for f in SKELETON_FIELDS]
+            )  # (batch, 10 * dim + 20)
+            towers[tower] = (user, item)
     if config.interactions:
         # Per tower (once in ESMM, shared): the user x item dots of the format's crosses,
         # joining the item (per impression) part of the tower's input.
         list_pooling = config.list_pooling or config.pooling
         for tower in towers:
-            histories = [bags[tower][history] for history, _ in CROSSES.values()]
+            histories = [bags[tower][history] for history in HISTORY_FIELDS]
             if list_pooling == "sum":  # the dots take the lists' weighted means
                 histories = [
                     WeightedMean(name=f"{tower}_mean_{history}")([bag, inputs[wts_key(history)]])
-                    for bag, (history, _) in zip(histories, CROSSES.values(), strict=True)
+                    for bag, history in zip(histories, HISTORY_FIELDS, strict=True)
                 ]
             dots = UserItemDot(name=f"{tower}_user_item_dots" if separate else "user_item_dots")(
                 [histories, [bags[tower][item] for _, item in CROSSES.values()], context_row]

@@ -116,6 +116,9 @@ class ModelConfig(_Section):
     # Feed each tower the dot product of the user's pooled history (weighted mean) with the
     # item's embedding for each cross of the format (109_14 x 206, 110_14 x 207, ...)
     interactions: bool = True
+    # Feed the towers each field's log1p(weight total) and log1p(entry count), e.g. the
+    # history counts the crosses 508/509/702/853 carry, whatever the matched id
+    weight_features: bool = True
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
     # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;

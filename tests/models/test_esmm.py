@@ -18,6 +18,7 @@ from models.esmm import (
     EmbeddingBag,
     EsmmModel,
     UserItemDot,
+    WeightStats,
     binary_crossentropy_per_row,
     build_esmm,
     compile_esmm,
@@ -288,12 +289,13 @@ def test_list_pooling_applies_to_the_behaviour_lists_only(vocabularies):
 
 
 def test_interactions_off_builds_the_plain_towers(vocabularies, batch):
-    plain = build_esmm(SMALL_CONFIG.model_copy(update={"interactions": False}), vocabularies)
+    no_stats = SMALL_CONFIG.model_copy(update={"weight_features": False})
+    plain = build_esmm(no_stats.model_copy(update={"interactions": False}), vocabularies)
     assert not any(isinstance(layer, UserItemDot) for layer in plain.layers)
     first = plain.get_layer("ctr_dense_0")
     item_dim = first.kernel.shape[0] - first.user_dim
     assert item_dim == len(SKELETON_FIELDS) * SMALL_CONFIG.embedding_dim
-    with_dots = build_esmm(SMALL_CONFIG, vocabularies)
+    with_dots = build_esmm(no_stats, vocabularies)
     first = with_dots.get_layer("ctr_dense_0")
     assert first.kernel.shape[0] - first.user_dim == item_dim + len(CROSSES)
     assert np.all(np.isfinite(predict(plain, batch)["p_ctcvr"]))
@@ -535,6 +537,67 @@ def test_short_fit_learns_ctr_ctcvr_and_clicked_cvr(vocabularies):
     assert roc_auc_score(test_click, out["p_ctr"]) > 0.65
     assert roc_auc_score(test_click * test_conv, out["p_ctcvr"]) > 0.65
     assert roc_auc_score(test_conv[clicked], out["p_cvr"][clicked]) > 0.65
+
+
+def test_weight_stats_are_log_total_and_log_count_ignoring_padding():
+    weights = np.array([[2.0, 3.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4], np.float32)
+    got = np.asarray(WeightStats()(weights))
+    np.testing.assert_allclose(
+        got, np.log1p([[5.0, 2.0], [1.0, 1.0], [0.0, 0.0]]), rtol=1e-6, atol=1e-7
+    )
+
+
+def test_weight_features_give_each_tower_two_numbers_per_field(vocabularies, batch):
+    assert SMALL_CONFIG.weight_features  # the default
+    plain = build_esmm(SMALL_CONFIG.model_copy(update={"weight_features": False}), vocabularies)
+    with_stats = build_esmm(SMALL_CONFIG, vocabularies)
+    for tower in ("ctr", "cvr"):
+        first, base = with_stats.get_layer(f"{tower}_dense_0"), plain.get_layer(f"{tower}_dense_0")
+        assert first.user_dim == base.user_dim + 2 * len(COMMON_FIELDS)
+        assert first.kernel.shape[0] == base.kernel.shape[0] + 2 * len(ALL_FIELDS)
+    # the cross counts reach the prediction with the matched ids unchanged
+    more = dict(batch)
+    more[wts_key("509")] = batch[wts_key("509")] * 5.0
+    assert not np.allclose(predict(with_stats, more)["p_ctr"], predict(with_stats, batch)["p_ctr"])
+
+
+def make_count_dataset(
+    n: int, vocabularies: dict[str, np.ndarray], *, seed: int, shops: slice
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The shop cross (509) carries the signal in its count only: the matched shop is
+    drawn from `shops` of the 509 vocabulary, and its weight (the user's history count of
+    the shop) sets the click probability: 0.1 without a match, up to 0.7 with many."""
+    rng = np.random.default_rng(seed)
+    batch = make_batch(n, vocabularies, seed=seed, max_length=3)
+    count = np.where(rng.random(n) < 0.5, 0, rng.integers(1, 30, n))
+    shop = rng.choice(vocabularies["509"][shops], n)
+    batch[ids_key("509")] = np.where(count > 0, shop, 0)[:, None].astype(np.int64)
+    batch[wts_key("509")] = count[:, None].astype(np.float32)
+    click = rng.random(n) < 0.1 + 0.6 * np.log1p(count) / np.log1p(30)
+    conversion = rng.random(n) < 0.3
+    return batch, click.astype(np.float32), (click & conversion).astype(np.float32)
+
+
+def test_weight_features_learn_a_signal_carried_by_cross_counts_alone(vocabularies):
+    """Test impressions match shops no training impression matched (rare ids in real
+    data): their embeddings are untrained, and only the weight features carry the count."""
+    half = VOCAB_SIZE // 2
+    train_x, train_click, train_conv = make_count_dataset(
+        6000, vocabularies, seed=20, shops=slice(0, half)
+    )
+    test_x, test_click, _ = make_count_dataset(3000, vocabularies, seed=21, shops=slice(half, None))
+    aucs = {}
+    for weight_features in (False, True):
+        config = SMALL_CONFIG.model_copy(update={"weight_features": weight_features})
+        model = build_esmm(config, vocabularies, seed=0)
+        compile_esmm(model, learning_rate=0.02, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
+        model.fit(
+            train_x, esmm_targets(train_click, train_conv), batch_size=256, epochs=2, verbose=0
+        )
+        out = model.predict(test_x, batch_size=1024, verbose=0)
+        aucs[weight_features] = roc_auc_score(test_click, out["p_ctr"])
+    assert aucs[True] > 0.65  # the count's own AUC here is about 0.75
+    assert aucs[True] > aucs[False] + 0.1
 
 
 # --- Errors -----------------------------------------------------------------------------
