@@ -45,14 +45,19 @@ def prepare(work: Path, n_train: int, seed: int) -> Path:
     return ingest
 
 
-def dense_flops(model_cfg, batch_features) -> dict[str, float]:
-    """Multiply-add FLOPs per training sample of the towers (3x forward for fwd + bwd)."""
-    from models.features import COMMON_FIELDS, CROSSES, SKELETON_FIELDS
+def dense_flops(model, model_cfg, batch_features) -> dict[str, float]:
+    """Multiply-add FLOPs per training sample of the towers (3x forward for fwd + bwd).
+
+    The first layer's user (per context) and item (per impression) input widths are read
+    from the built model (`ctr_dense_0`), so embeddings, weight features and dots count
+    as the model has them."""
+    from models.features import CROSSES
 
     d = model_cfg.embedding_dim
-    user_dim, item_dim = len(COMMON_FIELDS) * d, len(SKELETON_FIELDS) * d
+    first = model.get_layer("ctr_dense_0")
+    user_dim = first.user_dim
+    item_dim = int(first.kernel.shape[0]) - user_dim
     dots = 2 * d * len(CROSSES) if model_cfg.interactions else 0  # user x item dots
-    item_dim += len(CROSSES) if model_cfg.interactions else 0
     batch = len(batch_features["context_row"])
     contexts = len(batch_features["ids_101"])
     per_context, per_impression = 0.0, 0.0
@@ -171,7 +176,7 @@ def main() -> None:
                 "samples_per_s_segments": [round(batch_size / t) for t in segments],
             }
             print(f"{key:<26} {step * 1e3:7.1f} ms/step  {batch_size / step:9,.0f} samples/s")
-        flops = dense_flops(model_cfg, sample)
+        flops = dense_flops(model, model_cfg, sample)
         for source in ("real_input", "in_memory"):
             entry = results[f"{'first_id' if first_id_only else 'all_entries'}/{source}"]
             entry["gflops_per_s"] = round(
@@ -179,14 +184,12 @@ def main() -> None:
             )
         results["first_id" if first_id_only else "all_entries"] = flops
 
-    d = model_cfg.embedding_dim
-    from models.features import ALL_FIELDS
-
     first_units = model_cfg.ctr_tower.units[0]
-    matmuls = [matmul_gflops(batch_size, len(ALL_FIELDS) * d, first_units) for _ in range(3)]
+    inputs = int(model.get_layer("ctr_dense_0").kernel.shape[0])  # the first layer's inputs
+    matmuls = [matmul_gflops(batch_size, inputs, first_units) for _ in range(3)]
     matmul = float(np.median(matmuls))
     print(
-        f"plain matmul ({batch_size} x {len(ALL_FIELDS) * d}) x ({len(ALL_FIELDS) * d} x {first_units}): {matmul:.1f} GFLOP/s"
+        f"plain matmul ({batch_size} x {inputs}) x ({inputs} x {first_units}): {matmul:.1f} GFLOP/s"
     )
     for key in ("all_entries", "first_id"):
         f = results[key]
@@ -209,7 +212,7 @@ def main() -> None:
         "results": results,
         "plain_matmul_first_layer_gflops_per_s": round(matmul, 1),
         "plain_matmul_runs_gflops_per_s": [round(x, 1) for x in matmuls],
-        "plain_matmul_shape": [batch_size, len(ALL_FIELDS) * d, first_units],
+        "plain_matmul_shape": [batch_size, inputs, first_units],
         "model": model_cfg.model_dump(mode="json"),
     }
     path = write_record(args.out, f"train-{args.train}", record, args.tag)
