@@ -70,3 +70,37 @@ def test_genie_is_below_the_oracle_and_above_an_item_blind_predictor(world_and_f
     oracle = _oracle(test)
     assert blind["ctr_auc"] < genie["ctr_auc"] < oracle["ctr_auc"]
     assert genie["ctcvr_auc"] < oracle["ctcvr_auc"]
+
+
+def test_each_named_part_of_the_click_logit_ranks_the_clicks(world_and_files):
+    """The replayed parts are those of each impression: alone, each ranks the clicks
+    better than chance (a part of another impression would not), and taking one out of
+    the true logit lowers its AUC."""
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.attainable import CTR_PARTS, ctr_auc_without_parts
+
+    _, (_, _, splits) = world_and_files
+    train = splits["train"]
+    for part in CTR_PARTS:
+        assert roc_auc_score(train["click"], train[part]) > 0.53, part
+    without = ctr_auc_without_parts(train)
+    for name, auc in without.items():
+        if name != "nothing":
+            assert auc < without["nothing"] - 0.005, name
+
+
+def test_regression_on_the_parts_recovers_planted_coefficients(world_and_files):
+    from benchmarks.decompose import regress_on_parts
+
+    _, (_, _, splits) = world_and_files
+    test = splits["test"]
+    truth = test["known_ctr"] + test["item_ctr"]
+    rest = truth - test["taste_ctr"] - test["item_ctr"] - test["brand_ctr"] - test["category_ctr"]
+    logit = 0.3 * test["taste_ctr"] + 0.8 * test["category_ctr"] + rest + 2.0
+    got = regress_on_parts(logit, test)
+    assert got["coefficients"] == pytest.approx(
+        {"taste_ctr": 0.3, "item_ctr": 0.0, "brand_ctr": 0.0, "category_ctr": 0.8, "rest": 1.0},
+        abs=1e-6,
+    )
+    assert got["r2"] == pytest.approx(1.0)

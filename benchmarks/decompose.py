@@ -1,0 +1,102 @@
+"""Which parts of the true click logit a trained model has learnt.
+
+The generator's click logit is a sum of named parts (`benchmarks.attainable.replay`): the
+user x item taste, the item's, brand's and category's own effects, and the rest (profile
+x category effects, position, the crosses' history counts). This script scores the test
+split with a trained model (a `model.keras` of `benchmarks.quality` or `esmm train`) and
+regresses the model's CTR logit on those parts by least squares: a coefficient of 1 means
+the model ranks by that part as the truth does, 0 that it has not learnt it. The record
+also holds what each part is worth: the CTR AUC of the true logit without it.
+
+    python -m benchmarks.decompose \\
+        --model /work/bench/quality/default-1000000-300000-2018/train-esmm-T/model.keras \\
+        --split /work/bench/quality/default-1000000-300000-2018/ingest-2/test \\
+        --train 1000000 --test 300000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.attainable import CTR_PARTS, ctr_auc_without_parts, replay
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def regress_on_parts(logit: np.ndarray, split: dict[str, np.ndarray]) -> dict[str, object]:
+    """Least-squares coefficients of `logit` on the true logit's parts (and the rest), the
+    R^2, and each part's correlation with `logit`."""
+    truth = split["known_ctr"] + split["item_ctr"]
+    rest = truth - sum(split[p] for p in CTR_PARTS)
+    parts = {**{p: split[p] for p in CTR_PARTS}, "rest": rest}
+    design = np.column_stack([*parts.values(), np.ones(len(logit))])
+    coef, *_ = np.linalg.lstsq(design, logit, rcond=None)
+    residual = logit - design @ coef
+    return {
+        "coefficients": {p: round(float(c), 3) for p, c in zip(parts, coef, strict=False)},
+        "r2": round(float(1 - residual.var() / logit.var()), 3),
+        "correlations": {p: round(float(np.corrcoef(logit, v)[0, 1]), 3) for p, v in parts.items()},
+        "part_std": {p: round(float(v.std()), 3) for p, v in parts.items()},
+    }
+
+
+def model_logits(model_path: Path, split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The model's CTR logit per test impression, in sample-id order, and the click labels."""
+    import keras
+
+    import models.esmm  # noqa: F401  (registers the custom layers)
+    from tasks.train import predict_split
+
+    model = keras.models.load_model(model_path)
+    frame = predict_split(model, split_dir)
+    order = np.argsort(frame["sample_id"].to_numpy().astype(np.int64), kind="stable")
+    p = np.clip(frame["p_ctr"].to_numpy()[order], 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p)), frame["click"].to_numpy()[order]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a trained model.keras")
+    parser.add_argument("--split", type=Path, required=True, help="the ingested test split")
+    parser.add_argument("--train", type=int, default=1_000_000)
+    parser.add_argument("--test", type=int, default=300_000)
+    parser.add_argument("--seed", type=int, default=2018)
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+
+    from benchmarks.machine import machine_info, write_record
+
+    _, _, splits = replay(args.train, args.test, args.seed, args.profile)
+    test = splits["test"]
+    logit, click = model_logits(args.model, args.split)
+    if len(logit) != len(test["click"]) or not np.array_equal(click, test["click"]):
+        raise SystemExit(
+            f"{args.split}: its {len(logit)} impressions and clicks are not those of the "
+            f"generator's test split with --train {args.train} --test {args.test} "
+            f"--seed {args.seed} --profile {args.profile}"
+        )
+    record = {
+        "benchmark": "decompose",
+        "machine": machine_info(),
+        "model": str(args.model),
+        "profile": args.profile,
+        "seed": args.seed,
+        "train_impressions": args.train,
+        "test_impressions": args.test,
+        "ctr_auc_of_the_true_logit_without": ctr_auc_without_parts(test),
+        "model_ctr_logit_on_the_true_parts": regress_on_parts(logit, test),
+    }
+    print(json.dumps(record, indent=2))
+    print(f"wrote {write_record(args.out, f'decompose-{args.train}', record, args.tag)}")
+
+
+if __name__ == "__main__":
+    main()
