@@ -18,6 +18,18 @@ prior of all items' (ctr, cvr) effects), and the context noise averaged over its
 genie's AUCs bound from above what a model can reach on this data, and `oracle - genie` is
 a gap no model can close.
 
+That genie is generous: it is also told each user's taste and conversion fit (the latent
+user x item terms of both logits), which a model sees only through the user's behaviour
+history and own labels. A second, tighter estimate, the "data genie", is told everything
+else as before but learns those two user latents from the data: the taste's prior mean from
+the user's category history, profile category and gender (a ridge regression on history
+summaries fitted out-of-fold over the world's users, `taste_from_history`), then the
+Laplace posterior mode of taste and fit given the user's training clicks and conversions
+(`user_posteriors`). It still knows every item's latents and every global parameter, which a
+model must learn from the same data, so `oracle - data genie` is a gap a model cannot be
+expected to close (not a strict bound: the history step is a linear estimate of the
+posterior mean, and the posterior is used as a point estimate).
+
 The train and test impressions and labels are replayed from the generator's own random
 streams, so they are exactly those of `tasks.synth.synthesize_ali_ccp(...)` with the same
 arguments (checked: the replayed oracle AUCs equal the written `oracle.json`).
@@ -66,11 +78,15 @@ def replay(n_train: int, n_test: int, seed: int, profile: str = "default"):
             conversion = click & (rng.random(len(q_ctr)) < q_cvr / scale)
             user = block.context_user[block.impression_context]
             taste = np.einsum("ij,ij->i", world.user_taste[user], world.item_taste[block.item])
+            fit = np.einsum("ij,ij->i", world.user_fit[user], world.item_fit[block.item])
             for key, value in (
                 ("item", block.item),
+                ("user", user),
                 # named parts of the true click logit (the rest: profile x category,
                 # position, the crosses' history counts)
                 ("taste_ctr", prof.affinity * taste),
+                ("taste_cvr", prof.cvr_affinity * taste),
+                ("fit_cvr", prof.cvr_fit * fit),
                 ("item_ctr", world.item_ctr[block.item]),
                 ("brand_ctr", world.brand_ctr[block.brand]),
                 ("category_ctr", world.category_ctr[block.category]),
@@ -118,6 +134,112 @@ def item_posteriors(
     loglik -= loglik.max(axis=1, keepdims=True)
     weights = np.exp(loglik)
     return weights / weights.sum(axis=1, keepdims=True)
+
+
+def taste_from_history(world, folds: int = 2, alphas=(0.3, 1.0, 3.0, 10.0), seed: int = 0):
+    """Each user's taste as predicted from what a model sees of the user: the category
+    history (109_14, with its rates), the profile category (121) and the gender.
+
+    Ridge regression on history summaries (the chosen categories' and their log rates'
+    category tastes, summed and averaged), fitted out-of-fold on the world's users with the
+    best ridge penalty: an estimate of E[taste | history]. Returns the (users, dim) estimate
+    and the covariance of its residuals (the prior of the click posterior).
+    """
+    n_users, dim = world.user_taste.shape
+    n_cat = len(world.category_ctr)
+    # Category tastes: the mean taste of each category's items (items = category + noise).
+    count = np.bincount(world.item_category, minlength=n_cat)
+    category_taste = np.zeros((n_cat, dim))
+    np.add.at(category_taste, world.item_category, world.item_taste)
+    category_taste /= np.maximum(count, 1)[:, None]
+    lists = world.history["109_14"]
+    owner = np.repeat(np.arange(n_users), np.diff(lists.offsets))
+    chosen = np.zeros((n_users, dim))
+    np.add.at(chosen, owner, category_taste[lists.entity])
+    rated = np.zeros((n_users, dim))
+    np.add.at(rated, owner, np.log(lists.rate)[:, None] * category_taste[lists.entity])
+    length = np.maximum(np.diff(lists.offsets), 1)[:, None]
+    profile = world.user_profile
+    onehot_121 = np.eye(int(profile[:, 0].max()) + 1)[profile[:, 0]]
+    x = np.hstack(
+        [chosen, rated, chosen / length, onehot_121, profile[:, 2:3], np.ones((n_users, 1))]
+    )
+    y = world.user_taste
+    fold = np.random.default_rng(seed).integers(0, folds, n_users)
+    best = None
+    for alpha in alphas:
+        pred = np.zeros_like(y)
+        for f in range(folds):
+            fit, held = fold != f, fold == f
+            w = np.linalg.solve(x[fit].T @ x[fit] + alpha * np.eye(x.shape[1]), x[fit].T @ y[fit])
+            pred[held] = x[held] @ w
+        error = float(((y - pred) ** 2).sum())
+        if best is None or error < best[0]:
+            best = (error, pred)
+    pred = best[1]
+    residual = y - pred
+    return pred, residual.T @ residual / n_users
+
+
+def user_posteriors(
+    world, train: dict[str, np.ndarray], bias: tuple[float, float], newton_steps: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior modes of each user's taste and conversion fit (Laplace), from the history
+    (the prior, `taste_from_history`; the fit's prior is its N(0, I)) and the user's training
+    clicks and conversions. Everything else in each training logit is given exactly,
+    item effects and item latents included. Returns (users, taste dim), (users, fit dim)."""
+    prof = world.profile
+    taste_mean, taste_cov = taste_from_history(world)
+    n_users, d_taste = world.user_taste.shape
+    d_fit = world.user_fit.shape[1]
+    d = d_taste + d_fit
+    prior_mean = np.hstack([taste_mean, np.zeros((n_users, d_fit))])
+    prior_precision = np.zeros((d, d))
+    prior_precision[:d_taste, :d_taste] = np.linalg.inv(taste_cov)
+    prior_precision[d_taste:, d_taste:] = np.eye(d_fit)
+    user, item, click = train["user"], train["item"], train["click"]
+    # Click logit = offset + x . z (z = [taste, fit]); conversion likewise on clicked rows.
+    x_ctr = np.hstack([prof.affinity * world.item_taste[item], np.zeros((len(item), d_fit))])
+    x_cvr = np.hstack(
+        [prof.cvr_affinity * world.item_taste[item], prof.cvr_fit * world.item_fit[item]]
+    )[click]
+    rest = train["hidden_ctr"] + world.item_ctr[item] + bias[0]
+    o_ctr = train["known_ctr"] - train["taste_ctr"] + rest
+    rest_cvr = train["hidden_cvr"] + world.item_cvr[item] + bias[1]
+    o_cvr = (train["known_cvr"] - train["taste_cvr"] - train["fit_cvr"] + rest_cvr)[click]
+    rows = (
+        (user, o_ctr, x_ctr, click.astype(float)),
+        (user[click], o_cvr, x_cvr, train["conversion"][click].astype(float)),
+    )
+    z = prior_mean.copy()
+    for _ in range(newton_steps):
+        grad = -(z - prior_mean) @ prior_precision
+        hess = np.broadcast_to(-prior_precision, (n_users, d, d)).copy()
+        for owner, offset, x, label in rows:
+            p = 1.0 / (1.0 + np.exp(-(offset + np.einsum("ij,ij->i", x, z[owner]))))
+            np.add.at(grad, owner, (label - p)[:, None] * x)
+            np.add.at(hess, owner, -(p * (1 - p))[:, None, None] * x[:, :, None] * x[:, None, :])
+        z = z - np.linalg.solve(hess, grad[:, :, None])[:, :, 0]
+    return z[:, :d_taste], z[:, d_taste:]
+
+
+def with_user_estimates(
+    world, split: dict[str, np.ndarray], taste: np.ndarray, fit: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The split with the true user taste and fit in its known logits replaced by estimates."""
+    prof = world.profile
+    user, item = split["user"], split["item"]
+    t = np.einsum("ij,ij->i", taste[user], world.item_taste[item])
+    f = np.einsum("ij,ij->i", fit[user], world.item_fit[item])
+    known_ctr = split["known_ctr"] - split["taste_ctr"] + prof.affinity * t
+    known_cvr = (
+        split["known_cvr"]
+        - split["taste_cvr"]
+        - split["fit_cvr"]
+        + prof.cvr_affinity * t
+        + prof.cvr_fit * f
+    )
+    return {**split, "known_ctr": known_ctr, "known_cvr": known_cvr}
 
 
 def genie_predict(
@@ -224,6 +346,22 @@ def main() -> None:
     click, conv = test["click"], test["conversion"]
     oracle = aucs(click, conv, test["p_ctr"], test["p_ctr"] * test["p_cvr"], test["p_cvr"])
     genie = aucs(click, conv, p_ctr, p_ctcvr)
+    # The users' taste and conversion fit only as the data reveal them.
+    taste, fit = user_posteriors(world, train, bias)
+    p_ctr_u, p_ctcvr_u = genie_predict(
+        with_user_estimates(world, test, taste, fit),
+        posterior,
+        support_ctr,
+        support_cvr,
+        bias,
+        noise,
+    )
+    data_genie = aucs(click, conv, p_ctr_u, p_ctcvr_u)
+    test_users = test["user"]
+    taste_corr = np.corrcoef(
+        np.einsum("ij,ij->i", taste[test_users], world.item_taste[test["item"]]),
+        test["taste_ctr"],
+    )[0, 1]
     # Item effects known too: only the context noise integrated out.
     a = test["known_ctr"] + world.item_ctr[test["item"]]
     b = test["known_cvr"] + world.item_cvr[test["item"]]
@@ -252,6 +390,9 @@ def main() -> None:
         "without_context_noise": {m: round(v, 4) for m, v in no_noise.items()},
         "genie": {m: round(v, 4) for m, v in genie.items()},
         "irreducible_gap": {m: round(oracle[m] - genie[m], 4) for m in METRICS},
+        "genie_users_from_data": {m: round(v, 4) for m, v in data_genie.items()},
+        "gap_users_from_data": {m: round(oracle[m] - data_genie[m], 4) for m in METRICS},
+        "test_taste_correlation_users_from_data": round(float(taste_corr), 4),
         "ctr_auc_of_the_true_logit_without": without,
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -8,7 +8,15 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.attainable import aucs, genie_predict, item_posteriors, replay
+from benchmarks.attainable import (
+    aucs,
+    genie_predict,
+    item_posteriors,
+    replay,
+    taste_from_history,
+    user_posteriors,
+    with_user_estimates,
+)
 from tasks.synth import synthesize_ali_ccp
 
 
@@ -70,6 +78,36 @@ def test_genie_is_below_the_oracle_and_above_an_item_blind_predictor(world_and_f
     oracle = _oracle(test)
     assert blind["ctr_auc"] < genie["ctr_auc"] < oracle["ctr_auc"]
     assert genie["ctcvr_auc"] < oracle["ctcvr_auc"]
+
+
+def test_user_latents_learnt_from_the_data_rank_between_knowing_them_and_not(world_and_files):
+    """The data genie: users' taste from their history, then taste and fit from their labels.
+    It ranks below the genie told the true latents and above one that knows nothing of them."""
+    _, (world, bias, splits) = world_and_files
+    train, test = splits["train"], splits["test"]
+    prior_taste, residual_cov = taste_from_history(world)
+    truth = world.user_taste
+    assert np.trace(residual_cov) < 0.8 * truth.var(axis=0).sum()  # history explains taste
+    taste, fit = user_posteriors(world, train, bias)
+    assert taste.shape == truth.shape and fit.shape == world.user_fit.shape
+    r = np.corrcoef(taste.ravel(), truth.ravel())[0, 1]
+    assert r > np.corrcoef(prior_taste.ravel(), truth.ravel())[0, 1] - 0.02  # clicks add
+    support_ctr, support_cvr = world.item_ctr[:128], world.item_cvr[:128]
+    posterior = item_posteriors(train, support_ctr, support_cvr, bias, len(world.item_ctr))
+    noise = world.profile.context_noise
+
+    def scored(split):
+        return aucs(
+            test["click"],
+            test["conversion"],
+            *genie_predict(split, posterior, support_ctr, support_cvr, bias, noise),
+        )
+
+    told = scored(test)
+    learnt = scored(with_user_estimates(world, test, taste, fit))
+    blind = scored(with_user_estimates(world, test, 0 * taste, 0 * fit))
+    assert blind["ctr_auc"] < learnt["ctr_auc"] < told["ctr_auc"]
+    assert blind["ctcvr_auc"] < learnt["ctcvr_auc"] < told["ctcvr_auc"]
 
 
 def test_each_named_part_of_the_click_logit_ranks_the_clicks(world_and_files):
