@@ -119,6 +119,11 @@ class ModelConfig(_Section):
     # Feed the towers each field's log1p(weight total) and log1p(entry count), e.g. the
     # history counts the crosses 508/509/702/853 carry, whatever the matched id
     weight_features: bool = True
+    # Crosses (508 = 109_14 x 206, 509, 702, 853) whose history and item tables start from
+    # a factorisation of their ids' co-occurrence in the training contexts
+    # (tasks.cooccurrence); [] starts every table at random
+    cooccurrence_init: tuple[Literal["508", "509", "702", "853"], ...] = ("508",)
+    cooccurrence_scale: float = Field(0.3, gt=0.0)  # spread of those initial rows
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
     # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;

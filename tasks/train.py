@@ -474,6 +474,19 @@ def train_esmm(
             with np.load(ckpt_dir / "rng.npz") as rng:
                 for i, variable in enumerate(_rng_states(model)):
                     variable.assign(rng[str(i)])
+        elif model_cfg.cooccurrence_init:
+            from tasks.cooccurrence import initialise_from_cooccurrence
+
+            for tables in initialise_from_cooccurrence(
+                model,
+                train,
+                vocab,
+                model_cfg.cooccurrence_init,
+                model_cfg.cooccurrence_scale,
+                seed=train_cfg.seed,
+            ):
+                if verbose:
+                    print(tables.summary(), flush=True)
 
     variant, batch_size = model_cfg.variant, train_cfg.batch_size
     # A step is one batch per replica; distributed, a pass drops its last few batches
