@@ -87,6 +87,9 @@ def replay(n_train: int, n_test: int, seed: int, profile: str = "default"):
                 ("taste_ctr", prof.affinity * taste),
                 ("taste_cvr", prof.cvr_affinity * taste),
                 ("fit_cvr", prof.cvr_fit * fit),
+                ("item_cvr", world.item_cvr[block.item]),
+                ("brand_cvr", world.brand_cvr[block.brand]),
+                ("category_cvr", world.category_cvr[block.category]),
                 ("item_ctr", world.item_ctr[block.item]),
                 ("brand_ctr", world.brand_ctr[block.brand]),
                 ("category_ctr", world.category_ctr[block.category]),
@@ -304,6 +307,9 @@ def aucs(
 
 
 CTR_PARTS = ("taste_ctr", "item_ctr", "brand_ctr", "category_ctr")
+# named parts of the true conversion logit (the rest: price fit, the brand and shop
+# history counts)
+CVR_PARTS = ("taste_cvr", "fit_cvr", "item_cvr", "brand_cvr", "category_cvr")
 
 
 def ctr_auc_without_parts(split: dict[str, np.ndarray]) -> dict[str, float]:

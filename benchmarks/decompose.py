@@ -22,17 +22,20 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.attainable import CTR_PARTS, ctr_auc_without_parts, replay
+from benchmarks.attainable import CTR_PARTS, CVR_PARTS, ctr_auc_without_parts, replay
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def regress_on_parts(logit: np.ndarray, split: dict[str, np.ndarray]) -> dict[str, object]:
-    """Least-squares coefficients of `logit` on the true logit's parts (and the rest), the
-    R^2, and each part's correlation with `logit`."""
-    truth = split["known_ctr"] + split["item_ctr"]
-    rest = truth - sum(split[p] for p in CTR_PARTS)
-    parts = {**{p: split[p] for p in CTR_PARTS}, "rest": rest}
+def regress_on_parts(
+    logit: np.ndarray, split: dict[str, np.ndarray], tower: str = "ctr"
+) -> dict[str, object]:
+    """Least-squares coefficients of `logit` on the true `tower` logit's parts (and the
+    rest), the R^2, and each part's correlation with `logit`."""
+    names = CTR_PARTS if tower == "ctr" else CVR_PARTS
+    truth = split[f"known_{tower}"] + split[f"item_{tower}"]
+    rest = truth - sum(split[p] for p in names)
+    parts = {**{p: split[p] for p in names}, "rest": rest}
     design = np.column_stack([*parts.values(), np.ones(len(logit))])
     coef, *_ = np.linalg.lstsq(design, logit, rcond=None)
     residual = logit - design @ coef
@@ -44,8 +47,9 @@ def regress_on_parts(logit: np.ndarray, split: dict[str, np.ndarray]) -> dict[st
     }
 
 
-def model_logits(model_path: Path, split_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The model's CTR logit per test impression, in sample-id order, and the click labels."""
+def model_logits(model_path: Path, split_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's CTR and CVR logits per test impression, in sample-id order, and the
+    click labels."""
     import keras
 
     import models.esmm  # noqa: F401  (registers the custom layers)
@@ -54,8 +58,12 @@ def model_logits(model_path: Path, split_dir: Path) -> tuple[np.ndarray, np.ndar
     model = keras.models.load_model(model_path)
     frame = predict_split(model, split_dir)
     order = np.argsort(frame["sample_id"].to_numpy().astype(np.int64), kind="stable")
-    p = np.clip(frame["p_ctr"].to_numpy()[order], 1e-12, 1 - 1e-12)
-    return np.log(p / (1 - p)), frame["click"].to_numpy()[order]
+
+    def logit(column: str) -> np.ndarray:
+        p = np.clip(frame[column].to_numpy()[order], 1e-12, 1 - 1e-12)
+        return np.log(p / (1 - p))
+
+    return logit("p_ctr"), logit("p_cvr"), frame["click"].to_numpy()[order]
 
 
 def main() -> None:
@@ -76,7 +84,7 @@ def main() -> None:
 
     _, _, splits = replay(args.train, args.test, args.seed, args.profile)
     test = splits["test"]
-    logit, click = model_logits(args.model, args.split)
+    logit, cvr_logit, click = model_logits(args.model, args.split)
     if len(logit) != len(test["click"]) or not np.array_equal(click, test["click"]):
         raise SystemExit(
             f"{args.split}: its {len(logit)} impressions and clicks are not those of the "
@@ -93,6 +101,10 @@ def main() -> None:
         "test_impressions": args.test,
         "ctr_auc_of_the_true_logit_without": ctr_auc_without_parts(test),
         "model_ctr_logit_on_the_true_parts": regress_on_parts(logit, test),
+        # on the clicked impressions, where the clicked-CVR AUC is measured
+        "model_cvr_logit_on_the_true_parts_clicked": regress_on_parts(
+            cvr_logit[click == 1], {k: v[click == 1] for k, v in test.items()}, "cvr"
+        ),
     }
     print(json.dumps(record, indent=2))
     print(f"wrote {write_record(args.out, f'decompose-{args.train}', record, args.tag)}")

@@ -142,3 +142,24 @@ def test_regression_on_the_parts_recovers_planted_coefficients(world_and_files):
         abs=1e-6,
     )
     assert got["r2"] == pytest.approx(1.0)
+
+
+def test_the_conversion_parts_rank_conversions_and_regress_like_the_click_parts(world_and_files):
+    """The replayed conversion-logit parts: each ranks the conversions of clicked
+    impressions above chance, and the regression recovers planted coefficients."""
+    from sklearn.metrics import roc_auc_score
+
+    from benchmarks.attainable import CVR_PARTS
+    from benchmarks.decompose import regress_on_parts
+
+    _, (_, _, splits) = world_and_files
+    train, test = splits["train"], splits["test"]
+    clicked = train["click"]
+    for part in CVR_PARTS:
+        assert roc_auc_score(train["conversion"][clicked], train[part][clicked]) > 0.52, part
+    truth = test["known_cvr"] + test["item_cvr"]
+    rest = truth - sum(test[p] for p in CVR_PARTS)
+    logit = 0.5 * test["fit_cvr"] + 0.2 * test["item_cvr"] + rest - 1.0
+    got = regress_on_parts(logit, test, "cvr")
+    planted = dict.fromkeys(CVR_PARTS, 0.0) | {"fit_cvr": 0.5, "item_cvr": 0.2, "rest": 1.0}
+    assert got["coefficients"] == pytest.approx(planted, abs=1e-6)
