@@ -5,8 +5,11 @@ user x item taste, the item's, brand's and category's own effects, and the rest 
 x category effects, position, the crosses' history counts). This script scores the test
 split with a trained model (a `model.keras` of `benchmarks.quality` or `esmm train`) and
 regresses the model's CTR logit on those parts by least squares: a coefficient of 1 means
-the model ranks by that part as the truth does, 0 that it has not learnt it. The record
-also holds what each part is worth: the CTR AUC of the true logit without it.
+the model ranks by that part as the truth does, 0 that it has not learnt it. It does the
+same for the model's CVR logit against the true conversion logit's parts (taste, the
+user x item fit, the item's, brand's and category's conversion effects, the rest) over
+the clicked impressions, where the clicked-CVR AUC is measured. The record also holds what
+each click part is worth: the CTR AUC of the true logit without it.
 
     python -m benchmarks.decompose \\
         --model /work/bench/quality/default-1000000-300000-2018/train-esmm-T/model.keras \\
