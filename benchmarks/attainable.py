@@ -162,10 +162,13 @@ def taste_from_history(world, folds: int = 2, alphas=(0.3, 1.0, 3.0, 10.0), seed
     rated = np.zeros((n_users, dim))
     np.add.at(rated, owner, np.log(lists.rate)[:, None] * category_taste[lists.entity])
     length = np.maximum(np.diff(lists.offsets), 1)[:, None]
-    profile = world.user_profile
-    onehot_121 = np.eye(int(profile[:, 0].max()) + 1)[profile[:, 0]]
+    from tasks.synth import PROFILE_FIELDS
+
+    profile_category = world.user_profile[:, PROFILE_FIELDS.index("121")]
+    gender = world.user_profile[:, PROFILE_FIELDS.index("124")]
+    onehot_121 = np.eye(int(profile_category.max()) + 1)[profile_category]
     x = np.hstack(
-        [chosen, rated, chosen / length, onehot_121, profile[:, 2:3], np.ones((n_users, 1))]
+        [chosen, rated, chosen / length, onehot_121, gender[:, None], np.ones((n_users, 1))]
     )
     y = world.user_taste
     fold = np.random.default_rng(seed).integers(0, folds, n_users)

@@ -12,7 +12,7 @@ import pytest
 
 from models.features import COMMON_INDEX_KEY, ids_key, wts_key
 from tasks.config import ModelConfig, TowerConfig, TrainConfig
-from tasks.cooccurrence import cooccurrence_tables, initialise_from_cooccurrence
+from tasks.cooccurrence import _rows, cooccurrence_tables, initialise_from_cooccurrence
 from tasks.train import SplitReader, compiled_model
 
 GROUPS = (np.arange(100, 110), np.arange(200, 210))  # two tastes' category ids
@@ -132,6 +132,11 @@ def test_the_model_tables_get_the_seen_rows_and_keep_the_rest(clustered, variant
         cvr_tower=TowerConfig(units=[8]),
     )
     model = compiled_model(config, TrainConfig(seed=3), vocab)
+    for field in ("109_14", "206"):  # the tables' rows are the model's own id mapping
+        ids = np.concatenate([vocab[field], [1, 99_999]])  # two ids outside the vocabulary
+        np.testing.assert_array_equal(
+            np.asarray(model.get_layer(f"lookup_{field}")(ids)), _rows(vocab[field], ids)
+        )
     before = {w.path: np.array(w.numpy()) for w in model.weights}
     (tables,) = initialise_from_cooccurrence(
         model, SplitReader(clustered), vocab, ["508"], scale=0.3, seed=3
