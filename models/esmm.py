@@ -526,28 +526,28 @@ def build_esmm(
 
     # Per tower: user fields (n_contexts, 13 * dim) and item fields (batch, 10 * dim),
     # in ALL_FIELDS order. In ESMM both towers read the same tensors.
+    # With `weight_features`, each side also gets its fields' log1p weight total and entry
+    # count (user fields: (n_contexts, 13 * dim + 26); item fields: (batch, 10 * dim + 20)).
+    stats = (
+        {f: WeightStats(name=f"weight_stats_{f}")(inputs[wts_key(f)]) for f in ALL_FIELDS}
+        if config.weight_features
+        else {}
+    )
     towers = {}
     for tower in ("ctr", "cvr") if separate else ("ctr",):
         prefix = f"{tower}_" if separate else "shared_"
-        towers[tower] = tuple(
-            keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_embeddings")(
-                [bags[tower][f] for f in ALL_FIELDS if (f in COMMON_FIELDS) == is_user]
+        sides = []
+        for is_user, side in ((True, "user"), (False, "item")):
+            fields = [f for f in ALL_FIELDS if (f in COMMON_FIELDS) == is_user]
+            part = keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_embeddings")(
+                [bags[tower][f] for f in fields]
             )
-            for is_user, side in ((True, "user"), (False, "item"))
-        )
-    if config.weight_features:
-        # Per field: log1p of its weight total and entry count, with the field's side.
-        stats = {f: WeightStats(name=f"weight_stats_{f}")(inputs[wts_key(f)]) for f in ALL_FIELDS}
-        for tower in towers:
-            user, item = towers[tower]
-            prefix = f"{tower}_" if separate else "shared_"
-            user = keras.layers.Concatenate(axis=-1, name=f"{prefix}user_with_stats")(
-                [user] + [stats[f] for f in COMMON_FIELDS]
-            )  # (n_contexts, 13 * dim + 26)
-            item = keras.layers.Concatenate(axis=-1, name=f"{prefix}item_with_stats")(
-                [item] + [stats[f] for f in SKELETON_FIELDS]
-            )  # (batch, 10 * dim + 20)
-            towers[tower] = (user, item)
+            if stats:
+                part = keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_with_stats")(
+                    [part] + [stats[f] for f in fields]
+                )
+            sides.append(part)
+        towers[tower] = tuple(sides)
     if config.interactions:
         # Per tower (once in ESMM, shared): the user x item dots of the format's crosses,
         # joining the item (per impression) part of the tower's input.
