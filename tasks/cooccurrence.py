@@ -183,20 +183,21 @@ def cooccurrence_tables(
 
 
 def initialise_from_cooccurrence(
-    model, reader, vocab: Mapping[str, np.ndarray], crosses: Sequence[str], scale: float, seed: int
+    model,
+    reader,
+    vocab: Mapping[str, np.ndarray],
+    crosses: Sequence[str],
+    dim: int,
+    scale: float,
+    seed: int,
 ) -> list[CooccurrenceTables]:
     """Set the seen rows of each cross's history and item tables (every tower's copy in
-    ESMM-NS and BASE) from `cooccurrence_tables`."""
+    ESMM-NS and BASE; `dim` = `model.embedding_dim`) from `cooccurrence_tables`."""
     from models.esmm import EmbeddingBag
 
     done = []
     for cross in crosses:
         history_field, item_field = CROSSES[cross]
-        dim = next(
-            layer.output_dim
-            for layer in model.layers
-            if isinstance(layer, EmbeddingBag) and layer.name.endswith(f"embedding_{item_field}")
-        )
         tables = cooccurrence_tables(reader, vocab, cross, dim, scale, seed=seed)
         for field, rows, seen in (
             (history_field, tables.history, tables.history_seen),

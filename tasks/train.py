@@ -482,6 +482,7 @@ def train_esmm(
                 train,
                 vocab,
                 model_cfg.cooccurrence_init,
+                model_cfg.embedding_dim,
                 model_cfg.cooccurrence_scale,
                 seed=train_cfg.seed,
             ):

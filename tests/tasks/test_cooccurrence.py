@@ -139,7 +139,7 @@ def test_the_model_tables_get_the_seen_rows_and_keep_the_rest(clustered, variant
         )
     before = {w.path: np.array(w.numpy()) for w in model.weights}
     (tables,) = initialise_from_cooccurrence(
-        model, SplitReader(clustered), vocab, ["508"], scale=0.3, seed=3
+        model, SplitReader(clustered), vocab, ["508"], dim=4, scale=0.3, seed=3
     )
     prefixes = [""] if variant == "esmm" else ["ctr_", "cvr_"]
     changed = set()
