@@ -50,16 +50,18 @@ def regress_on_parts(
     }
 
 
-def model_logits(model_path: Path, split_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def model_logits(
+    model_path: Path, split_dir: Path, first_id_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's CTR and CVR logits per test impression, in sample-id order, and the
-    click labels."""
+    click labels (`first_id_only`: fed as the first-id baseline was trained)."""
     import keras
 
     import models.esmm  # noqa: F401  (registers the custom layers)
     from tasks.train import predict_split
 
     model = keras.models.load_model(model_path)
-    frame = predict_split(model, split_dir)
+    frame = predict_split(model, split_dir, first_id_only=first_id_only)
     order = np.argsort(frame["sample_id"].to_numpy().astype(np.int64), kind="stable")
 
     def logit(column: str) -> np.ndarray:
@@ -81,13 +83,16 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--first-id", action="store_true", help="feed the first id of each field (that baseline)"
+    )
     args = parser.parse_args()
 
     from benchmarks.machine import machine_info, write_record
 
     _, _, splits = replay(args.train, args.test, args.seed, args.profile)
     test = splits["test"]
-    logit, cvr_logit, click = model_logits(args.model, args.split)
+    logit, cvr_logit, click = model_logits(args.model, args.split, args.first_id)
     if len(logit) != len(test["click"]) or not np.array_equal(click, test["click"]):
         raise SystemExit(
             f"{args.split}: its {len(logit)} impressions and clicks are not those of the "
@@ -98,6 +103,7 @@ def main() -> None:
         "benchmark": "decompose",
         "machine": machine_info(),
         "model": str(args.model),
+        "first_id_only": args.first_id,
         "profile": args.profile,
         "seed": args.seed,
         "train_impressions": args.train,
