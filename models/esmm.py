@@ -286,6 +286,41 @@ class UserItemDot(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+class GradientScale(keras.layers.Layer):
+    """The identity forward; backward, the incoming gradient times `factor`.
+
+    Put between the shared embeddings and one task's tower, it sets how strongly that task
+    moves the shared tables without changing the model, its loss or the tower's own
+    updates (the balancing of task gradients on shared parameters of MetaBalance, He et
+    al., WWW 2022, with a fixed factor).
+    """
+
+    def __init__(self, factor: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.factor = float(factor)
+
+    def call(self, inputs: Any) -> Any:
+        factor = self.factor
+
+        @ops.custom_gradient
+        def scaled(x: Any) -> Any:
+            def grad(*args: Any, upstream: Any = None) -> Any:
+                if upstream is None:  # the TensorFlow backend passes it positionally
+                    (upstream,) = args
+                return ops.multiply(upstream, factor)
+
+            return ops.multiply(x, 1.0), grad  # x * 1.0: exactly x, as a new tensor
+
+        return scaled(inputs)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "factor": self.factor}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
 class WeightStats(keras.layers.Layer):
     """A field's weights -> `[log1p(sum of weights), log1p(number of entries)]` per row.
 
@@ -568,6 +603,11 @@ def build_esmm(
             towers[tower] = (user, item)
     if not separate:
         towers["cvr"] = towers["ctr"]
+        if config.cvr_gradient_scale != 1.0:  # the CVR tower's pull on the shared tables
+            towers["cvr"] = tuple(
+                GradientScale(config.cvr_gradient_scale, name=f"cvr_gradient_scale_{side}")(x)
+                for side, x in zip(("user", "item"), towers["ctr"], strict=True)
+            )
 
     ctr_logit = _tower(*towers["ctr"], context_row, config.ctr_tower, "ctr", ctr_seed)
     cvr_logit = _tower(*towers["cvr"], context_row, config.cvr_tower, "cvr", cvr_seed)

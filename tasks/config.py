@@ -124,6 +124,11 @@ class ModelConfig(_Section):
     # (tasks.cooccurrence); [] starts every table at random
     cooccurrence_init: tuple[Literal["508", "509", "702", "853"], ...] = ("508",)
     cooccurrence_scale: float = Field(0.3, gt=0.0)  # spread of those initial rows
+    # ESMM: multiplies the gradient the CVR tower sends into the shared embedding tables
+    # (the forward pass is unchanged; 1 = plain backpropagation). The click loss dominates
+    # Adam's per-row step size of the shared tables, and the conversion-only effects reach
+    # them only through p_ctr * p_cvr. No effect in esmm_ns and base (no shared tables).
+    cvr_gradient_scale: float = Field(5.0, gt=0.0)
     ctr_tower: TowerConfig = TowerConfig()
     cvr_tower: TowerConfig = TowerConfig()
     # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;

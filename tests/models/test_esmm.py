@@ -17,6 +17,7 @@ from models.esmm import (
     CONTEXT_ROW_KEY,
     EmbeddingBag,
     EsmmModel,
+    GradientScale,
     UserItemDot,
     WeightStats,
     binary_crossentropy_per_row,
@@ -201,6 +202,57 @@ def test_each_embedding_table_feeds_both_towers(model, batch):
         for field, grad in zip(ALL_FIELDS, grads, strict=True):
             assert grad is not None, (name, field)
             assert np.abs(tf.convert_to_tensor(grad).numpy()).max() > 0, (name, field)
+
+
+def _dense(grad) -> np.ndarray:
+    return tf.convert_to_tensor(grad).numpy()
+
+
+def test_cvr_gradient_scale_multiplies_only_the_cvr_towers_pull_on_the_shared_tables(
+    vocabularies, batch
+):
+    """Same predictions; d p_cvr / d E_F times the factor for every shared table; the click
+    tower's gradients and the CVR tower's own weights' gradients unchanged."""
+    plain = build_esmm(
+        SMALL_CONFIG.model_copy(update={"cvr_gradient_scale": 1.0}), vocabularies, seed=3
+    )
+    scaled = build_esmm(
+        SMALL_CONFIG.model_copy(update={"cvr_gradient_scale": 5.0}), vocabularies, seed=3
+    )
+    before, after = predict(plain, batch), predict(scaled, batch)
+    for key in OUTPUT_KEYS:
+        np.testing.assert_array_equal(after[key], before[key])
+
+    grads = {}
+    for name, model in (("plain", plain), ("scaled", scaled)):
+        tables = embedding_layers(model)
+        variables = [tables[field].weights[0] for field in ALL_FIELDS]
+        tower = model.get_layer("cvr_logit").kernel
+        with tf.GradientTape(persistent=True) as tape:
+            out = model(batch, training=False)
+            ctr, cvr = tf.reduce_sum(out["p_ctr"]), tf.reduce_sum(out["p_cvr"])
+        grads[name] = (
+            [_dense(g) for g in tape.gradient(ctr, variables)],
+            [_dense(g) for g in tape.gradient(cvr, variables)],
+            _dense(tape.gradient(cvr, tower)),
+        )
+    for field, plain_g, scaled_g in zip(
+        ALL_FIELDS, grads["plain"][0], grads["scaled"][0], strict=True
+    ):
+        np.testing.assert_array_equal(scaled_g, plain_g, err_msg=field)
+    for field, plain_g, scaled_g in zip(
+        ALL_FIELDS, grads["plain"][1], grads["scaled"][1], strict=True
+    ):
+        assert np.abs(plain_g).max() > 0, field
+        np.testing.assert_allclose(scaled_g, 5.0 * plain_g, rtol=1e-5, atol=1e-6, err_msg=field)
+    np.testing.assert_array_equal(grads["scaled"][2], grads["plain"][2])
+
+
+@pytest.mark.parametrize("variant", ["esmm_ns", "base"])
+def test_cvr_gradient_scale_leaves_the_ablations_separate_tables_alone(vocabularies, variant):
+    config = SMALL_CONFIG.model_copy(update={"variant": variant, "cvr_gradient_scale": 5.0})
+    model = build_esmm(config, vocabularies, seed=3)
+    assert not [layer for layer in model.layers if isinstance(layer, GradientScale)]
 
 
 # --- User x item interactions ----------------------------------------------------------
@@ -464,6 +516,7 @@ def test_keras_round_trip_reproduces_predictions_and_training_state(vocabularies
         update={
             "pooling": "sum",
             "embedding_l2": 1e-5,
+            "cvr_gradient_scale": 3.0,
             "cvr_tower": TowerConfig(units=[8, 4], batch_norm=True, dropout=0.2, l2=1e-4),
         }
     )
