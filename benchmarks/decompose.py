@@ -15,6 +15,11 @@ each click part is worth: the CTR AUC of the true logit without it.
         --model /work/bench/quality/default-1000000-300000-2018/train-esmm-T/model.keras \\
         --split /work/bench/quality/default-1000000-300000-2018/ingest-2/test \\
         --train 1000000 --test 300000
+
+`--model` and `--first-id-model` (the first-id baseline's models, fed the first id of each
+field as they were trained) may be given several times, e.g. one per training seed: the
+split is replayed once, each model gets its regressions, and the record adds the mean
+coefficients per kind of input.
 """
 
 from __future__ import annotations
@@ -71,11 +76,44 @@ def model_logits(
     return logit("p_ctr"), logit("p_cvr"), frame["click"].to_numpy()[order]
 
 
+_REGRESSIONS = ("model_ctr_logit_on_the_true_parts", "model_cvr_logit_on_the_true_parts_clicked")
+
+
+def _regressions(model: Path, first_id: bool, args, test: dict[str, np.ndarray]) -> dict:
+    """One model's regressions of its CTR and CVR logits on the true parts."""
+    logit, cvr_logit, click = model_logits(model, args.split, first_id)
+    if len(logit) != len(test["click"]) or not np.array_equal(click, test["click"]):
+        raise SystemExit(
+            f"{args.split}: its {len(logit)} impressions and clicks are not those of the "
+            f"generator's test split with --train {args.train} --test {args.test} "
+            f"--seed {args.seed} --profile {args.profile}"
+        )
+    ctr_key, cvr_key = _REGRESSIONS
+    return {
+        "model": str(model),
+        "first_id_only": first_id,
+        ctr_key: regress_on_parts(logit, test),
+        # on the clicked impressions, where the clicked-CVR AUC is measured
+        cvr_key: regress_on_parts(
+            cvr_logit[click == 1], {k: v[click == 1] for k, v in test.items()}, "cvr"
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, required=True, help="a trained model.keras")
+    parser.add_argument(
+        "--model", type=Path, action="append", default=[], help="a trained model.keras"
+    )
+    parser.add_argument(
+        "--first-id-model",
+        type=Path,
+        action="append",
+        default=[],
+        help="a model of the first-id baseline (fed the first id of each field)",
+    )
     parser.add_argument("--split", type=Path, required=True, help="the ingested test split")
     parser.add_argument("--train", type=int, default=1_000_000)
     parser.add_argument("--test", type=int, default=300_000)
@@ -83,38 +121,40 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
-    parser.add_argument(
-        "--first-id", action="store_true", help="feed the first id of each field (that baseline)"
-    )
     args = parser.parse_args()
+    models = [(path, False) for path in args.model] + [(path, True) for path in args.first_id_model]
+    if not models:
+        parser.error("give at least one --model or --first-id-model")
 
     from benchmarks.machine import machine_info, write_record
 
     _, _, splits = replay(args.train, args.test, args.seed, args.profile)
     test = splits["test"]
-    logit, cvr_logit, click = model_logits(args.model, args.split, args.first_id)
-    if len(logit) != len(test["click"]) or not np.array_equal(click, test["click"]):
-        raise SystemExit(
-            f"{args.split}: its {len(logit)} impressions and clicks are not those of the "
-            f"generator's test split with --train {args.train} --test {args.test} "
-            f"--seed {args.seed} --profile {args.profile}"
-        )
+    entries = [_regressions(path, first_id, args, test) for path, first_id in models]
     record = {
         "benchmark": "decompose",
         "machine": machine_info(),
-        "model": str(args.model),
-        "first_id_only": args.first_id,
         "profile": args.profile,
         "seed": args.seed,
         "train_impressions": args.train,
         "test_impressions": args.test,
         "ctr_auc_of_the_true_logit_without": ctr_auc_without_parts(test),
-        "model_ctr_logit_on_the_true_parts": regress_on_parts(logit, test),
-        # on the clicked impressions, where the clicked-CVR AUC is measured
-        "model_cvr_logit_on_the_true_parts_clicked": regress_on_parts(
-            cvr_logit[click == 1], {k: v[click == 1] for k, v in test.items()}, "cvr"
-        ),
     }
+    if len(entries) == 1:
+        record.update(entries[0])
+    else:
+        record["models"] = entries
+        record["mean_coefficients"] = {
+            kind: {
+                key: {
+                    part: round(float(np.mean([e[key]["coefficients"][part] for e in same])), 3)
+                    for part in same[0][key]["coefficients"]
+                }
+                for key in _REGRESSIONS
+            }
+            for kind, first_id in (("every_entry", False), ("first_id", True))
+            if (same := [e for e in entries if e["first_id_only"] == first_id])
+        }
     print(json.dumps(record, indent=2))
     print(f"wrote {write_record(args.out, f'decompose-{args.train}', record, args.tag)}")
 
