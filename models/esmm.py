@@ -36,6 +36,9 @@ Semantics, written down once:
   over ALL impressions, with NO direct loss on p_cvr: the CVR tower learns only through
   the product, over the entire impression space. The conversion label of an unclicked
   impression is multiplied out by its click label.
+- `model.cvr_gradient_scale` (default 5, ESMM only): the gradient the CVR tower sends into
+  the shared tables is multiplied by it (`GradientScale`, the identity forward), so the
+  conversion-only effects are not drowned by the click loss in Adam's per-row steps.
 - Ablations of the paper (`model.variant`): `esmm_ns` gives each tower its own embedding
   tables (two per field) with the same loss; `base` also has separate tables and trains
   the CTR tower with BCE(click, p_ctr) on all impressions and the CVR tower with
