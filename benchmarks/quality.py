@@ -246,7 +246,10 @@ def main() -> None:
         "rows": rows,
     }
     kind = "curve" if args.curve else "table"
-    path = write_record(args.out, f"quality-{kind}-{max(sizes)}", record, args.tag)
+    tag = args.tag  # a profile other than the default is named in the file name too
+    if args.profile != "default" and not tag.startswith(args.profile):
+        tag = f"{args.profile}-{tag}" if tag else args.profile
+    path = write_record(args.out, f"quality-{kind}-{max(sizes)}", record, tag)
     print(f"wrote {path}")
 
 
