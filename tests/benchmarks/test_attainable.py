@@ -11,6 +11,7 @@ import pytest
 from benchmarks.attainable import (
     aucs,
     genie_predict,
+    item_latents_by_category,
     item_posteriors,
     replay,
     taste_from_history,
@@ -108,6 +109,46 @@ def test_user_latents_learnt_from_the_data_rank_between_knowing_them_and_not(wor
     blind = scored(with_user_estimates(world, test, 0 * taste, 0 * fit))
     assert blind["ctr_auc"] < learnt["ctr_auc"] < told["ctr_auc"]
     assert blind["ctcvr_auc"] < learnt["ctcvr_auc"] < told["ctcvr_auc"]
+
+
+def test_item_latents_from_their_category_rank_below_the_true_ones(world_and_files):
+    """The category genie: items' latents at their category's mean. The users' latents are
+    learnt against those, so it ranks below the data genie (true item latents) and above
+    a predictor that knows no user x item term at all."""
+    _, (world, bias, splits) = world_and_files
+    train, test = splits["train"], splits["test"]
+    item_taste, item_fit = item_latents_by_category(world)
+    categories, first = np.unique(world.item_category, return_index=True)
+    at = np.searchsorted(categories, world.item_category)
+    np.testing.assert_array_equal(item_taste, item_taste[first][at])  # one row per category
+    np.testing.assert_array_equal(item_fit, item_fit[first][at])
+    # the category mean keeps most of the taste, not all of it
+    r = np.corrcoef(item_taste.ravel(), world.item_taste.ravel())[0, 1]
+    assert 0.6 < r < 0.99
+    support_ctr, support_cvr = world.item_ctr[:128], world.item_cvr[:128]
+    noise = world.profile.context_noise
+
+    def scored(latents):
+        taste, fit = user_posteriors(world, train, bias, 8, *latents)
+        posterior = item_posteriors(
+            with_user_estimates(world, train, taste, fit, *latents),
+            support_ctr,
+            support_cvr,
+            bias,
+            len(world.item_ctr),
+        )
+        estimated = with_user_estimates(world, test, taste, fit, *latents)
+        return aucs(
+            test["click"],
+            test["conversion"],
+            *genie_predict(estimated, posterior, support_ctr, support_cvr, bias, noise),
+        )
+
+    true_items = scored((world.item_taste, world.item_fit))
+    by_category = scored((item_taste, item_fit))
+    blind = scored((0 * item_taste, 0 * item_fit))
+    assert blind["ctr_auc"] < by_category["ctr_auc"] < true_items["ctr_auc"]
+    assert blind["ctcvr_auc"] < by_category["ctcvr_auc"] < true_items["ctcvr_auc"]
 
 
 def test_each_named_part_of_the_click_logit_ranks_the_clicks(world_and_files):
