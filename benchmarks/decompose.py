@@ -76,6 +76,80 @@ def model_logits(
     return logit("p_ctr"), logit("p_cvr"), frame["click"].to_numpy()[order]
 
 
+def model_tables(model) -> dict[str, np.ndarray]:
+    """A model's 109_14 and 206 tables (ESMM's shared ones, else the CTR tower's)."""
+    names = {layer.name for layer in model.layers}
+    out = {}
+    for field in ("109_14", "206"):
+        name = f"embedding_{field}" if f"embedding_{field}" in names else f"ctr_embedding_{field}"
+        out[field] = np.asarray(model.get_layer(name).embeddings)
+    return out
+
+
+def category_tables(
+    tables: dict[str, np.ndarray], vocab: dict[str, np.ndarray], ranges: dict, world, splits
+) -> dict:
+    """How much of the categories' true taste a model's 109_14 (history categories) and
+    206 (item category) tables hold, and how much of the user x item taste a bilinear form
+    of them can carry.
+
+    Args:
+        tables: per field, the table's rows (row 0 the OOV bucket, then `vocab`'s ids), as
+            `model_tables` gives them.
+        vocab: the model's vocabularies; ranges: `tasks.synth.feature_id_ranges` of the data.
+
+    Returns:
+        `taste_r2_<field>`: R^2 of the best linear map from a table's rows to the true
+        category tastes (the mean taste of each category's items), over the categories it
+        holds. `bilinear_taste_correlation`: the history table's rows averaged over each
+        user's 109_14 list with its rates (as the model's weighted-mean pooling does),
+        against the item category's row; the best bilinear form of the two (least squares
+        on at most 300k training impressions, fitted to the true taste) correlates this
+        much with the true taste on the test split. A model's taste coefficient in the
+        regression above is at most about its square.
+    """
+    from benchmarks.attainable import category_means
+
+    truth = category_means(world, world.item_taste)
+    n_cat = len(truth)
+    by_category, out = {}, {}
+    for field in ("109_14", "206"):
+        held = vocab[field] - ranges[field].start
+        rows = tables[field][1 : len(held) + 1]
+        table = np.zeros((n_cat, rows.shape[1]))
+        table[held] = rows  # categories the vocabulary lacks stay zero
+        x = np.column_stack([rows, np.ones(len(held))])
+        coef, *_ = np.linalg.lstsq(x, truth[held], rcond=None)
+        residual = truth[held] - x @ coef
+        out[f"taste_r2_{field}"] = round(
+            float(1 - (residual**2).sum() / ((truth[held] - truth[held].mean(0)) ** 2).sum()), 3
+        )
+        by_category[field] = table
+    tables = by_category
+    lists = world.history["109_14"]
+    owner = np.repeat(np.arange(len(world.user_taste)), np.diff(lists.offsets))
+    user = np.zeros((len(world.user_taste), tables["109_14"].shape[1]))
+    np.add.at(user, owner, lists.rate[:, None] * tables["109_14"][lists.entity])
+    total = np.bincount(owner, weights=lists.rate, minlength=len(user))
+    user /= np.maximum(total, 1e-12)[:, None]
+
+    def design(split: dict[str, np.ndarray], rows: slice) -> np.ndarray:
+        u = user[split["user"][rows]]
+        v = tables["206"][world.item_category[split["item"][rows]]]
+        return (u[:, :, None] * v[:, None, :]).reshape(len(u), -1)
+
+    fit = slice(0, 300_000)
+    coef, *_ = np.linalg.lstsq(
+        design(splits["train"], fit), splits["train"]["taste_ctr"][fit], rcond=None
+    )
+    test = splits["test"]
+    estimate = design(test, slice(None)) @ coef
+    out["bilinear_taste_correlation"] = round(
+        float(np.corrcoef(estimate, test["taste_ctr"])[0, 1]), 3
+    )
+    return out
+
+
 _REGRESSIONS = ("model_ctr_logit_on_the_true_parts", "model_cvr_logit_on_the_true_parts_clicked")
 
 
@@ -121,16 +195,60 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
+    parser.add_argument(
+        "--tables",
+        action="store_true",
+        help="also measure the taste held by each model's 109_14 and 206 tables "
+        "(category_tables; default profile's category fields)",
+    )
     args = parser.parse_args()
-    models = [(path, False) for path in args.model] + [(path, True) for path in args.first_id_model]
-    if not models:
+    runs = [(path, False) for path in args.model] + [(path, True) for path in args.first_id_model]
+    if not runs:
         parser.error("give at least one --model or --first-id-model")
 
     from benchmarks.machine import machine_info, write_record
 
-    _, _, splits = replay(args.train, args.test, args.seed, args.profile)
+    world, _, splits = replay(args.train, args.test, args.seed, args.profile)
     test = splits["test"]
-    entries = [_regressions(path, first_id, args, test) for path, first_id in models]
+    entries = [_regressions(path, first_id, args, test) for path, first_id in runs]
+    reference = None
+    if args.tables:
+        import keras
+
+        import models.esmm  # noqa: F401  (registers the custom layers)
+        from benchmarks.attainable import category_means
+        from tasks.config import load_params
+        from tasks.cooccurrence import cooccurrence_tables
+        from tasks.ingest import load_vocabularies
+        from tasks.synth import feature_id_ranges
+        from tasks.train import SplitReader
+
+        vocab = load_vocabularies(args.split.parent / "vocab.parquet")
+        ranges = feature_id_ranges(args.train, args.seed, args.profile)
+        for entry, (path, _) in zip(entries, runs, strict=True):
+            tables = model_tables(keras.models.load_model(path))
+            entry["category_tables"] = category_tables(tables, vocab, ranges, world, splits)
+        # References: the co-occurrence start of params.yaml's model (every entry) and the
+        # true category tastes themselves (padded to the same size).
+        model_cfg = load_params(REPO / "params.yaml").model
+        start = cooccurrence_tables(
+            SplitReader(args.split.parent / "train"),
+            vocab,
+            "508",
+            model_cfg.embedding_dim,
+            model_cfg.cooccurrence_scale,
+        )
+        truth = category_means(world, world.item_taste)
+        told = {
+            f: np.vstack([truth[:1] * 0, truth[vocab[f] - ranges[f].start]])
+            for f in ("109_14", "206")
+        }
+        reference = {
+            "cooccurrence_start": category_tables(
+                {"109_14": start.history, "206": start.item}, vocab, ranges, world, splits
+            ),
+            "true_category_tastes": category_tables(told, vocab, ranges, world, splits),
+        }
     record = {
         "benchmark": "decompose",
         "machine": machine_info(),
@@ -140,6 +258,8 @@ def main() -> None:
         "test_impressions": args.test,
         "ctr_auc_of_the_true_logit_without": ctr_auc_without_parts(test),
     }
+    if reference:
+        record["category_tables_reference"] = reference
     if len(entries) == 1:
         record.update(entries[0])
     else:

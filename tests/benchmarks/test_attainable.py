@@ -13,6 +13,7 @@ from benchmarks.attainable import (
     genie_predict,
     item_latents_by_category,
     item_posteriors,
+    learnt_share,
     replay,
     taste_from_history,
     user_posteriors,
@@ -79,6 +80,19 @@ def test_genie_is_below_the_oracle_and_above_an_item_blind_predictor(world_and_f
     oracle = _oracle(test)
     assert blind["ctr_auc"] < genie["ctr_auc"] < oracle["ctr_auc"]
     assert genie["ctcvr_auc"] < oracle["ctcvr_auc"]
+    # Its posterior means carry part of the items' effects: shrunk towards the prior.
+    share = learnt_share((posterior @ support_ctr)[test["item"]], test["item_ctr"])
+    assert 0.05 < share < 1.0
+    assert learnt_share((prior @ support_ctr)[test["item"]], test["item_ctr"]) == pytest.approx(
+        0.0, abs=1e-9
+    )
+
+
+def test_learnt_share_is_the_share_of_the_truth_an_estimate_carries():
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=200_000)
+    estimate = 0.3 * truth + rng.normal(size=truth.size)  # shrunk, plus independent noise
+    assert learnt_share(estimate, truth) == pytest.approx(0.3, abs=0.01)
 
 
 def test_user_latents_learnt_from_the_data_rank_between_knowing_them_and_not(world_and_files):
