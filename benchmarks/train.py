@@ -58,6 +58,7 @@ def dense_flops(model, model_cfg, batch_features) -> dict[str, float]:
     user_dim = first.user_dim
     item_dim = int(first.kernel.shape[0]) - user_dim
     dots = 2 * d * len(CROSSES) if model_cfg.interactions else 0  # user x item dots
+    dots += 2 * d if model_cfg.interest_match else 0  # products and their sum
     batch = len(batch_features["context_row"])
     contexts = len(batch_features["ids_101"])
     per_context, per_impression = 0.0, 0.0

@@ -26,6 +26,16 @@ Semantics, written down once:
   category 206, shops 110_14 x 207, brands 127_14 x 216, intention nodes 150_14 x 210),
   the dot product of the weighted mean of the history field's embeddings with the item
   field's embedding (`UserItemDot`), from the same shared tables.
+- `model.interest_match` (default on): each tower's per-impression input also gets the
+  match of the user's interest with the item's category: the user's interest vector is
+  the weighted mean of their history categories' rows (109_14) plus their profile
+  category's row (121), the item's vector its category's row (206), and the tower reads
+  their dot and element-wise product (`InterestMatch`, `embedding_dim + 1` inputs). The
+  rows come from extra columns of those three fields' tables (width `2 * embedding_dim`,
+  still one table per field, looked up once; `ColumnSplit`): the first half feeds the
+  towers as every table does and carries every effect of a category (click, conversion,
+  gender, age), the second half only the match. Both halves of 109_14 and 206 start from
+  the co-occurrence factorisation (`tasks.cooccurrence`).
 - `model.weight_features` (default on): each tower also reads, per field, `log1p` of the
   weight total and of the entry count (`WeightStats`; user fields once per context). For
   the crosses that is the user's history count of the item's category, shop, brand or
@@ -65,6 +75,7 @@ from models.features import (
     COMMON_FIELDS,
     CROSSES,
     HISTORY_FIELDS,
+    INTEREST_FIELDS,
     SKELETON_FIELDS,
     ids_key,
     wts_key,
@@ -286,6 +297,46 @@ class UserItemDot(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
         return (input_shape[1][0][0], len(input_shape[0]))
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ColumnSplit(keras.layers.Layer):
+    """`(rows, 2 * size)` -> the first `size` columns and the rest."""
+
+    def __init__(self, size: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.size = int(size)
+
+    def call(self, inputs: Any) -> tuple[Any, Any]:
+        return inputs[:, : self.size], inputs[:, self.size :]
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
+        rest = None if input_shape[-1] is None else input_shape[-1] - self.size
+        return (input_shape[0], self.size), (input_shape[0], rest)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "size": self.size}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class InterestMatch(keras.layers.Layer):
+    """The user's interest vector against the item's: their dot and element-wise product.
+
+    Call args:
+        inputs: `[user, item, context_row]`: `(n_contexts, dim)` interest vectors,
+            `(batch, dim)` item vectors and `(batch,)` int rows as in `ContextDense`.
+
+    Returns:
+        `(batch, dim + 1)`: the dot, then the `dim` products.
+    """
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        user, item, context_row = inputs
+        product = ops.take(user, _context_rows(context_row), axis=0) * item
+        return ops.concatenate([ops.sum(product, axis=-1, keepdims=True), product], axis=-1)
+
+    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
+        return (input_shape[1][0], input_shape[1][-1] + 1)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -526,6 +577,7 @@ def build_esmm(
     inputs: dict[str, keras.KerasTensor] = {}
     # user (per context) and item (per impression) pooled fields, per tower
     bags: dict[str, dict[str, keras.KerasTensor]] = {"ctr": {}, "cvr": {}}  # pooled fields
+    interest_bags: dict[str, dict[str, keras.KerasTensor]] = {"ctr": {}, "cvr": {}}
     for i, field in enumerate(ALL_FIELDS):
         ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(field))
         weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(field))
@@ -539,10 +591,12 @@ def build_esmm(
         )
         rows = lookup(ids)  # (rows, length) raw ids -> (rows, length) table rows
         tables = (("ctr", "cvr"),) if not separate else (("ctr",), ("cvr",))
+        # model.interest_match: the interest fields' tables have a second half of columns
+        wide = config.interest_match and field in INTEREST_FIELDS
         for j, towers in enumerate(tables):
             embedding = EmbeddingBag(
                 input_dim=len(vocab_arrays[field]) + _NUM_OOV_INDICES,
-                output_dim=config.embedding_dim,
+                output_dim=config.embedding_dim * (2 if wide else 1),
                 pooling=(
                     config.list_pooling
                     if field in HISTORY_FIELDS and config.list_pooling
@@ -556,9 +610,17 @@ def build_esmm(
                     keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
                 ),
             )
-            bag = embedding([rows, weights])  # (rows, embedding_dim)
+            bag = embedding([rows, weights])  # (rows, embedding_dim), or twice as wide
+            interest_bag = None
+            if wide:
+                bag, interest_bag = ColumnSplit(
+                    config.embedding_dim,
+                    name=f"split_{field}" if not separate else f"{towers[0]}_split_{field}",
+                )(bag)
             for tower in towers:
                 bags[tower][field] = bag
+                if interest_bag is not None:
+                    interest_bags[tower][field] = interest_bag
     context_row = keras.Input(shape=(), dtype="int32", name=CONTEXT_ROW_KEY)
     inputs[CONTEXT_ROW_KEY] = context_row
 
@@ -604,6 +666,28 @@ def build_esmm(
             name = f"{tower}_item_inputs" if separate else "shared_item_inputs"
             item = keras.layers.Concatenate(axis=-1, name=name)([item, dots])
             towers[tower] = (user, item)
+    if config.interest_match:
+        # Per tower (once in ESMM, shared): history categories + profile category against
+        # the item category, from the interest tables.
+        history, profile, category = INTEREST_FIELDS
+        summed = (config.list_pooling or config.pooling) == "sum"
+        for tower in towers:
+            own = interest_bags[tower]
+            prefix = f"{tower}_" if separate else ""
+            history_mean = own[history]
+            if summed:  # the interest takes the history's weighted mean, as the dots do
+                history_mean = WeightedMean(name=f"{prefix}interest_mean_{history}")(
+                    [history_mean, inputs[wts_key(history)]]
+                )
+            user_interest = keras.layers.Add(name=f"{prefix}user_interest")(
+                [history_mean, own[profile]]
+            )
+            match = InterestMatch(name=f"{prefix}interest_match")(
+                [user_interest, own[category], context_row]
+            )
+            user, item = towers[tower]
+            name = f"{tower}_item_with_interest" if separate else "shared_item_with_interest"
+            towers[tower] = (user, keras.layers.Concatenate(axis=-1, name=name)([item, match]))
     if not separate:
         towers["cvr"] = towers["ctr"]
         if config.cvr_gradient_scale != 1.0:  # the CVR tower's pull on the shared tables

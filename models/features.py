@@ -55,6 +55,10 @@ WEIGHTED_FIELDS: frozenset[str] = frozenset(HISTORY_FIELDS) | CROSS_FIELDS
 # Fields with more than one entry per line.
 MULTI_VALUED_FIELDS: frozenset[str] = WEIGHTED_FIELDS | {"210"}
 
+# The user's interest against the item's category (`model.interest_match`): the history
+# categories and the profile category (user side), then the item category.
+INTEREST_FIELDS: tuple[str, str, str] = ("109_14", "121", "206")
+
 POSITION_FIELD = "301"
 USER_ID_FIELD = "101"
 

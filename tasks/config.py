@@ -116,6 +116,11 @@ class ModelConfig(_Section):
     # Feed each tower the dot product of the user's pooled history (weighted mean) with the
     # item's embedding for each cross of the format (109_14 x 206, 110_14 x 207, ...)
     interactions: bool = True
+    # Feed each tower the match of the user's interest (history categories 109_14 + profile
+    # category 121) with the item category (206): the dot and the element-wise product
+    # (embedding_dim + 1 inputs; models.esmm.InterestMatch), from a second half of columns
+    # of those three fields' tables, which then are 2 * embedding_dim wide
+    interest_match: bool = True
     # Feed the towers each field's log1p(weight total) and log1p(entry count), e.g. the
     # history counts the crosses 508/509/702/853 carry, whatever the matched id
     weight_features: bool = True

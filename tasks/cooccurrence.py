@@ -192,7 +192,8 @@ def initialise_from_cooccurrence(
     seed: int,
 ) -> list[CooccurrenceTables]:
     """Set the seen rows of each cross's history and item tables (every tower's copy in
-    ESMM-NS and BASE; `dim` = `model.embedding_dim`) from `cooccurrence_tables`."""
+    ESMM-NS and BASE; both halves of a table made twice as wide by
+    `model.interest_match`; `dim` = `model.embedding_dim`) from `cooccurrence_tables`."""
     from models.esmm import EmbeddingBag
 
     done = []
@@ -207,7 +208,9 @@ def initialise_from_cooccurrence(
             for layer in model.layers:
                 if isinstance(layer, EmbeddingBag) and layer.name in names:
                     weights = np.array(layer.embeddings.numpy())
-                    weights[seen] = rows[seen]
+                    # a table twice as wide (model.interest_match): both halves
+                    copies = weights.shape[1] // rows.shape[1]
+                    weights[seen] = np.tile(rows[seen], (1, copies))
                     layer.embeddings.assign(weights)
         done.append(tables)
     return done

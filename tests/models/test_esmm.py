@@ -18,6 +18,7 @@ from models.esmm import (
     EmbeddingBag,
     EsmmModel,
     GradientScale,
+    InterestMatch,
     UserItemDot,
     WeightStats,
     binary_crossentropy_per_row,
@@ -31,6 +32,7 @@ from models.features import (
     COMMON_FIELDS,
     CROSSES,
     HISTORY_FIELDS,
+    INTEREST_FIELDS,
     MULTI_VALUED_FIELDS,
     OUTPUT_KEYS,
     SKELETON_FIELDS,
@@ -174,13 +176,15 @@ def test_towers_are_seeded_apart_and_the_build_is_reproducible(vocabularies, mod
 
 
 def test_exactly_one_embedding_table_per_field(model, vocabularies):
-    """Each field owns one embedding variable of shape (vocabulary + OOV row, dim)."""
+    """Each field owns one embedding variable of shape (vocabulary + OOV row, dim); the
+    interest fields' tables are twice as wide (`model.interest_match`)."""
     tables = embedding_layers(model)
 
     assert sorted(tables) == sorted(ALL_FIELDS)
     for field, layer in tables.items():
+        width = 8 if field in INTEREST_FIELDS else 4
         assert len(layer.weights) == 1, field
-        assert tuple(layer.weights[0].shape) == (len(vocabularies[field]) + 1, 4), field
+        assert tuple(layer.weights[0].shape) == (len(vocabularies[field]) + 1, width), field
     assert not any(isinstance(layer, keras.layers.Embedding) for layer in model.layers)
     table_ids = {id(layer.weights[0]) for layer in tables.values()}
     assert len(table_ids) == len(ALL_FIELDS)
@@ -258,10 +262,17 @@ def test_cvr_gradient_scale_leaves_the_ablations_separate_tables_alone(vocabular
 # --- User x item interactions ----------------------------------------------------------
 
 
-def _pooled(table: EmbeddingBag, vocabulary: np.ndarray, ids: np.ndarray, weights: np.ndarray):
-    """sum_l w_l * E[row(id_l)] in numpy (row 0 is the OOV bucket, then the vocabulary)."""
+def _pooled(
+    table: EmbeddingBag,
+    vocabulary: np.ndarray,
+    ids: np.ndarray,
+    weights: np.ndarray,
+    columns: slice = slice(0, SMALL_CONFIG.embedding_dim),
+):
+    """sum_l w_l * E[row(id_l)] in numpy (row 0 is the OOV bucket, then the vocabulary),
+    over the table's first `embedding_dim` columns (the towers' half) unless told."""
     rows = np.searchsorted(vocabulary, ids) + 1
-    embeddings = np.asarray(table.embeddings)
+    embeddings = np.asarray(table.embeddings)[:, columns]
     return (embeddings[rows] * weights[..., None]).sum(axis=1)
 
 
@@ -341,7 +352,7 @@ def test_list_pooling_applies_to_the_behaviour_lists_only(vocabularies):
 
 
 def test_interactions_off_builds_the_plain_towers(vocabularies, batch):
-    no_stats = SMALL_CONFIG.model_copy(update={"weight_features": False})
+    no_stats = SMALL_CONFIG.model_copy(update={"weight_features": False, "interest_match": False})
     plain = build_esmm(no_stats.model_copy(update={"interactions": False}), vocabularies)
     assert not any(isinstance(layer, UserItemDot) for layer in plain.layers)
     first = plain.get_layer("ctr_dense_0")
@@ -351,6 +362,55 @@ def test_interactions_off_builds_the_plain_towers(vocabularies, batch):
     first = with_dots.get_layer("ctr_dense_0")
     assert first.kernel.shape[0] - first.user_dim == item_dim + len(CROSSES)
     assert np.all(np.isfinite(predict(plain, batch)["p_ctcvr"]))
+
+
+def test_interest_match_is_history_and_profile_against_the_item_category(
+    model, batch, vocabularies
+):
+    """(weighted mean of 109_14 + 121) . 206 and their element-wise products, from the
+    second half of those tables' columns, joined to the item part of both towers."""
+    got = np.asarray(
+        keras.Model(model.inputs, model.get_layer("interest_match").output)(batch, training=False)
+    )
+    d = SMALL_CONFIG.embedding_dim
+    tables, second = embedding_layers(model), slice(d, 2 * d)
+    history, profile, category = INTEREST_FIELDS
+
+    def pooled(field):
+        return _pooled(
+            tables[field],
+            np.sort(vocabularies[field]),
+            batch[ids_key(field)],
+            batch[wts_key(field)],
+            second,
+        )
+
+    # per-impression batch: each row carries its own user fields
+    user = pooled(history) / batch[wts_key(history)].sum(axis=1, keepdims=True) + pooled(profile)
+    item = pooled(category)
+    assert got.shape == (len(batch[CONTEXT_ROW_KEY]), d + 1)
+    np.testing.assert_allclose(got[:, 0], (user * item).sum(axis=1), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got[:, 1:], user * item, rtol=1e-4, atol=1e-7)
+    assert np.abs(got).max() > 0
+    # One match layer, read by both towers: the item part grows by d + 1 columns.
+    assert sum(isinstance(layer, InterestMatch) for layer in model.layers) == 1
+    off = build_esmm(SMALL_CONFIG.model_copy(update={"interest_match": False}), vocabularies)
+    assert not any(isinstance(layer, InterestMatch) for layer in off.layers)
+    for tower in ("ctr", "cvr"):
+        on_first, off_first = model.get_layer(f"{tower}_dense_0"), off.get_layer(f"{tower}_dense_0")
+        on_item = on_first.kernel.shape[0] - on_first.user_dim
+        assert on_item == off_first.kernel.shape[0] - off_first.user_dim + d + 1
+    for field, layer in embedding_layers(off).items():
+        assert layer.embeddings.shape[1] == d, field
+
+
+def test_interest_match_in_the_ablations_has_a_copy_per_tower(vocabularies, batch):
+    ns = build_esmm(SMALL_CONFIG.model_copy(update={"variant": "esmm_ns"}), vocabularies)
+    names = {layer.name for layer in ns.layers if isinstance(layer, InterestMatch)}
+    assert names == {"ctr_interest_match", "cvr_interest_match"}
+    for tower in ("ctr", "cvr"):
+        assert ns.get_layer(f"{tower}_embedding_206").embeddings.shape[1] == 8
+    assert np.all(np.isfinite(predict(ns, batch)["p_ctcvr"]))
 
 
 # --- Pooling, padding and the OOV bucket -----------------------------------------------
