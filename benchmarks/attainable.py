@@ -294,6 +294,37 @@ def with_user_estimates(
     return {**split, "known_ctr": known_ctr, "known_cvr": known_cvr}
 
 
+def learnt_users_genie(
+    world,
+    splits: dict[str, dict[str, np.ndarray]],
+    bias: tuple[float, float],
+    support_ctr: np.ndarray,
+    support_cvr: np.ndarray,
+    item_taste: np.ndarray,
+    item_fit: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """p_ctr and p_ctcvr of the test split by a genie given these item latents: the users'
+    latents learnt against them (`user_posteriors`), then the items' own effects against
+    both (`item_posteriors`), the context noise averaged out (`genie_predict`)."""
+    train, test = splits["train"], splits["test"]
+    taste, fit = user_posteriors(world, train, bias, 8, item_taste, item_fit)
+    posterior = item_posteriors(
+        with_user_estimates(world, train, taste, fit, item_taste, item_fit),
+        support_ctr,
+        support_cvr,
+        bias,
+        len(world.item_ctr),
+    )
+    return genie_predict(
+        with_user_estimates(world, test, taste, fit, item_taste, item_fit),
+        posterior,
+        support_ctr,
+        support_cvr,
+        bias,
+        world.profile.context_noise,
+    )
+
+
 def genie_predict(
     test: dict[str, np.ndarray],
     posterior: np.ndarray,
@@ -415,25 +446,10 @@ def main() -> None:
     # Items' latents too only as far as their categories show them: users' latents, then
     # the items' own effects, learnt against those estimates.
     by_category = item_latents_by_category(world)
-    taste_c, fit_c = user_posteriors(world, train, bias, 8, *by_category)
-    posterior_c = item_posteriors(
-        with_user_estimates(world, train, taste_c, fit_c, *by_category),
-        support_ctr,
-        support_cvr,
-        bias,
-        len(world.item_ctr),
-    )
     category_genie = aucs(
         click,
         conv,
-        *genie_predict(
-            with_user_estimates(world, test, taste_c, fit_c, *by_category),
-            posterior_c,
-            support_ctr,
-            support_cvr,
-            bias,
-            noise,
-        ),
+        *learnt_users_genie(world, splits, bias, support_ctr, support_cvr, *by_category),
     )
     test_users = test["user"]
     taste_corr = np.corrcoef(

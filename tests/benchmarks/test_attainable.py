@@ -14,6 +14,7 @@ from benchmarks.attainable import (
     item_latents_by_category,
     item_posteriors,
     learnt_share,
+    learnt_users_genie,
     replay,
     taste_from_history,
     user_posteriors,
@@ -130,7 +131,7 @@ def test_item_latents_from_their_category_rank_below_the_true_ones(world_and_fil
     learnt against those, so it ranks below the data genie (true item latents) and above
     a predictor that knows no user x item term at all."""
     _, (world, bias, splits) = world_and_files
-    train, test = splits["train"], splits["test"]
+    test = splits["test"]
     item_taste, item_fit = item_latents_by_category(world)
     categories, first = np.unique(world.item_category, return_index=True)
     at = np.searchsorted(categories, world.item_category)
@@ -140,23 +141,10 @@ def test_item_latents_from_their_category_rank_below_the_true_ones(world_and_fil
     r = np.corrcoef(item_taste.ravel(), world.item_taste.ravel())[0, 1]
     assert 0.6 < r < 0.99
     support_ctr, support_cvr = world.item_ctr[:128], world.item_cvr[:128]
-    noise = world.profile.context_noise
 
     def scored(latents):
-        taste, fit = user_posteriors(world, train, bias, 8, *latents)
-        posterior = item_posteriors(
-            with_user_estimates(world, train, taste, fit, *latents),
-            support_ctr,
-            support_cvr,
-            bias,
-            len(world.item_ctr),
-        )
-        estimated = with_user_estimates(world, test, taste, fit, *latents)
-        return aucs(
-            test["click"],
-            test["conversion"],
-            *genie_predict(estimated, posterior, support_ctr, support_cvr, bias, noise),
-        )
+        p_ctr, p_ctcvr = learnt_users_genie(world, splits, bias, support_ctr, support_cvr, *latents)
+        return aucs(test["click"], test["conversion"], p_ctr, p_ctcvr)
 
     true_items = scored((world.item_taste, world.item_fit))
     by_category = scored((item_taste, item_fit))
