@@ -76,13 +76,28 @@ def model_logits(
     return logit("p_ctr"), logit("p_cvr"), frame["click"].to_numpy()[order]
 
 
-def model_tables(model) -> dict[str, np.ndarray]:
-    """A model's 109_14 and 206 tables (ESMM's shared ones, else the CTR tower's)."""
+def model_tables(model, half: str = "towers") -> dict[str, np.ndarray] | None:
+    """A model's 109_14 and 206 tables (ESMM's shared ones, else the CTR tower's).
+
+    With `model.interest_match` those tables are twice as wide (as wide as the 205 table
+    twice): `half="towers"` gives the columns the towers read, `half="interest"` the ones
+    the interest match reads (None for a model without them)."""
     names = {layer.name for layer in model.layers}
+
+    def table(field: str) -> np.ndarray:
+        name = f"embedding_{field}" if f"embedding_{field}" in names else f"ctr_embedding_{field}"
+        return np.asarray(model.get_layer(name).embeddings)
+
+    dim = table("205").shape[1]
     out = {}
     for field in ("109_14", "206"):
-        name = f"embedding_{field}" if f"embedding_{field}" in names else f"ctr_embedding_{field}"
-        out[field] = np.asarray(model.get_layer(name).embeddings)
+        rows = table(field)
+        if half == "interest":
+            if rows.shape[1] == dim:
+                return None
+            out[field] = rows[:, dim:]
+        else:
+            out[field] = rows[:, :dim]
     return out
 
 
@@ -226,8 +241,11 @@ def main() -> None:
         vocab = load_vocabularies(args.split.parent / "vocab.parquet")
         ranges = feature_id_ranges(args.train, args.seed, args.profile)
         for entry, (path, _) in zip(entries, runs, strict=True):
-            tables = model_tables(keras.models.load_model(path))
+            model = keras.models.load_model(path)
+            tables = model_tables(model)
             entry["category_tables"] = category_tables(tables, vocab, ranges, world, splits)
+            if (interest := model_tables(model, "interest")) is not None:
+                entry["interest_tables"] = category_tables(interest, vocab, ranges, world, splits)
         # References: the co-occurrence start of params.yaml's model (every entry) and the
         # true category tastes themselves (padded to the same size).
         model_cfg = load_params(REPO / "params.yaml").model
