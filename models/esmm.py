@@ -668,7 +668,7 @@ def build_esmm(
             towers[tower] = (user, item)
     if config.interest_match:
         # Per tower (once in ESMM, shared): history categories + profile category against
-        # the item category, from the interest tables.
+        # the item category, from the second halves of those fields' tables.
         history, profile, category = INTEREST_FIELDS
         summed = (config.list_pooling or config.pooling) == "sum"
         for tower in towers:
