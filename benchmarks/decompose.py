@@ -55,17 +55,22 @@ def regress_on_parts(
     }
 
 
-def model_logits(
-    model_path: Path, split_dir: Path, first_id_only: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The model's CTR and CVR logits per test impression, in sample-id order, and the
-    click labels (`first_id_only`: fed as the first-id baseline was trained)."""
+def load_model(model_path: Path):
+    """A trained `model.keras` (the custom layers registered)."""
     import keras
 
     import models.esmm  # noqa: F401  (registers the custom layers)
+
+    return keras.models.load_model(model_path)
+
+
+def model_logits(
+    model, split_dir: Path, first_id_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's CTR and CVR logits per test impression, in sample-id order, and the
+    click labels (`first_id_only`: fed as the first-id baseline was trained)."""
     from tasks.train import predict_split
 
-    model = keras.models.load_model(model_path)
     frame = predict_split(model, split_dir, first_id_only=first_id_only)
     order = np.argsort(frame["sample_id"].to_numpy().astype(np.int64), kind="stable")
 
@@ -168,7 +173,7 @@ def category_tables(
 _REGRESSIONS = ("model_ctr_logit_on_the_true_parts", "model_cvr_logit_on_the_true_parts_clicked")
 
 
-def _regressions(model: Path, first_id: bool, args, test: dict[str, np.ndarray]) -> dict:
+def _regressions(path: Path, model, first_id: bool, args, test: dict[str, np.ndarray]) -> dict:
     """One model's regressions of its CTR and CVR logits on the true parts."""
     logit, cvr_logit, click = model_logits(model, args.split, first_id)
     if len(logit) != len(test["click"]) or not np.array_equal(click, test["click"]):
@@ -179,7 +184,7 @@ def _regressions(model: Path, first_id: bool, args, test: dict[str, np.ndarray])
         )
     ctr_key, cvr_key = _REGRESSIONS
     return {
-        "model": str(model),
+        "model": str(path),
         "first_id_only": first_id,
         ctr_key: regress_on_parts(logit, test),
         # on the clicked impressions, where the clicked-CVR AUC is measured
@@ -225,12 +230,13 @@ def main() -> None:
 
     world, _, splits = replay(args.train, args.test, args.seed, args.profile)
     test = splits["test"]
-    entries = [_regressions(path, first_id, args, test) for path, first_id in runs]
+    loaded = [load_model(path) for path, _ in runs]  # each loaded once
+    entries = [
+        _regressions(path, model, first_id, args, test)
+        for (path, first_id), model in zip(runs, loaded, strict=True)
+    ]
     reference = None
     if args.tables:
-        import keras
-
-        import models.esmm  # noqa: F401  (registers the custom layers)
         from benchmarks.attainable import category_means
         from tasks.config import load_params
         from tasks.cooccurrence import cooccurrence_tables
@@ -240,8 +246,7 @@ def main() -> None:
 
         vocab = load_vocabularies(args.split.parent / "vocab.parquet")
         ranges = feature_id_ranges(args.train, args.seed, args.profile)
-        for entry, (path, _) in zip(entries, runs, strict=True):
-            model = keras.models.load_model(path)
+        for entry, model in zip(entries, loaded, strict=True):
             tables = model_tables(model)
             entry["category_tables"] = category_tables(tables, vocab, ranges, world, splits)
             if (interest := model_tables(model, "interest")) is not None:
