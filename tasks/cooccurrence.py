@@ -123,7 +123,7 @@ def cooccurrence_tables(
     start = time.perf_counter()
     history_field, item_field = CROSSES[cross]
     n_history, n_item = len(vocab[history_field]) + 1, len(vocab[item_field]) + 1
-    common = reader._common
+    common = reader.common
     n_contexts = common.num_rows
     rng = np.random.default_rng([seed, int(cross)])
     keep = np.ones(n_contexts, dtype=bool)
@@ -137,10 +137,10 @@ def cooccurrence_tables(
     parent, ids = _flat(common[ids_key(history_field)], first_only)
     docs.append(doc_of_context[parent[keep[parent]]])
     tokens.append(_rows(vocab[history_field], ids[keep[parent]]))
-    impressions = reader._impressions
+    impressions = reader.impressions
     for g in range(impressions.metadata.num_row_groups):
         table = impressions.read_row_group(g, columns=[COMMON_INDEX_KEY, ids_key(item_field)])
-        context = reader._index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
+        context = reader.index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
         parent, ids = _flat(table[ids_key(item_field)], first_only)
         ctx = context[parent]
         sampled = (ctx >= 0) & keep[np.maximum(ctx, 0)]

@@ -61,7 +61,7 @@ from tasks.ingest import (
     parse_block,
     read_blocks,
 )
-from tasks.train import pad_lists
+from tasks.train import pad_fields, split_fields
 
 FEATURES_KEY = "features"  # the request column holding each record's field -> pairs object
 KERAS_ARTIFACT = "keras_model"  # the logged model's artifact key of the `.keras` file
@@ -174,15 +174,12 @@ def table_to_inputs(table: pa.Table) -> dict[str, np.ndarray]:
     """Model inputs from a table with the `ids_F`/`wts_F` list columns of every field.
 
     The one place serving and scoring build model inputs: ragged lists are padded per
-    batch with id 0 and weight 0, as in training (`tasks.train.pad_lists`), and every record
+    batch with id 0 and weight 0, as in training (`tasks.train.pad_fields`), and every record
     is its own user context (`models.esmm.per_impression_inputs`).
     """
     from models.esmm import per_impression_inputs
 
-    inputs: dict[str, np.ndarray] = {}
-    for f in ALL_FIELDS:
-        inputs[ids_key(f)] = pad_lists(table[ids_key(f)], np.int64)  # (rows, longest list)
-        inputs[wts_key(f)] = pad_lists(table[wts_key(f)], np.float32)
+    inputs = split_fields(ALL_FIELDS, *pad_fields(table, ALL_FIELDS))  # (rows, longest list)
     return per_impression_inputs(inputs)
 
 

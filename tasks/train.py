@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import shutil
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -55,57 +56,116 @@ from tasks.ingest import load_vocabularies
 CONTEXT_ROW_KEY = "context_row"  # = models.esmm.CONTEXT_ROW_KEY (kept import-light here)
 
 
-def pad_lists(lists: pa.Array | pa.ChunkedArray, dtype: type) -> np.ndarray:
-    """Ragged list column -> dense (rows, longest list) array, padded with zeros."""
-    return _pad(lists, [dtype])[0]
+SIDES = ((COMMON_FIELDS, "user"), (SKELETON_FIELDS, "item"))  # (fields, name) of each side
 
 
-def _pad(*columns_and_dtypes: Any) -> list[np.ndarray]:
-    """Pad list columns of identical list lengths (a field's ids and weights) together.
+def _list_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
-    Called as `_pad(ids, [np.int64])` or `_pad(ids, wts, [np.int64, np.float32])`: the
-    positions are computed once from the first column's lengths.
+
+def pad_fields(
+    source: pa.Table, fields: Sequence[str], first_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `ids_F`/`wts_F` lists of `fields`, padded (id 0, weight 0) and side by side.
+
+    Returns `(ids, weights, widths)`: two (rows, sum of widths) arrays, int64 and float32,
+    field after field, and each field's width (its longest list in `source`, at least 1).
+    `first_only` keeps each list's first entry (width 1). Null lists count as empty. All
+    fields are placed with one vectorised scatter, so the cost hardly grows with their
+    number.
     """
-    *columns, dtypes = columns_and_dtypes
-    columns = [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns]
-    lengths = pc.list_value_length(columns[0]).to_numpy(zero_copy_only=False)
-    lengths = np.nan_to_num(lengths).astype(np.int64)  # null lists count as empty
-    n, total = len(lengths), int(lengths.sum())
-    width = max(int(lengths.max(initial=0)), 1)
-    outs = [np.zeros((n, width), dtype=dtype) for dtype in dtypes]
+    n = source.num_rows
+    lengths = np.zeros((len(fields), n), np.int64)
+    ids_parts, wts_parts = [], []
+    for j, f in enumerate(fields):
+        ids, wts = _list_array(source[ids_key(f)]), _list_array(source[wts_key(f)])
+        if ids.null_count:
+            lengths[j] = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
+        else:
+            lengths[j] = np.diff(ids.offsets.to_numpy())
+        ids_parts.append(ids.flatten().to_numpy(zero_copy_only=False))
+        wts_parts.append(wts.flatten().to_numpy(zero_copy_only=False))
+    kept = np.minimum(lengths, 1) if first_only else lengths
+    widths = np.maximum(kept.max(axis=1, initial=0), 1)
+    total_width = int(widths.sum())
+    ids_out = np.zeros((n, total_width), np.int64)
+    wts_out = np.zeros((n, total_width), np.float32)
+    segments = lengths.reshape(-1)  # one per (field, row), field-major like the values
+    total = int(segments.sum())
     if total:
-        starts = np.cumsum(lengths) - lengths
-        flat_index = (
-            np.arange(total) - np.repeat(starts, lengths) + np.repeat(np.arange(n) * width, lengths)
-        )
-        for column, out in zip(columns, outs, strict=True):
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            out.reshape(-1)[flat_index] = values
-    return outs
+        column = np.cumsum(widths) - widths  # each field's first column
+        base = (column[:, None] + np.arange(n)[None, :] * total_width).reshape(-1)
+        position = np.arange(total) - np.repeat(np.cumsum(segments) - segments, segments)
+        target = np.repeat(base, segments) + position
+        ids_values, wts_values = np.concatenate(ids_parts), np.concatenate(wts_parts)
+        if first_only:
+            first = position == 0
+            target, ids_values, wts_values = target[first], ids_values[first], wts_values[first]
+        ids_out.reshape(-1)[target] = ids_values
+        wts_out.reshape(-1)[target] = wts_values
+    return ids_out, wts_out, widths.astype(np.int32)
+
+
+def split_fields(
+    fields: Sequence[str], ids: np.ndarray, wts: np.ndarray, widths: np.ndarray
+) -> dict[str, np.ndarray]:
+    """`pad_fields`' side-by-side arrays back to one `ids_F` and one `wts_F` array per field."""
+    cuts = np.cumsum(widths)[:-1]
+    out: dict[str, np.ndarray] = {}
+    for f, i, w in zip(
+        fields, np.split(ids, cuts, axis=1), np.split(wts, cuts, axis=1), strict=True
+    ):
+        out[ids_key(f)], out[wts_key(f)] = i, w
+    return out
 
 
 class SplitReader:
-    """Batches of model inputs from one ingested split (impressions joined with contexts)."""
+    """Batches of model inputs from one ingested split (impressions joined with contexts).
+
+    Attributes:
+        impressions: the split's `impressions.parquet` (read a row group at a time).
+        common: the user-side lists of every context (`ids_F`/`wts_F` of the common
+            fields), one row per context, in memory.
+        index: each context's `common_feature_index`, the row labels of `common`.
+    """
 
     def __init__(self, split_dir: Path, first_id_only: bool = False):
         """`first_id_only`: keep only each field's first entry (and its weight), the input
         of the usual one-id-per-field reproductions; a baseline for benchmarks."""
         self.split_dir = Path(split_dir)
         self.first_id_only = first_id_only
-        self._impressions = pq.ParquetFile(self.split_dir / "impressions.parquet")
-        self._common = pq.read_table(self.split_dir / "common.parquet")
-        self._index = pd.Index(self._common[COMMON_INDEX_KEY].to_pandas())
+        self.impressions = pq.ParquetFile(self.split_dir / "impressions.parquet")
+        common = pq.read_table(self.split_dir / "common.parquet")
+        self.index = pd.Index(common[COMMON_INDEX_KEY].to_pandas())
+        self.common = common.drop([COMMON_INDEX_KEY]).combine_chunks()
+        # The last row group read, in its drawn order: the input threads share it.
+        self._group_lock = threading.Lock()
+        self._group: tuple[tuple, pa.Table] | None = None
 
     @property
     def num_rows(self) -> int:
-        return self._impressions.metadata.num_rows
+        return self.impressions.metadata.num_rows
 
     def _group_rows(self) -> list[int]:
-        md = self._impressions.metadata
+        md = self.impressions.metadata
         return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
 
     def num_batches(self, batch_size: int) -> int:
         return sum(math.ceil(n / batch_size) for n in self._group_rows())
+
+    def _row_group(self, g: int, seed: int | None, epoch: int) -> pa.Table:
+        """Row group `g`, its contexts in the order drawn from (seed, epoch, g) if seeded."""
+        with self._group_lock:
+            if self._group is not None and self._group[0] == (g, seed, epoch):
+                return self._group[1]
+            table = self.impressions.read_row_group(g)
+            if seed is not None:
+                rng = np.random.default_rng([seed, epoch, g])
+                codes, uniques = pd.factorize(table[COMMON_INDEX_KEY].to_pandas())
+                rank = rng.permutation(len(uniques))
+                table = table.take(pa.array(np.argsort(rank[codes], kind="stable")))
+            self._group = ((g, seed, epoch), table)
+            return table
 
     def tables(
         self, batch_size: int, seed: int | None = None, epoch: int = 0, start: int = 0
@@ -115,7 +175,8 @@ class SplitReader:
         Without a seed: file order. With one: row groups in an order drawn from
         (seed, epoch), and within each row group whole contexts in an order drawn from
         (seed, epoch, row group), so a context's impressions stay together. Skipped
-        batches are not read (whole row groups) or only sliced away.
+        batches are not read (whole row groups) or only sliced away. Passes running side
+        by side (the input threads) read and order each row group once between them.
         """
         group_rows = self._group_rows()
         groups = np.arange(len(group_rows))
@@ -127,38 +188,50 @@ class SplitReader:
             if skip >= n_batches:
                 skip -= n_batches
                 continue
-            table = self._impressions.read_row_group(int(g))
-            if seed is not None:
-                rng = np.random.default_rng([seed, epoch, int(g)])
-                codes, uniques = pd.factorize(table[COMMON_INDEX_KEY].to_pandas())
-                rank = rng.permutation(len(uniques))
-                table = table.take(pa.array(np.argsort(rank[codes], kind="stable")))
+            table = self._row_group(int(g), seed, epoch)
             for b in range(skip, n_batches):
                 yield table.slice(b * batch_size, batch_size)
             skip = 0
 
     def contexts(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
         """The distinct user-side rows of a batch, and each impression's row among them."""
-        context_row, keys = pd.factorize(table[COMMON_INDEX_KEY].to_pandas())
-        rows = self._index.get_indexer(keys)
+        encoded = pc.dictionary_encode(_list_array(table[COMMON_INDEX_KEY]))  # first-seen order
+        context_row, keys = encoded.indices.to_numpy(), encoded.dictionary.to_pandas()
+        rows = self.index.get_indexer(keys)
         if (rows < 0).any():
             raise KeyError(
                 f"{self.split_dir}: common_feature_index {keys[rows < 0][0]} not in common.parquet"
             )
-        return self._common.take(pa.array(rows)), context_row.astype(np.int32)
+        return self.common.take(pa.array(rows)), context_row.astype(np.int32)
+
+    def packed(
+        self, table: pa.Table, contexts: tuple[pa.Table, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Model inputs of a batch, each side's fields side by side (`pad_fields`):
+        `user_ids`, `user_wts` (a row per context), `item_ids`, `item_wts` (a row per
+        impression), each side's field widths (`user_widths`, `item_widths`), and
+        `context_row` (each impression's context). `contexts`: `self.contexts(table)`,
+        if already at hand."""
+        common, context_row = self.contexts(table) if contexts is None else contexts
+        out: dict[str, np.ndarray] = {CONTEXT_ROW_KEY: context_row}
+        for fields, side in SIDES:
+            source = common if side == "user" else table
+            ids, wts, widths = pad_fields(source, fields, self.first_id_only)
+            out[f"{side}_ids"], out[f"{side}_wts"], out[f"{side}_widths"] = ids, wts, widths
+        return out
 
     def features(
         self, table: pa.Table, contexts: tuple[pa.Table, np.ndarray] | None = None
     ) -> dict[str, np.ndarray]:
         """Model inputs of a batch: skeleton lists per impression, user lists per context."""
-        common, context_row = self.contexts(table) if contexts is None else contexts
-        feats: dict[str, np.ndarray] = {CONTEXT_ROW_KEY: context_row}
-        for source, fields in ((table, SKELETON_FIELDS), (common, COMMON_FIELDS)):
-            for f in fields:
-                ids, wts = _pad(source[ids_key(f)], source[wts_key(f)], [np.int64, np.float32])
-                if self.first_id_only:
-                    ids, wts = ids[:, :1], wts[:, :1]
-                feats[ids_key(f)], feats[wts_key(f)] = ids, wts
+        packed = self.packed(table, contexts)
+        feats = {CONTEXT_ROW_KEY: packed[CONTEXT_ROW_KEY]}
+        for fields, side in SIDES:
+            feats.update(
+                split_fields(
+                    fields, packed[f"{side}_ids"], packed[f"{side}_wts"], packed[f"{side}_widths"]
+                )
+            )
         return feats
 
 
@@ -208,8 +281,6 @@ def make_dataset(
 
     from models.esmm import esmm_targets
 
-    sides = ((COMMON_FIELDS, "user"), (SKELETON_FIELDS, "item"))
-
     shard_index, num_shards = shard
     end = reader.num_batches(batch_size) if stop is None else stop
 
@@ -225,21 +296,14 @@ def make_dataset(
             mine += 1
             if (mine - 1) % parallel != thread:
                 continue
-            feats = reader.features(table)
-            packed = {CONTEXT_ROW_KEY: feats[CONTEXT_ROW_KEY]}
-            for fields, side in sides:
-                ids = [feats[ids_key(f)] for f in fields]
-                packed[f"{side}_ids"] = np.concatenate(ids, axis=1)
-                packed[f"{side}_wts"] = np.concatenate([feats[wts_key(f)] for f in fields], axis=1)
-                packed[f"{side}_widths"] = np.array([a.shape[1] for a in ids], np.int32)
-            yield packed, esmm_targets(*_labels(table), variant)
+            yield reader.packed(table), esmm_targets(*_labels(table), variant)
 
     packed_signature = (
         {
             CONTEXT_ROW_KEY: tf.TensorSpec((None,), tf.int32),
             **{
                 key: spec
-                for _, side in sides
+                for _, side in SIDES
                 for key, spec in (
                     (f"{side}_ids", tf.TensorSpec((None, None), tf.int64)),
                     (f"{side}_wts", tf.TensorSpec((None, None), tf.float32)),
@@ -252,7 +316,7 @@ def make_dataset(
 
     def unpack(packed, targets):
         feats = {CONTEXT_ROW_KEY: packed[CONTEXT_ROW_KEY]}
-        for fields, side in sides:
+        for fields, side in SIDES:
             widths = packed[f"{side}_widths"]
             for key, name in ((ids_key, "ids"), (wts_key, "wts")):
                 parts = tf.split(packed[f"{side}_{name}"], widths, axis=1, num=len(fields))
@@ -678,8 +742,8 @@ def predict_split(
                 SAMPLE_ID_KEY: table[SAMPLE_ID_KEY].to_numpy(),
                 CLICK_LABEL_KEY: click.astype(np.int8),
                 CONVERSION_LABEL_KEY: conversion.astype(np.int8),
-                "position": _first_id(table[ids_key(POSITION_FIELD)]),
-                "user": _first_id(common[ids_key(USER_ID_FIELD)])[context_row],
+                "position": _first_id(table, POSITION_FIELD),
+                "user": _first_id(common, USER_ID_FIELD)[context_row],
                 **{k: np.asarray(preds[k], dtype=np.float64).reshape(-1) for k in OUTPUT_KEYS},
             }
         )
@@ -689,6 +753,6 @@ def predict_split(
     return pd.concat(frames, ignore_index=True)
 
 
-def _first_id(lists: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """First id of each list (0 where the field is absent)."""
-    return pad_lists(lists, np.int64)[:, 0] if len(lists) else np.zeros(0, np.int64)
+def _first_id(source: pa.Table, field: str) -> np.ndarray:
+    """First id of each row's `field` list (0 where the field is absent)."""
+    return pad_fields(source, (field,), first_only=True)[0][:, 0]
