@@ -94,25 +94,33 @@ def matmul_gflops(batch: int, inputs: int, units: int, seconds: float = 3.0) -> 
 
 
 def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[float]:
-    """Seconds per training step in `repeats` segments of `steps` steps, after `warmup`."""
+    """Seconds per training step in `repeats` segments of `steps` steps, after `warmup`.
+
+    Callbacks run after each call into TF (`train.steps_per_execution` steps), so each
+    segment runs from the first call end at or after its start to the first at or after
+    its end, and is divided by the steps actually between them."""
     import keras
 
-    marks: list[float] = []
+    total = warmup + steps * repeats
+    marks: list[tuple[int, float]] = []  # (steps done, time)
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            if batch >= warmup - 1 and (batch - warmup + 1) % steps == 0:
-                marks.append(time.perf_counter())
+            marks.append((min(batch + 1, total), time.perf_counter()))
 
     model.fit(
         dataset,
-        steps_per_epoch=warmup + steps * repeats,
+        steps_per_epoch=total,
         epochs=1,
         verbose=0,
         shuffle=False,
         callbacks=[Clock()],
     )
-    return [(b - a) / steps for a, b in zip(marks[:-1], marks[1:], strict=True)]
+    bounds = [warmup + k * steps for k in range(repeats + 1)]
+    points = [next(m for m in marks if m[0] >= b) for b in bounds]
+    return [
+        (t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(points[:-1], points[1:], strict=True)
+    ]
 
 
 def main() -> None:
@@ -132,6 +140,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
     parser.add_argument("--no-determinism", action="store_true", help="leave TF op determinism off")
+    parser.add_argument(
+        "--steps-per-execution",
+        type=int,
+        help="training steps per call into TF (default: train.steps_per_execution)",
+    )
     args = parser.parse_args()
 
     import keras
@@ -146,6 +159,8 @@ def main() -> None:
     load_before = os.getloadavg()
     params = Params.model_validate({"preset": args.preset})
     model_cfg, train_cfg = params.model, params.train
+    if args.steps_per_execution:
+        train_cfg = train_cfg.model_copy(update={"steps_per_execution": args.steps_per_execution})
     batch_size = args.batch_size or train_cfg.batch_size
     ingest = prepare(args.work, args.train, args.seed)
     vocab = load_vocabularies(ingest / "vocab.parquet")
@@ -210,6 +225,7 @@ def main() -> None:
         "batch_size": batch_size,
         "timed_steps": args.steps,
         "deterministic": deterministic,
+        "steps_per_execution": train_cfg.steps_per_execution,
         "results": results,
         "plain_matmul_first_layer_gflops_per_s": round(matmul, 1),
         "plain_matmul_runs_gflops_per_s": [round(x, 1) for x in matmuls],

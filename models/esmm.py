@@ -776,6 +776,7 @@ def compile_esmm(
     ctr_loss_weight: float,
     ctcvr_loss_weight: float,
     variant: str = "esmm",
+    steps_per_execution: int = 1,
 ) -> None:
     """Compile `model` with the loss of its variant and the CTR/CTCVR AUC metrics.
 
@@ -793,6 +794,7 @@ def compile_esmm(
         ctr_loss_weight: weight w_ctr of the CTR term.
         ctcvr_loss_weight: weight w_ctcvr of the CTCVR term (BASE: of the clicked CVR term).
         variant: `model.variant` the model was built with (`esmm`, `esmm_ns`, `base`).
+        steps_per_execution: training steps per call into TF (Keras's setting).
 
     Raises:
         TypeError: `model` was not built by `build_esmm`.
@@ -830,6 +832,7 @@ def compile_esmm(
             "p_ctr": [keras.metrics.AUC(name="auc")],
             "p_ctcvr": [keras.metrics.AUC(name="auc")],
         },
+        steps_per_execution=steps_per_execution,
     )
 
 

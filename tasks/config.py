@@ -161,6 +161,9 @@ class TrainConfig(_Section):
     seed: int = 42
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()  # null: no stopping
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at the end of each epoch only
+    # Training steps per call into TF (Keras `steps_per_execution`): callbacks, the progress
+    # bar and checkpoints run between calls. Changes speed only, never the weights.
+    steps_per_execution: int = Field(10, ge=1)
     resume: bool = True  # resume from a checkpoint of the same config and data, if any
     tensorboard: bool = False  # TensorBoard logs under <train dir>/tensorboard
     deterministic: bool = True  # tf op determinism: same seed, same weights

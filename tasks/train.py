@@ -347,7 +347,13 @@ class TrainResult:
 
 
 # Keys that may change without invalidating a checkpoint: more epochs continue a run.
-_RESUMABLE_CHANGES = {"epochs", "resume", "tensorboard", "checkpoint_every_steps"}
+_RESUMABLE_CHANGES = {
+    "epochs",
+    "resume",
+    "tensorboard",
+    "checkpoint_every_steps",
+    "steps_per_execution",  # changes speed only (tested: the same weights)
+}
 
 
 def run_fingerprint(ingest_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig) -> str:
@@ -388,11 +394,12 @@ def _make_callbacks(keras):
     class Checkpointer(keras.callbacks.Callback):
         """Saves weights + optimizer state and the run state; does early stopping."""
 
-        def __init__(self, ckpt_dir: Path, state: dict, train_cfg: TrainConfig):
+        def __init__(self, ckpt_dir: Path, state: dict, train_cfg: TrainConfig, n_batches: int):
             super().__init__()
             self.ckpt_dir = ckpt_dir
             self.state = state
             self.cfg = train_cfg
+            self.n_batches = n_batches  # steps in an epoch
             self.start = 0  # batches of the current epoch done before this fit call
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -408,9 +415,13 @@ def _make_callbacks(keras):
             tmp.replace(self.ckpt_dir / "state.json")  # the weights are valid once this exists
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            self.state["step"] = self.start + batch + 1
+            # Called after each call into TF (`train.steps_per_execution` steps), `batch`
+            # being its last step; an epoch's last call may stop early, at its last batch.
+            done = min(self.start + batch + 1, self.n_batches)
             every = self.cfg.checkpoint_every_steps
-            if every and self.state["step"] % every == 0:
+            crossed = every and done // every > self.state["step"] // every
+            self.state["step"] = done
+            if crossed:
                 self.save()
 
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -446,11 +457,23 @@ def _make_callbacks(keras):
             self.started, self.seen = time.perf_counter(), 0
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            self.seen += self.batch_size
+            self.seen = min(batch + 1, self.params.get("steps") or batch + 1) * self.batch_size
             if logs is not None:
                 logs["samples/s"] = self.seen / max(time.perf_counter() - self.started, 1e-9)
 
-    return Checkpointer, Throughput
+    class Progress(keras.callbacks.ProgbarLogger):
+        """Keras's progress bar, numbering epochs out of the run's total (each epoch is
+        fitted by its own call)."""
+
+        def __init__(self, epochs: int):
+            super().__init__()
+            self.total = epochs
+
+        def set_params(self, params: dict) -> None:
+            super().set_params(params)
+            self.epochs = self.total
+
+    return Checkpointer, Throughput, Progress
 
 
 def train_esmm(
@@ -502,6 +525,10 @@ def train_esmm(
 
     strategy = _strategy(train_cfg.distribute)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if strategy is not None and train_cfg.steps_per_execution > 1:
+        # Keras's multi-step loop fails on distributed datasets ("You must feed a value for
+        # placeholder tensor", keras-team/keras#19246); one step per call is the same run.
+        train_cfg = train_cfg.model_copy(update={"steps_per_execution": 1})
     ckpt_dir = out_dir / "checkpoints"
     fingerprint = run_fingerprint(ingest_dir, model_cfg, train_cfg) + ("-first" * first_id_only)
     fingerprint += f"-replicas{replicas}" * (strategy is not None)
@@ -584,48 +611,43 @@ def train_esmm(
             f"{replicas} replicas, so {stop.monitor!r} cannot be computed; lower "
             "train.batch_size or set train.early_stopping: null"
         )
-    Checkpointer, Throughput = _make_callbacks(keras)
+    Checkpointer, Throughput, Progress = _make_callbacks(keras)
     extra = [Throughput(batch_size * replicas)]
+    if verbose:
+        extra.append(Progress(train_cfg.epochs))
     if train_cfg.tensorboard:
         extra.append(keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")))
+    checkpointer = Checkpointer(ckpt_dir, state, train_cfg, n_batches)
 
-    def fit(first_epoch: int, last_epoch: int, start: int) -> None:
-        """Epochs [first_epoch, last_epoch), the first one from step `start`."""
-
-        def build(shard):
-            data = None
-            for e in range(first_epoch, last_epoch):
-                part = make_dataset(
+    # One fit call per epoch, from its recorded step (a resumed epoch from where it was
+    # interrupted): a call into TF of `steps_per_execution` steps then never takes batches
+    # of the next epoch, whose data is a pass of its own (seed, epoch).
+    while state["epoch"] < train_cfg.epochs and not state["stopped"]:
+        epoch, start = state["epoch"], state["step"]
+        model.fit(
+            distributed(
+                lambda shard, epoch=epoch, start=start: make_dataset(
                     train,
                     batch_size,
                     train_cfg.seed,
                     variant=variant,
-                    epoch=e,
-                    start=(start if e == first_epoch else 0) * replicas,
+                    epoch=epoch,
+                    start=start * replicas,
                     stop=n_batches * replicas,
                     shard=shard,
                 )
-                data = part if data is None else data.concatenate(part)
-            return data
-
-        model.fit(
-            distributed(build),
+            ),
             validation_data=validation,
             validation_steps=validation_steps,
-            initial_epoch=first_epoch,
-            epochs=last_epoch,
-            steps_per_epoch=n_batches - start,  # start > 0 only for a single epoch
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            steps_per_epoch=n_batches - start,
             shuffle=False,  # the pipeline shuffles, by (seed, epoch)
-            callbacks=[Checkpointer(ckpt_dir, state, train_cfg), *extra, *callbacks],
+            callbacks=[checkpointer, *extra, *callbacks],
             verbose=verbose,
         )
-
-    # Epoch e's data always starts at its recorded step: a resumed, part-done epoch is
-    # fitted on its own first, then the remaining epochs in one call (one iterator).
-    if state["step"] and state["epoch"] < train_cfg.epochs and not state["stopped"]:
-        fit(state["epoch"], state["epoch"] + 1, state["step"])
-    if state["epoch"] < train_cfg.epochs and not state["stopped"]:
-        fit(state["epoch"], train_cfg.epochs, 0)
+        if model.stop_training:  # set by a callback (early stopping sets state["stopped"])
+            break
 
     if strategy is not None:  # the saved model runs anywhere: rebuild it outside the strategy
         model.save_weights(ckpt_dir / "trained.weights.h5")
@@ -723,6 +745,7 @@ def compiled_model(model_cfg: ModelConfig, train_cfg: TrainConfig, vocab: dict[s
         ctr_loss_weight=train_cfg.ctr_loss_weight,
         ctcvr_loss_weight=train_cfg.ctcvr_loss_weight,
         variant=model_cfg.variant,
+        steps_per_execution=train_cfg.steps_per_execution,
     )
     return model
 

@@ -44,16 +44,20 @@ def ingested(small_raw, tmp_path_factory) -> Path:
 
 
 class Interrupt(keras.callbacks.Callback):
-    """Raises after `after` training batches of this fit call, like a killed process."""
+    """Raises once `after` training steps of this run are done, like a killed process (at
+    the end of the call into TF that reaches them)."""
 
     def __init__(self, after: int):
         super().__init__()
-        self.after, self.seen = after, 0
+        self.after, self.seen, self.base = after, 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.base = self.seen
 
     def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen == self.after:
-            raise KeyboardInterrupt(f"interrupted after {self.after} batches")
+        self.seen = self.base + min(batch + 1, self.params["steps"])
+        if self.seen >= self.after:
+            raise KeyboardInterrupt(f"interrupted after {self.seen} steps")
 
 
 def weights(model_path: Path) -> list[np.ndarray]:
@@ -178,22 +182,31 @@ def test_short_training_beats_a_constant_predictor_and_saves_a_raw_record_model(
 def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
     ingested, uninterrupted, tmp_path
 ):
-    """Killed mid-epoch 2 (checkpoints every 4 steps), then rerun: it resumes from the last
-    checkpoint, mid-epoch, and ends with the same weights as the uninterrupted run."""
+    """Killed mid-epoch 2 (checkpoints every 4 steps, 3 steps per call into TF), then rerun
+    with 5 steps per call: it resumes from the last checkpoint, mid-epoch, and ends with
+    exactly the weights of the uninterrupted run (made with 10 steps per call)."""
     _, reference = uninterrupted
-    cfg = TRAIN.model_copy(update={"early_stopping": None, "checkpoint_every_steps": 4})
+    cfg = TRAIN.model_copy(
+        update={"early_stopping": None, "checkpoint_every_steps": 4, "steps_per_execution": 3}
+    )
     per_epoch = SplitReader(ingested / "train").num_batches(TRAIN.batch_size)
+    assert per_epoch % 3 and per_epoch > 9  # an epoch ends inside a call, and is long enough
     interrupt_at = per_epoch + per_epoch // 2 + 1
     with pytest.raises(KeyboardInterrupt):
         train_esmm(ingested, tmp_path, MODEL, cfg, verbose=0, callbacks=[Interrupt(interrupt_at)])
     assert not (tmp_path / "model.keras").exists()
 
-    result = train_esmm(ingested, tmp_path, MODEL, cfg, verbose=0)
+    resumed_cfg = cfg.model_copy(update={"steps_per_execution": 5})  # speed only: resumable
+    result = train_esmm(ingested, tmp_path, MODEL, resumed_cfg, verbose=0)
 
-    steps_done = interrupt_at - per_epoch
-    assert result.resumed_from == (1, steps_done - steps_done % 4)
+    # Calls into TF end at steps 3, 6, 9, ... of the epoch; the run was interrupted at the
+    # end of the one reaching `interrupt_at`, and a checkpoint is saved at the end of every
+    # call that passes a multiple of 4.
+    interrupted = -(-(interrupt_at - per_epoch) // 3) * 3
+    saved = max(e for e in range(3, interrupted + 1, 3) if e // 4 > (e - 3) // 4)
+    assert result.resumed_from == (1, saved)
     for a, b in zip(weights(result.model_path), weights(reference.model_path), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow  # three trainings, about 60 s on 2 shared cores
@@ -226,7 +239,7 @@ def test_early_stopping_on_a_named_metric_stops_and_restores_the_best_epoch(inge
     assert result.epochs_run == 2
     assert result.history["loss"][1] < result.history["loss"][0]
     for a, b in zip(weights(result.model_path), weights(first.model_path), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(a, b)
 
 
 def test_an_unknown_early_stopping_metric_is_named(ingested, tmp_path):
