@@ -1,6 +1,6 @@
 """Training speed: samples/s of the paper preset, real input against in-memory tensors.
 
-Generates (or reuses) `--train` impressions of the default profile, ingests them, and fits
+Generates (or reuses) `--train` impressions of `--profile` (default: default), ingests them, and fits
 the model of `--preset` (default: paper) on them for a fixed number of steps, timing the
 steps after a warm-up, in four settings:
 
@@ -31,16 +31,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prepare(work: Path, n_train: int, seed: int) -> Path:
-    """Raw data and its ingestion, cached under `work` by size and seed."""
+def prepare(work: Path, n_train: int, seed: int, profile: str = "default") -> Path:
+    """Raw data and its ingestion, cached under `work` by profile, size and seed."""
     from tasks.config import IngestConfig
     from tasks.ingest import ingest_ali_ccp
     from tasks.synth import synthesize_ali_ccp
 
-    root = work / f"default-{n_train}-{seed}"
+    root = work / f"{profile}-{n_train}-{seed}"
     ingest = root / "ingest"
     if not (ingest / "vocab.parquet").is_file():
-        synthesize_ali_ccp(root / "raw", n_train, max(n_train // 10, 1000), seed)
+        synthesize_ali_ccp(root / "raw", n_train, max(n_train // 10, 1000), seed, profile=profile)
         ingest_ali_ccp(root / "raw", ingest, IngestConfig())
     return ingest
 
@@ -124,11 +124,14 @@ def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[floa
 
 
 def main() -> None:
+    from tasks.synth import PROFILES
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--train", type=int, default=300_000, help="train impressions")
     parser.add_argument("--seed", type=int, default=2018)
+    parser.add_argument("--profile", default="default", choices=sorted(PROFILES))
     parser.add_argument("--preset", default="paper")
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
     parser.add_argument("--steps", type=int, default=150, help="timed steps per setting")
@@ -162,7 +165,7 @@ def main() -> None:
     if args.steps_per_execution:
         train_cfg = train_cfg.model_copy(update={"steps_per_execution": args.steps_per_execution})
     batch_size = args.batch_size or train_cfg.batch_size
-    ingest = prepare(args.work, args.train, args.seed)
+    ingest = prepare(args.work, args.train, args.seed, args.profile)
     vocab = load_vocabularies(ingest / "vocab.parquet")
     deterministic = train_cfg.deterministic and not args.no_determinism
     if deterministic:
@@ -220,7 +223,7 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "train_impressions": args.train,
-        "profile": "default",
+        "profile": args.profile,
         "preset": args.preset,
         "batch_size": batch_size,
         "timed_steps": args.steps,
