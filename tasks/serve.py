@@ -235,7 +235,7 @@ def predict_records(model: Any, records: Sequence[Mapping[str, Any]]) -> pd.Data
 
 
 def _predict(model: Any, inputs: dict[str, np.ndarray]) -> pd.DataFrame:
-    outputs = model.predict_on_batch(inputs)
+    outputs = model.predict_batch(inputs)
     return pd.DataFrame(
         {k: np.asarray(outputs[k], dtype=np.float64).reshape(-1) for k in OUTPUT_KEYS}
     )

@@ -758,7 +758,7 @@ def predict_split(
     frames = []
     for table in reader.tables(batch_size):
         common, context_row = reader.contexts(table)
-        preds = model.predict_on_batch(reader.features(table, (common, context_row)))
+        preds = model.predict_batch(reader.features(table, (common, context_row)))
         click, conversion = _labels(table)
         frame = pd.DataFrame(
             {

@@ -468,6 +468,18 @@ def test_zero_weight_padding_changes_no_prediction(model, batch):
         np.testing.assert_allclose(padded[key], out[key], rtol=1e-6, atol=1e-7)
 
 
+def test_predict_batch_is_the_model_traced_once_for_any_widths_and_batch_size(vocabularies, batch):
+    """`predict_batch` gives the model's outputs, and batches of other list widths and
+    sizes reuse its one trace (Keras's `predict_on_batch` traces again per shape)."""
+    model = build_esmm(SMALL_CONFIG, vocabularies, seed=3)
+    smaller = make_batch(9, vocabularies, seed=2)
+    for inputs in (batch, pad(batch, extra=3), smaller):
+        got, expected = model.predict_batch(inputs), predict(model, inputs)
+        for key in OUTPUT_KEYS:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7)
+    assert model._predict_any_shape[1].experimental_get_tracing_count() == 1
+
+
 def test_an_absent_field_may_be_zero_width_or_all_zero_weights(model, batch):
     """A field absent from a whole batch predicts alike as (batch, 0) or as zero weights."""
     zero_width, zero_weights = dict(batch), dict(batch)
