@@ -59,7 +59,7 @@ CONTEXT_ROW_KEY = "context_row"  # = models.esmm.CONTEXT_ROW_KEY (kept import-li
 SIDES = ((COMMON_FIELDS, "user"), (SKELETON_FIELDS, "item"))  # (fields, name) of each side
 
 
-def _list_array(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+def _one_chunk(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
@@ -78,7 +78,7 @@ def pad_fields(
     lengths = np.zeros((len(fields), n), np.int64)
     ids_parts, wts_parts = [], []
     for j, f in enumerate(fields):
-        ids, wts = _list_array(source[ids_key(f)]), _list_array(source[wts_key(f)])
+        ids, wts = _one_chunk(source[ids_key(f)]), _one_chunk(source[wts_key(f)])
         if ids.null_count:
             lengths[j] = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
         else:
@@ -195,7 +195,7 @@ class SplitReader:
 
     def contexts(self, table: pa.Table) -> tuple[pa.Table, np.ndarray]:
         """The distinct user-side rows of a batch, and each impression's row among them."""
-        encoded = pc.dictionary_encode(_list_array(table[COMMON_INDEX_KEY]))  # first-seen order
+        encoded = pc.dictionary_encode(_one_chunk(table[COMMON_INDEX_KEY]))  # first-seen order
         context_row, keys = encoded.indices.to_numpy(), encoded.dictionary.to_pandas()
         rows = self.index.get_indexer(keys)
         if (rows < 0).any():
