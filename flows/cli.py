@@ -402,7 +402,13 @@ def serve(
 
     cfg = _params(params).register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": resolve_tracking_uri(cfg.tracking_uri)}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": resolve_tracking_uri(cfg.tracking_uri),
+        # MLflow starts its server as `uvicorn` from PATH: this environment's, even when
+        # it is not activated (`.venv/bin/esmm serve`).
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
     typer.echo(f"serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", err=True)
     try:
         code = subprocess.run(serve_command(uri, host, port, workers), env=env).returncode

@@ -114,6 +114,7 @@ def server(store):
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        "PATH": "/usr/bin:/bin",  # the environment not activated: `esmm serve` must cope
     }
     log = open(root / "server.log", "w")  # noqa: SIM115  (closed below)
     proc = subprocess.Popen(
