@@ -1,8 +1,8 @@
 """Training speed: samples/s of the paper preset, real input against in-memory tensors.
 
-Generates (or reuses) `--train` impressions of `--profile` (default: default), ingests them, and fits
-the model of `--preset` (default: paper) on them for a fixed number of steps, timing the
-steps after a warm-up, in four settings:
+Generates (or reuses) `--train` impressions of `--profile` (default: default), ingests
+them, and fits the model of `--preset` (default: paper) on them for a fixed number of
+steps, timing the steps after a warm-up, in four settings:
 
 - every entry and weight, read and batched from the Parquet files by the real pipeline
   (`tasks.train.make_dataset`, per-context batches);
@@ -101,12 +101,14 @@ def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[floa
     its end, and is divided by the steps actually between them."""
     import keras
 
+    from tasks.train import steps_done
+
     total = warmup + steps * repeats
     marks: list[tuple[int, float]] = []  # (steps done, time)
 
     class Clock(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
-            marks.append((min(batch + 1, total), time.perf_counter()))
+            marks.append((steps_done(self, batch), time.perf_counter()))
 
     model.fit(
         dataset,

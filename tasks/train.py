@@ -388,18 +388,25 @@ def _rng_states(model: Any) -> list[Any]:
     return [v for v in model.variables if "seed_generator" in v.path]
 
 
+def steps_done(callback: Any, batch: int) -> int:
+    """Steps of the current `fit` call done when `callback.on_train_batch_end(batch)` runs.
+
+    With `steps_per_execution` > 1 that hook runs after each call into TF, `batch` being
+    the call's last step, and an epoch's last call may stop early, at its last batch."""
+    return min(batch + 1, callback.params["steps"])
+
+
 def _make_callbacks(keras):
     """The training callbacks (classes need keras, imported lazily)."""
 
     class Checkpointer(keras.callbacks.Callback):
         """Saves weights + optimizer state and the run state; does early stopping."""
 
-        def __init__(self, ckpt_dir: Path, state: dict, train_cfg: TrainConfig, n_batches: int):
+        def __init__(self, ckpt_dir: Path, state: dict, train_cfg: TrainConfig):
             super().__init__()
             self.ckpt_dir = ckpt_dir
             self.state = state
             self.cfg = train_cfg
-            self.n_batches = n_batches  # steps in an epoch
             self.start = 0  # batches of the current epoch done before this fit call
 
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -415,9 +422,7 @@ def _make_callbacks(keras):
             tmp.replace(self.ckpt_dir / "state.json")  # the weights are valid once this exists
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            # Called after each call into TF (`train.steps_per_execution` steps), `batch`
-            # being its last step; an epoch's last call may stop early, at its last batch.
-            done = min(self.start + batch + 1, self.n_batches)
+            done = self.start + steps_done(self, batch)
             every = self.cfg.checkpoint_every_steps
             crossed = every and done // every > self.state["step"] // every
             self.state["step"] = done
@@ -457,7 +462,7 @@ def _make_callbacks(keras):
             self.started, self.seen = time.perf_counter(), 0
 
         def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-            self.seen = min(batch + 1, self.params.get("steps") or batch + 1) * self.batch_size
+            self.seen = steps_done(self, batch) * self.batch_size
             if logs is not None:
                 logs["samples/s"] = self.seen / max(time.perf_counter() - self.started, 1e-9)
 
@@ -617,7 +622,7 @@ def train_esmm(
         extra.append(Progress(train_cfg.epochs))
     if train_cfg.tensorboard:
         extra.append(keras.callbacks.TensorBoard(log_dir=str(out_dir / "tensorboard")))
-    checkpointer = Checkpointer(ckpt_dir, state, train_cfg, n_batches)
+    checkpointer = Checkpointer(ckpt_dir, state, train_cfg)
 
     # One fit call per epoch, from its recorded step (a resumed epoch from where it was
     # interrupted): a call into TF of `steps_per_execution` steps then never takes batches

@@ -25,6 +25,7 @@ from tasks.train import (
     pad_fields,
     predict_split,
     split_fields,
+    steps_done,
     train_esmm,
 )
 
@@ -55,7 +56,7 @@ class Interrupt(keras.callbacks.Callback):
         self.base = self.seen
 
     def on_train_batch_end(self, batch, logs=None):
-        self.seen = self.base + min(batch + 1, self.params["steps"])
+        self.seen = self.base + steps_done(self, batch)
         if self.seen >= self.after:
             raise KeyboardInterrupt(f"interrupted after {self.seen} steps")
 
