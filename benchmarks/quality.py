@@ -63,15 +63,27 @@ def counts(metrics: dict) -> dict[str, tuple[int, int]]:
 
 
 def prepare(
-    work: Path, n_train: int, n_test: int, seed: int, ingest_cfg, profile: str = "default"
+    work: Path,
+    n_train: int,
+    n_test: int,
+    seed: int,
+    ingest_cfg,
+    profile: str = "default",
+    raw: Path | None = None,
 ) -> Path:
+    """The work folder of one data set: `raw/` (generated unless `raw` names a folder of
+    Ali-CCP files to use as they are) and `ingest-<min_count>/`."""
     from tasks.ingest import ingest_ali_ccp
     from tasks.synth import synthesize_ali_ccp
 
-    root = work / f"{profile}-{n_train}-{n_test}-{seed}"
-    raw, ingest = root / "raw", root / f"ingest-{ingest_cfg.min_count}"
-    if not (raw / "oracle.json").is_file():
-        synthesize_ali_ccp(raw, n_train, n_test, seed, profile=profile)
+    if raw is not None:
+        root = work / f"raw-{raw.resolve().name}"
+        ingest = root / f"ingest-{ingest_cfg.min_count}"
+    else:
+        root = work / f"{profile}-{n_train}-{n_test}-{seed}"
+        raw, ingest = root / "raw", root / f"ingest-{ingest_cfg.min_count}"
+        if not (raw / "oracle.json").is_file():
+            synthesize_ali_ccp(raw, n_train, n_test, seed, profile=profile)
     if not (ingest / "vocab.parquet").is_file():
         ingest_ali_ccp(raw, ingest, ingest_cfg)
     return root
@@ -110,7 +122,7 @@ def _train_and_score(args, model_params, train_cfg, ingest, root, n_train, oracl
                 "train_seconds": round(seconds, 1),
                 **{m: round(metrics[m], 4) for m in METRICS},
                 **{f"{m}_se": round(auc_se(metrics[m], *n[m]), 4) for m in METRICS},
-                **{f"{m}_gap": round(oracle[m] - metrics[m], 4) for m in METRICS},
+                **{f"{m}_gap": round(oracle[m] - metrics[m], 4) for m in METRICS if oracle},
                 **label,
             }
         )
@@ -169,6 +181,12 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--seed", type=int, default=2018)
     parser.add_argument("--profile", default="default", help="synth profile (default, realistic)")
+    parser.add_argument(
+        "--raw",
+        type=Path,
+        help="a folder of Ali-CCP files (train and test; oracle.json optional) to use instead "
+        "of generated data; --train/--test/--seed/--profile/--curve then do not apply",
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "esmm-quality")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--tag", default="")
@@ -200,14 +218,21 @@ def main() -> None:
         node[path[-1]] = yaml.safe_load(value)
     params = Params.model_validate(raw_params)
 
+    if args.raw is not None and args.curve:
+        parser.error("--curve generates data of each size; it does not apply with --raw")
     sizes = args.curve or [args.train]
     train_seeds = args.train_seeds or [params.train.seed]
     load_before = os.getloadavg()
     rows = []
     for n_train in sizes:
-        root = prepare(args.work, n_train, args.test, args.seed, params.ingest, args.profile)
+        root = prepare(
+            args.work, n_train, args.test, args.seed, params.ingest, args.profile, args.raw
+        )
         ingest = root / f"ingest-{params.ingest.min_count}"
-        oracle = json.loads((root / "raw" / "oracle.json").read_text())["test"]
+        oracle_path = (args.raw or root / "raw") / "oracle.json"
+        oracle = json.loads(oracle_path.read_text())["test"] if oracle_path.is_file() else None
+        if args.raw is not None:  # the size of the data set given
+            n_train = json.loads((ingest / "report.json").read_text())["split_rows"]["train"]
         per_seed = []
         for train_seed in train_seeds:
             train_cfg = params.train.model_copy(update={"seed": train_seed})
@@ -222,22 +247,25 @@ def main() -> None:
                 row["train_impressions"] = n_train
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        oracle_row = {
-            "run": "oracle",
-            "train_impressions": n_train,
-            **{m: round(oracle[m], 4) for m in METRICS},
-            **{f"{m}_se": round(auc_se(oracle[m], *n[m]), 4) for m in METRICS},
-        }
-        rows.append(oracle_row)
-        print(json.dumps(oracle_row), flush=True)
+        if oracle:
+            oracle_row = {
+                "run": "oracle",
+                "train_impressions": n_train,
+                **{m: round(oracle[m], 4) for m in METRICS},
+                **{f"{m}_se": round(auc_se(oracle[m], *n[m]), 4) for m in METRICS},
+            }
+            rows.append(oracle_row)
+            print(json.dumps(oracle_row), flush=True)
 
     record = {
         "benchmark": "quality",
         "machine": machine_info(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "profile": args.profile,
-        "seed": args.seed,
+        "profile": None if args.raw else args.profile,
+        "raw": str(args.raw.resolve()) if args.raw else None,
+        "raw_oracle": json.loads(oracle_path.read_text()) if args.raw and oracle else None,
+        "seed": None if args.raw else args.seed,
         "train_seeds": train_seeds,
         "test_impressions": args.test,
         "params": params.model_dump(
@@ -247,9 +275,12 @@ def main() -> None:
     }
     kind = "curve" if args.curve else "table"
     tag = args.tag  # a profile other than the default is named in the file name too
-    if args.profile != "default" and not tag.startswith(args.profile):
+    if args.raw is not None:
+        tag = args.raw.resolve().name + (f"-{tag}" if tag else "")
+    elif args.profile != "default" and not tag.startswith(args.profile):
         tag = f"{args.profile}-{tag}" if tag else args.profile
-    path = write_record(args.out, f"quality-{kind}-{max(sizes)}", record, tag)
+    size = n_train if args.raw is not None else max(sizes)
+    path = write_record(args.out, f"quality-{kind}-{size}", record, tag)
     print(f"wrote {path}")
 
 

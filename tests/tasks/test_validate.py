@@ -94,10 +94,19 @@ def test_format_typical_data_passes_the_committed_schema(tmp_path, ingested):
             t = _replace(t, name, pa.array(values, t.schema.field(name).type))
         return t
 
+    def some_profiles_unknown(t):  # 126 absent for 40% of the users, as in the real data
+        for name in ("ids_126", "wts_126"):
+            values = [[] if i % 5 < 2 else v for i, v in enumerate(t[name].to_pylist())]
+            t = _replace(t, name, pa.array(values, t.schema.field(name).type))
+        return t
+
     data = tmp_path / "ingest"
     shutil.copytree(ingested, data)
     for split in ("train", "valid", "test"):
-        for name, change in (("common", longer_lists), ("impressions", rare_matches)):
+        for name, change in (
+            ("common", lambda t: some_profiles_unknown(longer_lists(t))),
+            ("impressions", rare_matches),
+        ):
             path = data / split / f"{name}.parquet"
             pq.write_table(change(pq.read_table(path)), path)
     result = validate_data(data, tmp_path / "out", REPO / "schema", CFG)
@@ -112,7 +121,7 @@ def test_absent_schema_is_proposed_with_curated_constraints(schema_dir):
     schema = tfdv.load_schema_text(str(schema_dir / "common.pbtxt"))
     features = {f.name: f for f in schema.feature}
     assert list(schema.default_environment) == ["TRAINING", "SERVING"]
-    assert features["ids_124"].unique_constraints.max == CFG.max_domain_size  # 2 values seen
+    assert features["ids_124"].unique_constraints.max == 1000  # 2 values seen: the floor
     assert not features["ids_124"].HasField("string_domain")  # value_domains is off
     assert features["ids_109_14"].value_count.min == 1
     assert not features["ids_109_14"].value_count.HasField("max")  # lists of any length
@@ -122,10 +131,44 @@ def test_absent_schema_is_proposed_with_curated_constraints(schema_dir):
         f.name: f for f in tfdv.load_schema_text(str(schema_dir / "impressions.pbtxt")).feature
     }
     assert labels["ids_508"].presence.min_fraction == 0  # crosses: only where history matches
+    assert features["ids_126"].presence.min_fraction == 0  # profile fields: optional
+    assert features["ids_126"].presence.min_count == 1  # ... but not gone
+    assert labels["ids_206"].presence.min_fraction > 0.5
     assert not labels["ids_205"].HasField("unique_constraints")  # item ids: thousands
     for key in ("click", "conversion", "clicked_conversion"):
         assert (labels[key].int_domain.min, labels[key].int_domain.max) == (0, 1)
         assert list(labels[key].not_in_environment) == ["SERVING"]
+
+
+def test_no_jensen_shannon_where_it_would_measure_noise(tmp_path, ingested):
+    """Shop-history ids drawn from one flat distribution of 20,000 shops in every split: with
+    a few ids per context, most are seen once, and TFDV keeps 1000 ids per feature, so its
+    Jensen-Shannon divergence there would be sampling noise (about 0.96 here). It is not
+    measured (and the report says so); L-infinity is."""
+    rng = np.random.default_rng(0)
+
+    def many_shops(t):
+        lengths = rng.integers(1, 6, t.num_rows)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+        ids = pa.ListArray.from_arrays(offsets, pa.array(rng.integers(1, 20_001, lengths.sum())))
+        wts = pa.ListArray.from_arrays(offsets, pa.array(np.ones(lengths.sum(), np.float32)))
+        return _replace(_replace(t, "ids_110_14", ids), "wts_110_14", wts)
+
+    data = tmp_path / "ingest"
+    shutil.copytree(ingested, data)
+    for split in ("train", "valid", "test"):
+        path = data / split / "common.parquet"
+        pq.write_table(many_shops(pq.read_table(path)), path)
+    result = validate_data(data, tmp_path / "out", REPO / "schema", CFG)
+    measured = {(c.feature, c.measure) for c in result.comparisons}
+    assert ("ids_110_14", "infinity_norm") in measured
+    assert ("ids_110_14", "jensen_shannon") not in measured
+    assert ("ids_121", "jensen_shannon") in measured  # a complete histogram: measured
+    assert any(
+        re.search(r"skew common: Jensen-Shannon not measured .*ids_110_14 \([\d,]+ ids", n)
+        for n in result.notes
+    )
+    assert not [a for a in result.anomalies if "110_14" in a]
 
 
 def test_missing_field_is_named(tmp_path, ingested, schema_dir):
@@ -173,11 +216,11 @@ def test_conversion_without_click_is_named(tmp_path, ingested, schema_dir):
 
 
 def test_new_ids_in_a_low_cardinality_field_are_named(tmp_path, ingested, schema_dir):
-    """Half the impressions of the test split get position ids never seen in training."""
+    """Every impression of the test split gets a position id never seen in training."""
 
     def explode(t):
-        ids = t["ids_301"].to_pylist()
-        ids = [[990_000_000 + i] if i % 2 else v for i, v in enumerate(ids)]
+        assert t.num_rows > 1000  # the bound's floor
+        ids = [[990_000_000 + i] for i in range(t.num_rows)]
         return _replace(t, "ids_301", pa.array(ids, pa.list_(pa.int64())))
 
     data = _copy_with(ingested, tmp_path / "ingest", "test", "impressions", explode)
@@ -402,3 +445,33 @@ def test_schema_diff_shows_a_deliberate_change(tmp_path, ingested):
     )
     diff = schema_diff(schema_dir, proposed)
     assert '-  not_in_environment: "LIVE"' in diff and '+  not_in_environment: "SERVING"' in diff
+
+
+def test_jensen_shannon_noise_rules():
+    """JSD is measured on a complete histogram with many values per id; not on a cut one, nor
+    where sampling alone would reach half the threshold."""
+    from tensorflow_metadata.proto.v0 import statistics_pb2
+
+    from tasks.validate import unmeasurable_jensen_shannon
+
+    def stats(unique: int, buckets: int, values: int):
+        out = statistics_pb2.DatasetFeatureStatisticsList()
+        feature = out.datasets.add().features.add()
+        feature.path.step.append("ids_206")
+        feature.string_stats.unique = unique
+        feature.string_stats.common_stats.tot_num_values = values
+        for i in range(buckets):
+            feature.string_stats.rank_histogram.buckets.add(label=str(i))
+        return out
+
+    cfg = DriftConfig()  # threshold 0.1: noise up to 0.05 is measured
+    assert (
+        unmeasurable_jensen_shannon(cfg, stats(400, 400, 100_000), stats(400, 400, 100_000)) == {}
+    )
+    cut = unmeasurable_jensen_shannon(cfg, stats(400, 400, 10**6), stats(5000, 1000, 10**6))
+    assert cut == {"ids_206": "more distinct ids than TFDV's rank histogram holds"}
+    # 400 ids, 2,000 values a side: (399 / 8 ln 2) * (2 / 2000) = 0.072 > 0.05
+    sparse = unmeasurable_jensen_shannon(cfg, stats(400, 400, 2000), stats(400, 400, 2000))
+    assert sparse == {"ids_206": "400 ids, sampling alone about 0.07"}
+    off = DriftConfig(features={"ids_206": {"jensen_shannon": None}})
+    assert unmeasurable_jensen_shannon(off, stats(5000, 1000, 10), stats(5000, 1000, 10)) == {}
