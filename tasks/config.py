@@ -114,7 +114,7 @@ class TowerConfig(_Section):
 
 class ModelConfig(_Section):
     embedding_dim: int = Field(12, gt=0)
-    pooling: Literal["mean", "sum"] = "sum"  # how weighted multi-valued fields are pooled
+    pooling: Literal["mean", "sum"] = "mean"  # how weighted multi-valued fields are pooled
     # pooling of the behaviour lists 109_14, 110_14, 127_14, 150_14; null: `pooling`
     list_pooling: Literal["mean", "sum"] | None = None
     embedding_l2: float = Field(0.0, ge=0.0)  # L2 penalty on every embedding table

@@ -31,6 +31,7 @@ GATED_METRICS: dict[str, str] = {
     "cvr_auc_clicked": "min_cvr_auc_clicked",
 }
 TASKS = ("ctr", "ctcvr", "cvr")
+_MIN_ROWS_FOR_SPREAD = 100  # test rows (clicked, for p_cvr) before a constant output is judged
 # Metrics compared with the champion (shown side by side, with deltas).
 HEADLINE = tuple(
     f"{task}_{measure}{'_clicked' if task == 'cvr' else ''}"
@@ -173,6 +174,7 @@ def compute_metrics(predictions: pd.DataFrame) -> dict[str, float]:
             f"{task}_mean_predicted{sfx}": predicted,
             f"{task}_observed_rate{sfx}": observed,
             f"{task}_calibration{sfx}": predicted / observed if observed > 0 else float("nan"),
+            f"{task}_distinct_predictions{sfx}": int(len(np.unique(scores))),
         }
         if users is not None:
             gauc, scored, skipped = group_auc(labels, scores, users[mask])
@@ -233,8 +235,14 @@ def gate(
     cfg: EvaluateConfig,
     champion: dict[str, float] | None = None,
 ) -> GateVerdict:
-    """Absolute floors, then no regression beyond `cfg.max_regression` against the champion
-    (skipped when there is none). An undefined (NaN) candidate metric fails its check."""
+    """Absolute floors, a tower that is not constant, then no regression beyond
+    `cfg.max_regression` against the champion (skipped when there is none). An undefined
+    (NaN) candidate metric fails its check.
+
+    A tower whose predictions take fewer distinct values than 1% of the test rows (given at
+    least `_MIN_ROWS_FOR_SPREAD`) has saturated: ESMM's CVR tower, which no label supervises
+    directly, can end at p_cvr = 1 everywhere, where the loss's gradient vanishes; its
+    clicked CVR AUC is then 0.5, which a floor of 0.5 would let through."""
     reasons = []
     for name, floor_key in GATED_METRICS.items():
         floor = getattr(cfg, floor_key)
@@ -242,6 +250,15 @@ def gate(
         if not value >= floor:  # also catches NaN
             reasons.append(
                 f"{name} = {value:.4f} is below the floor evaluate.{floor_key} = {floor}"
+            )
+    for task, rows_key in (("ctr", "impressions"), ("cvr", "clicks")):
+        sfx = "_clicked" if task == "cvr" else ""
+        rows, distinct = metrics.get(rows_key, 0), metrics.get(f"{task}_distinct_predictions{sfx}")
+        if distinct is not None and rows >= _MIN_ROWS_FOR_SPREAD and distinct < 0.01 * rows:
+            reasons.append(
+                f"p_{task} takes {distinct} distinct value(s) on {rows:,} test rows: the "
+                f"{task.upper()} tower's output saturated to a constant; retrain (e.g. with "
+                "another train.seed)"
             )
     for name, tolerance in (cfg.max_regression if champion else {}).items():
         value, best = metrics[name], champion[name]

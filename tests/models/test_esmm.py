@@ -289,6 +289,8 @@ def test_user_item_dots_are_history_means_against_the_item_embedding(model, batc
         total = h_wts.sum(axis=1, keepdims=True)
         mean = _pooled(tables[history], np.sort(vocabularies[history]), h_ids, h_wts) / total
         pooled_item = _pooled(tables[item], np.sort(vocabularies[item]), i_ids, i_wts)
+        if tables[item].pooling == "mean":  # the item field's own pooling
+            pooled_item /= np.maximum(i_wts.sum(axis=1, keepdims=True), 1e-8)
         np.testing.assert_allclose(
             got[:, k], (mean * pooled_item).sum(axis=1), rtol=1e-4, atol=1e-7
         )
