@@ -267,7 +267,7 @@ def main() -> None:
         "raw_oracle": json.loads(oracle_path.read_text()) if args.raw and oracle else None,
         "seed": None if args.raw else args.seed,
         "train_seeds": train_seeds,
-        "test_impressions": args.test,
+        "test_impressions": None if args.raw else args.test,
         "params": params.model_dump(
             by_alias=True, mode="json", include={"preset", "model", "train", "ingest"}
         ),

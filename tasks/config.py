@@ -63,7 +63,7 @@ class DriftConfig(_Section):
     jensen_shannon: float | None = Field(0.1, gt=0.0, le=1.0)  # id features
     # Weights (wts_F), on TFDV's quantile histograms: two samples of one distribution of
     # counts differ by up to about 0.09 there, a change of unit (counts to log counts, or
-    # doubled) by 0.46 or more (benchmarks/README.md, "Validation on foreign data").
+    # doubled) by 0.46 or more (benchmarks/README.md, "Foreign data").
     weight_jensen_shannon: float | None = Field(0.25, gt=0.0, le=1.0)
     infinity_norm: float | None = Field(0.1, gt=0.0, le=1.0)  # id features only
     features: dict[str, ComparatorConfig] = {}  # per-feature overrides, e.g. {ids_301: {...}}
