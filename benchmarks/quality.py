@@ -230,7 +230,8 @@ def main() -> None:
         )
         ingest = root / f"ingest-{params.ingest.min_count}"
         oracle_path = (args.raw or root / "raw") / "oracle.json"
-        oracle = json.loads(oracle_path.read_text())["test"] if oracle_path.is_file() else None
+        oracle_file = json.loads(oracle_path.read_text()) if oracle_path.is_file() else None
+        oracle = oracle_file["test"] if oracle_file else None
         if args.raw is not None:  # the size of the data set given
             n_train = json.loads((ingest / "report.json").read_text())["split_rows"]["train"]
         per_seed = []
@@ -264,7 +265,7 @@ def main() -> None:
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "profile": None if args.raw else args.profile,
         "raw": str(args.raw.resolve()) if args.raw else None,
-        "raw_oracle": json.loads(oracle_path.read_text()) if args.raw and oracle else None,
+        "raw_oracle": oracle_file if args.raw else None,
         "seed": None if args.raw else args.seed,
         "train_seeds": train_seeds,
         "test_impressions": None if args.raw else args.test,
