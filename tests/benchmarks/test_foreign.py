@@ -45,3 +45,11 @@ def test_foreign_data_passes_ingestion_and_the_committed_gate(foreign, tmp_path)
     result = validate_data(tmp_path / "ingest", tmp_path / "validate", REPO / "schema", cfg)
     assert result.passed, result.anomalies
     assert any(c.kind == "skew" for c in result.comparisons)  # skew was measured
+
+
+def test_foreign_data_is_a_function_of_its_seed(foreign, tmp_path):
+    raw, _ = foreign
+    again = tmp_path / "again"
+    foreign_data(again, 20_000, 6_000, seed=3)
+    for name in ("sample_skeleton_test.csv", "common_features_train.csv", "oracle.json"):
+        assert (again / name).read_bytes() == (raw / name).read_bytes(), name
