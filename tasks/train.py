@@ -570,20 +570,29 @@ def train_esmm(
             with np.load(ckpt_dir / "rng.npz") as rng:
                 for i, variable in enumerate(_rng_states(model)):
                     variable.assign(rng[str(i)])
-        elif model_cfg.cooccurrence_init:
-            from tasks.cooccurrence import initialise_from_cooccurrence
+        else:
+            biases = initialise_logit_biases(model, train)
+            if verbose:
+                print(
+                    "logit biases start at the train split's rates: click "
+                    f"{_sigmoid(biases['ctr_logit_bias']):.4f}, conversion given click "
+                    f"{_sigmoid(biases['cvr_logit_bias']):.4f}",
+                    flush=True,
+                )
+            if model_cfg.cooccurrence_init:
+                from tasks.cooccurrence import initialise_from_cooccurrence
 
-            for tables in initialise_from_cooccurrence(
-                model,
-                train,
-                vocab,
-                model_cfg.cooccurrence_init,
-                model_cfg.embedding_dim,
-                model_cfg.cooccurrence_scale,
-                seed=train_cfg.seed,
-            ):
-                if verbose:
-                    print(tables.summary(), flush=True)
+                for tables in initialise_from_cooccurrence(
+                    model,
+                    train,
+                    vocab,
+                    model_cfg.cooccurrence_init,
+                    model_cfg.embedding_dim,
+                    model_cfg.cooccurrence_scale,
+                    seed=train_cfg.seed,
+                ):
+                    if verbose:
+                        print(tables.summary(), flush=True)
 
     variant, batch_size = model_cfg.variant, train_cfg.batch_size
     # A step is one batch per replica; distributed, a pass drops its last few batches
@@ -718,6 +727,37 @@ def recalibrate(model, split_dir: Path, first_id_only: bool = False) -> dict[str
         bias = model.get_layer(layer).bias
         bias.assign(bias + np.float32(shift))
     return {"ctr_logit_shift": shift_ctr, "cvr_logit_shift": shift_cvr}
+
+
+def initialise_logit_biases(model, split: SplitReader) -> dict[str, float]:
+    """Start each tower's logit bias at its base rate on `split`, in place.
+
+    The CTR tower's at the click rate, the CVR tower's at the conversion rate among
+    clicks (both Laplace-smoothed), so that training starts at the constant predictor of
+    the labels rather than at p = 0.5 ("init well": Karpathy, "A Recipe for Training
+    Neural Networks"; TensorFlow's "Classification on imbalanced data" tutorial). The
+    p_cvr of an ESMM is supervised only through p_ctr * p_cvr, and started at 0.5 it can
+    drift up to 1, where the sigmoid's gradient vanishes and the tower stays (the CVR AUC
+    is then 0.5); started at the conversion rate, it begins far from there.
+
+    Returns:
+        The biases set: `ctr_logit_bias`, `cvr_logit_bias`.
+    """
+    labels = split.impressions.read(columns=[CLICK_LABEL_KEY, CONVERSION_LABEL_KEY])
+    click = labels[CLICK_LABEL_KEY].to_numpy().astype(np.float64)
+    conversion = labels[CONVERSION_LABEL_KEY].to_numpy().astype(np.float64)
+    clicks, conversions = click.sum(), (click * conversion).sum()
+    biases = {
+        "ctr_logit_bias": float(_logit((clicks + 1) / (len(click) + 2))[()]),
+        "cvr_logit_bias": float(_logit((conversions + 1) / (clicks + 2))[()]),
+    }
+    for layer, value in (
+        ("ctr_logit", biases["ctr_logit_bias"]),
+        ("cvr_logit", biases["cvr_logit_bias"]),
+    ):
+        bias = model.get_layer(layer).bias
+        bias.assign(np.full(bias.shape, value, dtype=np.float32))
+    return biases
 
 
 def _logit(p) -> np.ndarray:

@@ -17,10 +17,12 @@ from sklearn.metrics import roc_auc_score
 import models.esmm
 from models.features import CLICK_LABEL_KEY, COMMON_INDEX_KEY, OUTPUT_KEYS, SAMPLE_ID_KEY
 from tasks.config import EarlyStoppingConfig, IngestConfig, ModelConfig, TowerConfig, TrainConfig
-from tasks.ingest import ingest_ali_ccp
+from tasks.ingest import ingest_ali_ccp, load_vocabularies
 from tasks.train import (
     CONTEXT_ROW_KEY,
     SplitReader,
+    compiled_model,
+    initialise_logit_biases,
     make_dataset,
     pad_fields,
     predict_split,
@@ -253,6 +255,24 @@ def test_an_unknown_early_stopping_metric_is_named(ingested, tmp_path):
 
 def test_the_context_row_key_matches_the_model():
     assert CONTEXT_ROW_KEY == models.esmm.CONTEXT_ROW_KEY
+
+
+def test_towers_start_at_the_train_splits_click_and_conversion_rates(ingested):
+    """With the logit layers' kernels at zero, a model whose biases were initialised
+    predicts the train split's (smoothed) click rate as p_ctr and its conversion rate among
+    clicks as p_cvr, not 0.5: training starts at the constant predictor of the labels."""
+    model = compiled_model(MODEL, TRAIN, load_vocabularies(ingested / "vocab.parquet"))
+    for layer in ("ctr_logit", "cvr_logit"):
+        kernel = model.get_layer(layer).kernel
+        kernel.assign(np.zeros(kernel.shape, dtype=np.float32))
+    initialise_logit_biases(model, SplitReader(ingested / "train"))
+
+    frame = predict_split(model, ingested / "train")
+    clicks = frame[CLICK_LABEL_KEY].sum()
+    conversions = (frame[CLICK_LABEL_KEY] * frame["conversion"]).sum()
+    assert 0 < conversions < clicks < len(frame)
+    np.testing.assert_allclose(frame["p_ctr"], (clicks + 1) / (len(frame) + 2), rtol=1e-5)
+    np.testing.assert_allclose(frame["p_cvr"], (conversions + 1) / (clicks + 2), rtol=1e-5)
 
 
 def test_recalibration_matches_validation_rates_and_keeps_rankings(ingested, tmp_path):
