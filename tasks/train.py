@@ -744,11 +744,11 @@ def initialise_logit_biases(model, split: SplitReader) -> dict[str, float]:
         The biases set: `ctr_logit_bias`, `cvr_logit_bias`.
     """
     labels = split.impressions.read(columns=[CLICK_LABEL_KEY, CONVERSION_LABEL_KEY])
-    click = labels[CLICK_LABEL_KEY].to_numpy().astype(np.float64)
-    conversion = labels[CONVERSION_LABEL_KEY].to_numpy().astype(np.float64)
-    clicks, conversions = click.sum(), (click * conversion).sum()
+    click = pc.cast(labels[CLICK_LABEL_KEY], pa.int64())
+    clicks = pc.sum(click).as_py() or 0
+    conversions = pc.sum(pc.multiply(click, labels[CONVERSION_LABEL_KEY])).as_py() or 0
     biases = {
-        "ctr_logit_bias": float(_logit((clicks + 1) / (len(click) + 2))[()]),
+        "ctr_logit_bias": float(_logit((clicks + 1) / (labels.num_rows + 2))[()]),
         "cvr_logit_bias": float(_logit((conversions + 1) / (clicks + 2))[()]),
     }
     for layer, value in (
