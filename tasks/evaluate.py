@@ -240,9 +240,10 @@ def gate(
     (NaN) candidate metric fails its check.
 
     A tower whose predictions take fewer distinct values than 1% of the test rows (given at
-    least `_MIN_ROWS_FOR_SPREAD`) has saturated: ESMM's CVR tower, which no label supervises
-    directly, can end at p_cvr = 1 everywhere, where the loss's gradient vanishes; its
-    clicked CVR AUC is then 0.5, which a floor of 0.5 would let through."""
+    least `_MIN_ROWS_FOR_SPREAD`) has collapsed: ESMM's CVR tower, which no label supervises
+    directly, can end at p_cvr = 1 everywhere, where the loss's gradient vanishes, or, its
+    units dead, at one rate for every input; its clicked CVR AUC is then about 0.5, which a
+    floor of 0.5 would let through."""
     reasons = []
     for name, floor_key in GATED_METRICS.items():
         floor = getattr(cfg, floor_key)
@@ -257,8 +258,8 @@ def gate(
         if distinct is not None and rows >= _MIN_ROWS_FOR_SPREAD and distinct < 0.01 * rows:
             reasons.append(
                 f"p_{task} takes {distinct} distinct value(s) on {rows:,} test rows: the "
-                f"{task.upper()} tower's output saturated to a constant; retrain (e.g. with "
-                "another train.seed)"
+                f"{task.upper()} tower's output collapsed to a constant; retrain with a lower "
+                "train.learning_rate or another train.seed"
             )
     for name, tolerance in (cfg.max_regression if champion else {}).items():
         value, best = metrics[name], champion[name]

@@ -234,12 +234,14 @@ def test_metrics_file_works_with_dvc_metrics_show_and_diff(tmp_path, small_raw):
     assert read_metrics(path)[1]["version"] == "3" and read_metrics(path)[2] == refused
 
 
-def test_gate_refuses_a_saturated_cvr_tower():
+def test_gate_refuses_a_saturated_or_dead_cvr_tower():
     """p_cvr = the same value on every clicked row (ESMM's CVR tower saturated at 1, then
     recalibrated): the clicked CVR AUC is 0.5, which the floor of 0.5 lets through; the gate
-    names the tower instead. A healthy model with the same labels passes."""
+    names the tower instead. So it does for a tower whose units died (24 values within
+    0.0001 of the conversion rate, as seen at learning rate 0.01). A healthy model with the
+    same labels passes."""
     rng = np.random.default_rng(0)
-    n = 2000
+    n = 20_000
     click = (rng.random(n) < 0.2).astype(int)
     conversion = click * (rng.random(n) < 0.3)
     p_ctr = np.clip(0.2 + 0.1 * rng.standard_normal(n), 0.01, 0.99)
@@ -249,6 +251,12 @@ def test_gate_refuses_a_saturated_cvr_tower():
     assert not verdict.passed and len(verdict.reasons) == 1
     assert "p_cvr takes 1 distinct value(s)" in verdict.reasons[0]
     assert "CVR tower" in verdict.reasons[0]
+    dead = compute_metrics(
+        _frame(click, conversion, p_ctr, rng.choice(0.0046 + 4e-6 * np.arange(24), n))
+    )
+    assert dead["cvr_distinct_predictions_clicked"] == 24
+    verdict = gate(dead, EvaluateConfig(min_ctr_auc=0.0, min_ctcvr_auc=0.0))
+    assert not verdict.passed and "p_cvr takes 24 distinct value(s)" in verdict.reasons[0]
     informative = np.clip(0.25 + 0.1 * conversion + 0.1 * rng.standard_normal(n), 0.01, 0.99)
     healthy = compute_metrics(_frame(click, conversion, p_ctr, informative))
     assert gate(healthy, EvaluateConfig(min_ctr_auc=0.0, min_ctcvr_auc=0.0)).passed
