@@ -467,6 +467,10 @@ def _quiet_third_party() -> None:
 
 def main() -> None:
     _quiet_third_party()
+    # With PREFECT_API_URL unset, a flow starts Prefect's temporary local server and waits
+    # 20 s for it by default; on 2 busy cores (training beside it, a first database
+    # migration) that timed out. Waiting longer costs nothing when it starts at once.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     app()
 
 
