@@ -571,12 +571,11 @@ def train_esmm(
                 for i, variable in enumerate(_rng_states(model)):
                     variable.assign(rng[str(i)])
         else:
-            biases = initialise_logit_biases(model, train)
+            rates = initialise_logit_biases(model, train)
             if verbose:
                 print(
                     "logit biases start at the train split's rates: click "
-                    f"{_sigmoid(biases['ctr_logit_bias']):.4f}, conversion given click "
-                    f"{_sigmoid(biases['cvr_logit_bias']):.4f}",
+                    f"{rates['ctr_logit']:.4f}, conversion given click {rates['cvr_logit']:.4f}",
                     flush=True,
                 )
             if model_cfg.cooccurrence_init:
@@ -743,23 +742,21 @@ def initialise_logit_biases(model, split: SplitReader) -> dict[str, float]:
     base rates"), which the evaluation gate refuses.
 
     Returns:
-        The biases set: `ctr_logit_bias`, `cvr_logit_bias`.
+        The smoothed rate each logit layer now starts at: `ctr_logit` (clicks per
+        impression), `cvr_logit` (conversions per click).
     """
     labels = split.impressions.read(columns=[CLICK_LABEL_KEY, CONVERSION_LABEL_KEY])
     click = pc.cast(labels[CLICK_LABEL_KEY], pa.int64())
     clicks = pc.sum(click).as_py() or 0
     conversions = pc.sum(pc.multiply(click, labels[CONVERSION_LABEL_KEY])).as_py() or 0
-    biases = {
-        "ctr_logit_bias": float(_logit((clicks + 1) / (labels.num_rows + 2))[()]),
-        "cvr_logit_bias": float(_logit((conversions + 1) / (clicks + 2))[()]),
+    rates = {
+        "ctr_logit": (clicks + 1) / (labels.num_rows + 2),
+        "cvr_logit": (conversions + 1) / (clicks + 2),
     }
-    for layer, value in (
-        ("ctr_logit", biases["ctr_logit_bias"]),
-        ("cvr_logit", biases["cvr_logit_bias"]),
-    ):
+    for layer, rate in rates.items():
         bias = model.get_layer(layer).bias
-        bias.assign(np.full(bias.shape, value, dtype=np.float32))
-    return biases
+        bias.assign(np.full(bias.shape, _logit(rate), dtype=np.float32))
+    return rates
 
 
 def _logit(p) -> np.ndarray:

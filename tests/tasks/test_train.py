@@ -265,7 +265,7 @@ def test_towers_start_at_the_train_splits_click_and_conversion_rates(ingested):
     for layer in ("ctr_logit", "cvr_logit"):
         kernel = model.get_layer(layer).kernel
         kernel.assign(np.zeros(kernel.shape, dtype=np.float32))
-    initialise_logit_biases(model, SplitReader(ingested / "train"))
+    rates = initialise_logit_biases(model, SplitReader(ingested / "train"))
 
     frame = predict_split(model, ingested / "train")
     clicks = frame[CLICK_LABEL_KEY].sum()
@@ -273,6 +273,12 @@ def test_towers_start_at_the_train_splits_click_and_conversion_rates(ingested):
     assert 0 < conversions < clicks < len(frame)
     np.testing.assert_allclose(frame["p_ctr"], (clicks + 1) / (len(frame) + 2), rtol=1e-5)
     np.testing.assert_allclose(frame["p_cvr"], (conversions + 1) / (clicks + 2), rtol=1e-5)
+    assert rates == pytest.approx(
+        {
+            "ctr_logit": (clicks + 1) / (len(frame) + 2),
+            "cvr_logit": (conversions + 1) / (clicks + 2),
+        }
+    )
 
 
 def test_recalibration_matches_validation_rates_and_keeps_rankings(ingested, tmp_path):
