@@ -60,7 +60,7 @@ METRICS = ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked")
 
 def replay(n_train: int, n_test: int, seed: int, profile: str = "default"):
     """The world, the calibrated biases and per split the impressions' truth and labels."""
-    from tasks import synth as S
+    from aliccp import synth as S
 
     prof = S._resolve_profile(profile)
     sizes = S._WorldSizes.for_train_size(n_train, prof)
@@ -68,7 +68,7 @@ def replay(n_train: int, n_test: int, seed: int, profile: str = "default"):
     bias_ctr, bias_cvr = S._calibrate(world, S._rng(seed, S._PILOT_STREAM, 0))
     scale = 10**S.PROBABILITY_DIGITS
     splits = {}
-    for split_index, (split, n) in enumerate(zip(S.SPLITS, (n_train, n_test), strict=True)):
+    for split_index, (split, n) in enumerate(zip(S.RAW_SPLITS, (n_train, n_test), strict=True)):
         users, context_sizes = S._draw_contexts(
             world, n, S._rng(seed, S._CONTEXT_STREAM, split_index)
         )
@@ -193,7 +193,7 @@ def taste_from_history(world, folds: int = 2, alphas=(0.3, 1.0, 3.0, 10.0), seed
     rated = np.zeros((n_users, dim))
     np.add.at(rated, owner, np.log(lists.rate)[:, None] * category_taste[lists.entity])
     length = np.maximum(np.diff(lists.offsets), 1)[:, None]
-    from tasks.synth import PROFILE_FIELDS
+    from aliccp.synth import PROFILE_FIELDS
 
     profile_category = world.user_profile[:, PROFILE_FIELDS.index("121")]
     gender = world.user_profile[:, PROFILE_FIELDS.index("124")]

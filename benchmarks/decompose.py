@@ -237,11 +237,11 @@ def main() -> None:
     ]
     reference = None
     if args.tables:
+        from aliccp.synth import feature_id_ranges
         from benchmarks.attainable import category_means
         from tasks.config import load_params
         from tasks.cooccurrence import cooccurrence_tables
         from tasks.ingest import load_vocabularies
-        from tasks.synth import feature_id_ranges
         from tasks.train import SplitReader
 
         vocab = load_vocabularies(args.split.parent / "vocab.parquet")

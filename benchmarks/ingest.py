@@ -295,7 +295,7 @@ def _export_commit(ref: str, work: Path) -> Path:
 
 
 def _resolve_profile(requested: str | None) -> tuple[str, str | None]:
-    from tasks.synth import PROFILES
+    from aliccp.synth import PROFILES
 
     if requested:
         if requested not in PROFILES:
@@ -311,7 +311,7 @@ def _resolve_profile(requested: str | None) -> tuple[str, str | None]:
 
 def prepare_raw(work: Path, n_train: int, n_test: int, seed: int, profile: str) -> dict:
     """Generate (or reuse) the raw files; returns their description."""
-    from tasks import synth
+    from aliccp import synth
 
     definition = repr(synth.PROFILES[profile])
     key = hashlib.sha256(definition.encode()).hexdigest()[:10]

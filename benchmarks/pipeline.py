@@ -33,9 +33,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
+    from aliccp.synth import synthesize_ali_ccp
     from tasks import steps
     from tasks.config import Params
-    from tasks.synth import synthesize_ali_ccp
 
     raw_params = yaml.safe_load(args.params.read_text())
     work = Path(tempfile.mkdtemp(prefix="esmm-bench-"))

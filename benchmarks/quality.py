@@ -73,8 +73,8 @@ def prepare(
 ) -> Path:
     """The work folder of one data set: `raw/` (generated unless `raw` names a folder of
     Ali-CCP files to use as they are) and `ingest-<min_count>/`."""
+    from aliccp.synth import synthesize_ali_ccp
     from tasks.ingest import ingest_ali_ccp
-    from tasks.synth import synthesize_ali_ccp
 
     if raw is not None:
         root = work / f"raw-{raw.resolve().name}"

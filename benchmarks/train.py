@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def prepare(work: Path, n_train: int, seed: int, profile: str = "default") -> Path:
     """Raw data and its ingestion, cached under `work` by profile, size and seed."""
+    from aliccp.synth import synthesize_ali_ccp
     from tasks.config import IngestConfig
     from tasks.ingest import ingest_ali_ccp
-    from tasks.synth import synthesize_ali_ccp
 
     root = work / f"{profile}-{n_train}-{seed}"
     ingest = root / "ingest"
@@ -126,7 +126,7 @@ def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[floa
 
 
 def main() -> None:
-    from tasks.synth import PROFILES
+    from aliccp.synth import PROFILES
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

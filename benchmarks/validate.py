@@ -39,7 +39,7 @@ import json, sys, time
 from pathlib import Path
 from tasks.config import ValidateConfig
 from tasks.validate import TABLES, generate_statistics
-from tasks.ingest import SPLITS
+from aliccp.format import SPLITS
 ingest, out, options = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 inputs = {f"{s}_{t}": ingest / s / f for t, f in TABLES.items() for s in SPLITS}
 start = time.perf_counter()
@@ -59,9 +59,9 @@ print(json.dumps({"seconds": seconds, "summary": summary}))
 
 
 def _prepare(work: Path, impressions: int, test: int, seed: int) -> Path:
+    from aliccp.synth import synthesize_ali_ccp
     from tasks.config import IngestConfig
     from tasks.ingest import ingest_ali_ccp
-    from tasks.synth import synthesize_ali_ccp
 
     raw, ingest = work / "data", work / "ingest"
     if not (ingest / "report.json").is_file():

@@ -91,7 +91,7 @@ def synth(
     params: Path = PARAMS,
 ) -> None:
     """Generate seeded Ali-CCP-format raw data with ground truth and oracle AUCs."""
-    from tasks.synth import synthesize_ali_ccp
+    from aliccp.synth import synthesize_ali_ccp
 
     p = _params(params)
     try:
@@ -397,8 +397,8 @@ def serve(
     """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
     import subprocess
 
+    from serving.serve import serve_command
     from tasks.register import CHAMPION, resolve_tracking_uri
-    from tasks.serve import serve_command
 
     cfg = _params(params).register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
@@ -435,8 +435,8 @@ def score(
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from serving.serve import load_keras_model, score_raw
     from tasks.register import CHAMPION, resolve_tracking_uri
-    from tasks.serve import load_keras_model, score_raw
 
     cfg = _params(params).register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"

@@ -70,6 +70,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from models.config import ModelConfig, TowerConfig
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
@@ -80,7 +81,6 @@ from models.features import (
     ids_key,
     wts_key,
 )
-from tasks.config import ModelConfig, TowerConfig
 
 _PACKAGE = "esmm"
 _NUM_OOV_INDICES = 1  # index 0 of every lookup is the bucket for ids outside the vocabulary

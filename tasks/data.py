@@ -81,7 +81,7 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
-    from tasks.synth import synthesize_ali_ccp
+    from aliccp.synth import synthesize_ali_ccp
 
     raw_dir = Path(raw_dir)
     dvc_file = dvc_file_for(raw_dir, repo_root)

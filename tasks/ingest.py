@@ -1,6 +1,6 @@
 """Ingestion: raw Ali-CCP text files -> columnar, split, vocabularised training data.
 
-The raw format is described in shared/ALI_CCP_FORMAT.md. Ingestion streams each file a
+The raw format is described in docs/ali_ccp_format.md (its contract: `aliccp.format`). Ingestion streams each file a
 chunk of bytes at a time and parses every chunk with vectorised pyarrow/numpy kernels (no
 per-line Python loop). Every field, every entry of a multi-valued field and every weight is
 kept: field `F` becomes the list columns `ids_F` (int64) and `wts_F` (float32).
@@ -42,6 +42,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from aliccp.format import (
+    R_COLUMNS,
+    R_CONV_NO_CLICK,
+    R_DUP_KEY,
+    R_DUP_SAMPLE,
+    R_EMPTY,
+    R_ENTRY,
+    R_FEATURE_NUM,
+    R_LABEL,
+    R_UNKNOWN_KEY,
+    R_UTF8,
+    RAW_FILES,
+    SPLITS,
+)
 from models.features import (
     CLICK_LABEL_KEY,
     COMMON_FIELDS,
@@ -54,23 +68,6 @@ from models.features import (
 )
 from tasks.config import IngestConfig
 
-RAW_FILES: dict[str, tuple[str, str]] = {
-    "train": ("sample_skeleton_train.csv", "common_features_train.csv"),
-    "test": ("sample_skeleton_test.csv", "common_features_test.csv"),
-}
-SPLITS: tuple[str, ...] = ("train", "valid", "test")
-
-# Quarantine reasons (stable strings: they are report keys).
-R_EMPTY = "empty line"
-R_UTF8 = "invalid UTF-8"
-R_COLUMNS = "wrong number of columns (truncated line or wrong separator)"
-R_LABEL = "label not 0 or 1"
-R_CONV_NO_CLICK = "conversion without click"
-R_FEATURE_NUM = "feature_num does not match the feature list"
-R_ENTRY = "malformed feature entry"
-R_UNKNOWN_KEY = "unknown common_feature_index"
-R_DUP_KEY = "duplicate common_feature_index"
-R_DUP_SAMPLE = "duplicate sample id"
 # Reasons the block parser gives, by code (0: no defect found).
 _REASONS: tuple[str | None, ...] = (
     None, R_EMPTY, R_UTF8, R_COLUMNS, R_ENTRY, R_FEATURE_NUM, R_LABEL, R_CONV_NO_CLICK,

@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from models.config import ModelConfig
 from models.features import (
     ALL_FIELDS,
     CLICK_LABEL_KEY,
@@ -50,7 +51,7 @@ from models.features import (
     ids_key,
     wts_key,
 )
-from tasks.config import EarlyStoppingConfig, ModelConfig, TrainConfig
+from tasks.config import EarlyStoppingConfig, TrainConfig
 from tasks.ingest import load_vocabularies
 
 CONTEXT_ROW_KEY = "context_row"  # = models.esmm.CONTEXT_ROW_KEY (kept import-light here)

@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from aliccp.format import SPLITS
 from models.features import (
     ALL_FIELDS,
     CLICK_LABEL_KEY,
@@ -47,7 +48,6 @@ from models.features import (
     wts_key,
 )
 from tasks.config import DriftConfig, ValidateConfig
-from tasks.ingest import SPLITS
 
 TRAINING, SERVING = "TRAINING", "SERVING"  # schema environments
 TABLES: dict[str, str] = {"impressions": "impressions.parquet", "common": "common.parquet"}

@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.ingest import SPLITS
+from aliccp.format import SPLITS
 
 TEXT_NAME, HTML_NAME = "report.txt", "report.html"
 

@@ -56,7 +56,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="session")
 def small_raw(tmp_path_factory) -> Path:
     """A small raw Ali-CCP folder written by the generator (read-only for tests)."""
-    from tasks.synth import synthesize_ali_ccp
+    from aliccp.synth import synthesize_ali_ccp
 
     out = tmp_path_factory.mktemp("raw") / "data"
     synthesize_ali_ccp(out, SMALL["train"], SMALL["test"], SMALL["seed"])
@@ -66,7 +66,7 @@ def small_raw(tmp_path_factory) -> Path:
 def make_project(root: Path, raw: Path, overrides: dict | None = None) -> Path:
     """A git + DVC repository laid out like this one, with `raw` added as data.dvc."""
     root.mkdir(parents=True, exist_ok=True)
-    for item in ("dvc.yaml", "tasks", "models", "flows", "schema"):
+    for item in ("dvc.yaml", "tasks", "models", "flows", "aliccp", "serving", "schema"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
     params = yaml.safe_load((REPO / "params.yaml").read_text())

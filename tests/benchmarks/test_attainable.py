@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from aliccp.synth import synthesize_ali_ccp
 from benchmarks.attainable import (
     aucs,
     genie_predict,
@@ -20,7 +21,6 @@ from benchmarks.attainable import (
     user_posteriors,
     with_user_estimates,
 )
-from tasks.synth import synthesize_ali_ccp
 
 
 def _oracle(test: dict) -> dict:

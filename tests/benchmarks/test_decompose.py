@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from aliccp.synth import feature_id_ranges
 from benchmarks.attainable import category_means, replay
 from benchmarks.decompose import category_tables, model_tables
-from tasks.config import ModelConfig, TowerConfig, TrainConfig
-from tasks.synth import feature_id_ranges
+from models.config import ModelConfig, TowerConfig
+from tasks.config import TrainConfig
 from tasks.train import compiled_model
 
 

@@ -89,9 +89,9 @@ def test_each_new_data_version_retrains_and_corrupt_data_fails_the_run(
     and the reason, and leaves the champion where it was."""
     from mlflow import MlflowClient
 
+    from aliccp.synth import synthesize_ali_ccp
     from flows.retrain import retrain
     from tasks.data import add_raw_data, data_version
-    from tasks.synth import synthesize_ali_ccp
 
     project = make_project(tmp_path / "project", small_raw)
     monkeypatch.chdir(project)

@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 
+from models.config import ModelConfig, TowerConfig
 from models.esmm import (
     CONTEXT_ROW_KEY,
     EmbeddingBag,
@@ -40,7 +41,6 @@ from models.features import (
     ids_key,
     wts_key,
 )
-from tasks.config import ModelConfig, TowerConfig
 
 VOCAB_SIZE = 12  # known ids per field
 UNKNOWN_IDS = (999_999_001, 999_999_002)  # in no vocabulary

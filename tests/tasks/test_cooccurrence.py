@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from models.config import ModelConfig, TowerConfig
 from models.features import COMMON_INDEX_KEY, ids_key, wts_key
-from tasks.config import ModelConfig, TowerConfig, TrainConfig
+from tasks.config import TrainConfig
 from tasks.cooccurrence import _rows, cooccurrence_tables, initialise_from_cooccurrence
 from tasks.train import SplitReader, compiled_model
 

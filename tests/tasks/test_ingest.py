@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import aliccp.format as fmt
 from models.features import ALL_FIELDS, COMMON_FIELDS, SKELETON_FIELDS, ids_key, wts_key
 from tasks import ingest as ing
 from tasks.config import IngestConfig
@@ -45,15 +46,15 @@ GOOD = [
     f"3,1,0,{KEY_B},0,\n",
 ]
 BAD = {  # line text -> expected reason
-    f"4,0,1,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": ing.R_CONV_NO_CLICK,
-    f"5,2,0,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": ing.R_LABEL,
-    f"6,x,0,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": ing.R_LABEL,
-    f"7,1,0,{KEY_UNKNOWN},1,{_features([('205', 100, 1.0)])}\n": ing.R_UNKNOWN_KEY,
-    f"8,1,0,{KEY_A},5,{_features([('205', 100, 1.0)])}\n": ing.R_FEATURE_NUM,
-    "9,1,0\n": ing.R_COLUMNS,
-    f"10;1;0;{KEY_A};1;{_features([('205', 100, 1.0)])}\n": ing.R_COLUMNS,
-    f"11,1,0,{KEY_A},1,205\x02abc\x031.0\n": ing.R_ENTRY,
-    "\n": ing.R_EMPTY,
+    f"4,0,1,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": fmt.R_CONV_NO_CLICK,
+    f"5,2,0,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": fmt.R_LABEL,
+    f"6,x,0,{KEY_A},1,{_features([('205', 100, 1.0)])}\n": fmt.R_LABEL,
+    f"7,1,0,{KEY_UNKNOWN},1,{_features([('205', 100, 1.0)])}\n": fmt.R_UNKNOWN_KEY,
+    f"8,1,0,{KEY_A},5,{_features([('205', 100, 1.0)])}\n": fmt.R_FEATURE_NUM,
+    "9,1,0\n": fmt.R_COLUMNS,
+    f"10;1;0;{KEY_A};1;{_features([('205', 100, 1.0)])}\n": fmt.R_COLUMNS,
+    f"11,1,0,{KEY_A},1,205\x02abc\x031.0\n": fmt.R_ENTRY,
+    "\n": fmt.R_EMPTY,
 }
 
 
@@ -134,7 +135,7 @@ def test_invalid_utf8_is_quarantined(tmp_path):
         "file": "sample_skeleton_train.csv",
         "line": "4",
         "sample_id": "",
-        "reason": ing.R_UTF8,
+        "reason": fmt.R_UTF8,
     } in rows
 
 
@@ -261,7 +262,7 @@ def test_duplicate_sample_id_quarantines_the_later_line(tmp_path):
             "file": "sample_skeleton_train.csv",
             "line": "4",
             "sample_id": "1",
-            "reason": ing.R_DUP_SAMPLE,
+            "reason": fmt.R_DUP_SAMPLE,
         }
     ]
 
@@ -335,7 +336,7 @@ def test_quarantined_id_text_is_capped_and_decoded_leniently(tmp_path):
     row = next(
         r for r in _read_quarantine(tmp_path / "out") if r["file"] == "sample_skeleton_train.csv"
     )
-    assert row["reason"] == ing.R_COLUMNS and row["line"] == "4"
+    assert row["reason"] == fmt.R_COLUMNS and row["line"] == "4"
     assert len(row["sample_id"].encode()) <= 64 + 3  # the cap, plus a replacement character
 
 
@@ -383,17 +384,17 @@ def test_unknown_field_ids_are_counted_by_exact_name(tmp_path):
 
 ARABIC_THREE = "\u0663"  # a Unicode digit, not an ASCII one
 ODD_NUMBERS = {  # forms that Arrow's casts read but the format does not: (line, reason)
-    "hexadecimal id": (f"21,0,0,{KEY_A},1,{_features([('205', '0x1F', 1.0)])}\n", ing.R_ENTRY),
-    "signed id": (f"22,0,0,{KEY_A},1,{_features([('205', '-0', 1.0)])}\n", ing.R_ENTRY),
-    "19-digit id": (f"26,0,0,{KEY_A},1,{_features([('205', 10**18, 1.0)])}\n", ing.R_ENTRY),
+    "hexadecimal id": (f"21,0,0,{KEY_A},1,{_features([('205', '0x1F', 1.0)])}\n", fmt.R_ENTRY),
+    "signed id": (f"22,0,0,{KEY_A},1,{_features([('205', '-0', 1.0)])}\n", fmt.R_ENTRY),
+    "19-digit id": (f"26,0,0,{KEY_A},1,{_features([('205', 10**18, 1.0)])}\n", fmt.R_ENTRY),
     "non-ASCII digit id": (
         f"23,0,0,{KEY_A},1,{_features([('205', ARABIC_THREE, 1.0)])}\n",
-        ing.R_ENTRY,
+        fmt.R_ENTRY,
     ),
-    "weight with +": (f"24,0,0,{KEY_A},1,{_features([('205', 100, '+1.0')])}\n", ing.R_ENTRY),
+    "weight with +": (f"24,0,0,{KEY_A},1,{_features([('205', 100, '+1.0')])}\n", fmt.R_ENTRY),
     "non-ASCII feature_num": (
         f"25,0,0,{KEY_A},{ARABIC_THREE},{_features([('205', 100, 1.0)])}\n",
-        ing.R_FEATURE_NUM,
+        fmt.R_FEATURE_NUM,
     ),
 }
 

@@ -15,8 +15,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 import models.esmm
+from models.config import ModelConfig, TowerConfig
 from models.features import CLICK_LABEL_KEY, COMMON_INDEX_KEY, OUTPUT_KEYS, SAMPLE_ID_KEY
-from tasks.config import EarlyStoppingConfig, IngestConfig, ModelConfig, TowerConfig, TrainConfig
+from tasks.config import EarlyStoppingConfig, IngestConfig, TrainConfig
 from tasks.ingest import ingest_ali_ccp, load_vocabularies
 from tasks.train import (
     CONTEXT_ROW_KEY,
@@ -316,7 +317,8 @@ cpu = tf.config.list_physical_devices("CPU")[0]  # two logical devices: two repl
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 
-from tasks.config import ModelConfig, TowerConfig, TrainConfig
+from tasks.config import TrainConfig
+from models.config import ModelConfig, TowerConfig
 from tasks.train import SplitReader, predict_split, train_esmm
 
 

@@ -293,9 +293,9 @@ def log_serving_model(
 ) -> Any:
     """Log a trained `.keras` model as the served pyfunc model (MLflow models-from-code).
 
-    The model's code is `tasks/serving_model.py` (not a pickle); the `.keras` file is its
+    The model's code is `serving/serving_model.py` (not a pickle); the `.keras` file is its
     artifact (`artifacts/model.keras` in the logged model, so `**/*.keras` finds it), and the
-    `models/` and `tasks/` packages ship with it, so it loads without this project
+    `models/`, `tasks/`, `aliccp/` and `serving/` packages ship with it, so it loads without this project
     installed. Call it inside an active MLflow run.
 
     Args:
@@ -317,7 +317,7 @@ def log_serving_model(
         "signature": serving_signature(),
         "input_example": [{FEATURES_KEY: EXAMPLE_RECORD}],
         "pip_requirements": SERVING_REQUIREMENTS,
-        "code_paths": [str(repo / "models"), str(repo / "tasks")],
+        "code_paths": [str(repo / pkg) for pkg in ("models", "tasks", "aliccp", "serving")],
         **kwargs,
     }
     return mlflow.pyfunc.log_model(

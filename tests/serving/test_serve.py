@@ -21,16 +21,18 @@ import pytest
 import requests
 import yaml
 
+from aliccp.format import R_COLUMNS, R_ENTRY, R_UNKNOWN_KEY
+from models.config import ModelConfig
 from models.features import ALL_FIELDS, OUTPUT_KEYS, SAMPLE_ID_KEY, ids_key, wts_key
-from tasks.config import IngestConfig, ModelConfig
-from tasks.ingest import R_COLUMNS, R_ENTRY, R_UNKNOWN_KEY, ingest_ali_ccp, load_vocabularies
-from tasks.serve import (
+from serving.serve import (
     InvalidRecordError,
     log_serving_model,
     records_to_inputs,
     score_raw,
     table_to_records,
 )
+from tasks.config import IngestConfig
+from tasks.ingest import ingest_ali_ccp, load_vocabularies
 from tasks.train import SplitReader, predict_split
 from tests.conftest import REPO
 
@@ -278,8 +280,8 @@ def test_logged_model_loads_its_own_shipped_code(store, tmp_path):
         "import mlflow, sys\n"
         f"mlflow.set_tracking_uri({store['tracking_uri']!r})\n"
         "model = mlflow.pyfunc.load_model('models:/esmm@champion')\n"
-        "import tasks.serve\n"
-        "print(tasks.serve.__file__)\n"
+        "import serving.serve\n"
+        "print(serving.serve.__file__)\n"
         "print(model.predict([{'features': {'101': [[5, 1.0]]}}]).shape)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -288,7 +290,7 @@ def test_logged_model_loads_its_own_shipped_code(store, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     module_file, shape = proc.stdout.strip().splitlines()[-2:]
-    assert Path(module_file).parts[-3:] == ("code", "tasks", "serve.py")
+    assert Path(module_file).parts[-3:] == ("code", "serving", "serve.py")
     assert str(REPO) not in module_file
     assert shape == "(1, 3)"
 

@@ -13,7 +13,7 @@ after a click.
 Files written to `out_dir`:
 
 - `sample_skeleton_{split}.csv`, `common_features_{split}.csv`: the raw Ali-CCP format
-  (see `/work/shared/ALI_CCP_FORMAT.md`), for `split` in `train` and `test`.
+  (see `docs/ali_ccp_format.md`), for `split` in `train` and `test`.
 - `ground_truth_{split}.csv`: `sample_id,p_ctr,p_cvr`, one row per impression.
 - `oracle.json`: per split, the AUCs of the true probabilities against the drawn labels
   (the best any model can do on these labels) and the counts.
@@ -62,16 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sklearn.metrics import roc_auc_score
 
-from models.features import (
-    ALL_FIELDS,
-    COMMON_FIELDS,
-    CROSSES,
-    HISTORY_FIELDS,
-    POSITION_FIELD,
-    SKELETON_FIELDS,
-    USER_ID_FIELD,
-)
-from tasks.ingest import (
+from aliccp.format import (
     R_COLUMNS,
     R_CONV_NO_CLICK,
     R_DUP_KEY,
@@ -82,9 +73,20 @@ from tasks.ingest import (
     R_LABEL,
     R_UNKNOWN_KEY,
     R_UTF8,
+    RAW_SPLITS,
+    common_file,
+    skeleton_file,
+)
+from models.features import (
+    ALL_FIELDS,
+    COMMON_FIELDS,
+    CROSSES,
+    HISTORY_FIELDS,
+    POSITION_FIELD,
+    SKELETON_FIELDS,
+    USER_ID_FIELD,
 )
 
-SPLITS: tuple[str, ...] = ("train", "test")
 ORACLE_FILE = "oracle.json"
 GROUND_TRUTH_HEADER = "sample_id,p_ctr,p_cvr"
 PROBABILITY_DIGITS = 8  # decimals of p_ctr and p_cvr in the ground-truth files
@@ -311,16 +313,6 @@ class SynthSummary:
     defects: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
-def skeleton_file(split: str) -> str:
-    """File name of a split's skeleton (impression) file."""
-    return f"sample_skeleton_{split}.csv"
-
-
-def common_file(split: str) -> str:
-    """File name of a split's common-features (user context) file."""
-    return f"common_features_{split}.csv"
-
-
 def ground_truth_file(split: str) -> str:
     """File name of a split's ground-truth probabilities."""
     return f"ground_truth_{split}.csv"
@@ -378,7 +370,9 @@ def synthesize_ali_ccp(
     oracle: dict[str, dict[str, float | int | None]] = {}
     sizes_by_split = (n_train, n_test)
     manifest: list[tuple[str, int, str, str]] = []
-    for split_index, (split, n_impressions) in enumerate(zip(SPLITS, sizes_by_split, strict=True)):
+    for split_index, (split, n_impressions) in enumerate(
+        zip(RAW_SPLITS, sizes_by_split, strict=True)
+    ):
         injector = _Defects(defect_rate, kinds, seed, split, split_index) if kinds else None
         writer = _SplitWriter(out_dir, split, seed, layout, injector)
         context_rng = _rng(seed, _CONTEXT_STREAM, split_index)

@@ -1,8 +1,8 @@
 """The served ESMM model, as MLflow models-from-code: MLflow runs this file to load it.
 
-`tasks.serve.log_serving_model` logs this file (not a pickled object) with the trained
+`serving.serve.log_serving_model` logs this file (not a pickled object) with the trained
 `.keras` file as its artifact; `mlflow.models.set_model` below names the model object. The
-request format and its validation live in `tasks.serve`.
+request format and its validation live in `serving.serve`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class EsmmServingModel(PythonModel):
         import keras
 
         import models.esmm  # noqa: F401  (registers the custom layers for loading)
-        from tasks.serve import KERAS_ARTIFACT
+        from serving.serve import KERAS_ARTIFACT
 
         self.keras_model = keras.models.load_model(context.artifacts[KERAS_ARTIFACT], compile=False)
         # The process now holds about 650k long-lived objects (TensorFlow, Keras, MLflow).
@@ -36,7 +36,7 @@ class EsmmServingModel(PythonModel):
         """One row of probabilities per record; a malformed record is a 400 naming it."""
         from mlflow.exceptions import MlflowException
 
-        from tasks.serve import InvalidRecordError, model_input_records, predict_records
+        from serving.serve import InvalidRecordError, model_input_records, predict_records
 
         try:
             return predict_records(self.keras_model, model_input_records(model_input))

@@ -17,17 +17,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
+import aliccp.format as fmt
+import aliccp.synth as synth
 import tasks.ingest as ingest
-import tasks.synth as synth
-from models.features import (
-    ALL_FIELDS,
-    COMMON_FIELDS,
-    SAMPLE_ID_KEY,
-    SKELETON_FIELDS,
-    WEIGHTED_FIELDS,
-)
-from tasks.config import IngestConfig, SynthConfig
-from tasks.synth import (
+from aliccp.format import RAW_SPLITS as SPLITS
+from aliccp.format import common_file, skeleton_file
+from aliccp.synth import (
     COMMON_KINDS,
     CRLF,
     CROSS_FIELDS,
@@ -37,10 +32,17 @@ from tasks.synth import (
     LINE_KINDS,
     PROFILES,
     SKELETON_KINDS,
-    SPLITS,
     feature_id_ranges,
     synthesize_ali_ccp,
 )
+from models.features import (
+    ALL_FIELDS,
+    COMMON_FIELDS,
+    SAMPLE_ID_KEY,
+    SKELETON_FIELDS,
+    WEIGHTED_FIELDS,
+)
+from tasks.config import IngestConfig, SynthConfig
 
 N_TRAIN, N_TEST, SEED = 3000, 1500, 2018
 HEX_KEY = re.compile(r"[0-9a-f]{32}")
@@ -525,16 +527,16 @@ def raw_lines(path: Path) -> list[bytes]:
 def test_defect_reasons_are_ingestions_reasons() -> None:
     """Every defect kind maps to a quarantine reason of tasks.ingest; all ten are covered."""
     reasons = {
-        ingest.R_EMPTY,
-        ingest.R_UTF8,
-        ingest.R_COLUMNS,
-        ingest.R_LABEL,
-        ingest.R_CONV_NO_CLICK,
-        ingest.R_FEATURE_NUM,
-        ingest.R_ENTRY,
-        ingest.R_UNKNOWN_KEY,
-        ingest.R_DUP_KEY,
-        ingest.R_DUP_SAMPLE,
+        fmt.R_EMPTY,
+        fmt.R_UTF8,
+        fmt.R_COLUMNS,
+        fmt.R_LABEL,
+        fmt.R_CONV_NO_CLICK,
+        fmt.R_FEATURE_NUM,
+        fmt.R_ENTRY,
+        fmt.R_UNKNOWN_KEY,
+        fmt.R_DUP_KEY,
+        fmt.R_DUP_SAMPLE,
     }
     assert set(DEFECT_REASONS.values()) == reasons
     assert DEFECT_KINDS == tuple(DEFECT_REASONS) and CRLF not in DEFECT_REASONS
@@ -605,7 +607,7 @@ def test_defects_leave_every_valid_line_as_it_was(tmp_path: Path) -> None:
     marked = read_manifest(tmp_path / "dirty" / DEFECTS_FILE)
     assert {m.kind for m in marked} == set(LINE_KINDS)
     for split in SPLITS:
-        skeleton, common = synth.skeleton_file(split), synth.common_file(split)
+        skeleton, common = skeleton_file(split), common_file(split)
         kind_at = {m.line: m.kind for m in marked if m.file == skeleton}
         before = raw_lines(tmp_path / "clean" / skeleton)
         after = raw_lines(tmp_path / "dirty" / skeleton)
