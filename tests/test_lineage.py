@@ -61,7 +61,9 @@ def _imports(name: str) -> set[str]:
                 # importing a.b.c runs a/__init__.py and a/b/__init__.py too
                 parts = candidate.split(".")
                 found.update(
-                    ".".join(parts[:i]) for i in range(1, len(parts)) if _module_file(".".join(parts[:i]))
+                    ".".join(parts[:i])
+                    for i in range(1, len(parts))
+                    if _module_file(".".join(parts[:i]))
                 )
     return found
 
