@@ -79,7 +79,13 @@ def _closure(roots: list[str]) -> set[Path]:
         if name not in NOT_FOLLOWED:
             todo.extend(_imports(name))
     files = {_module_file(name) for name in seen}
-    return {f.relative_to(REPO) for f in files if f.name != "__init__.py" or f.read_text().strip()}
+    return {f.relative_to(REPO) for f in files if not _only_docstring(f)}
+
+
+def _only_docstring(file: Path) -> bool:
+    """A package's `__init__.py` that runs nothing (a docstring at most)."""
+    body = ast.parse(file.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
 
 
 def _covered(file: Path, deps: list[str]) -> bool:
