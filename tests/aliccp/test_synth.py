@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import aliccp.format as fmt
 import aliccp.synth as synth
+import aliccp.synth.generate as generate
 import tasks.ingest as ingest
 from aliccp.format import RAW_SPLITS as SPLITS
 from aliccp.format import common_file, skeleton_file
@@ -38,6 +39,7 @@ from aliccp.synth import (
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
+    HISTORY_FIELDS,
     SAMPLE_ID_KEY,
     SKELETON_FIELDS,
     WEIGHTED_FIELDS,
@@ -433,7 +435,7 @@ def test_realistic_behaviour_lists_are_long(realistic: tuple[Path, synth.SynthSu
     """Contexts hold hundreds of behaviour entries: 109_14 median >= 100 (half of them 100+),
     110_14 median >= 250 (a quarter 300+), 127_14 and 150_14 median >= 100."""
     out, _ = realistic
-    lengths: dict[str, list[int]] = {field: [] for field in synth.HISTORY_FIELDS}
+    lengths: dict[str, list[int]] = {field: [] for field in HISTORY_FIELDS}
     for line in read_lines(out / "common_features_test.csv"):
         features = "\x01" + line.split(",")[2]
         for field in lengths:
@@ -507,7 +509,7 @@ def synth_in_chunks(out: Path, **kwargs: object) -> synth.SynthSummary:
     """Generate the small defect-test data set in chunks of 16 contexts (about 10 chunks per
     split), so that line numbering and duplicate ids are exercised across chunks."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(synth, "_CHUNK_CONTEXTS", 16)
+        mp.setattr(generate, "CHUNK_CONTEXTS", 16)
         return synthesize_ali_ccp(out, *DEFECT_SIZES, **kwargs)
 
 
