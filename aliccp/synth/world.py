@@ -280,6 +280,7 @@ def build_world(sizes: WorldSizes, profile: SynthProfile, rng: np.random.Generat
 def _draw_categories(
     sizes: WorldSizes, profile: SynthProfile, rng: np.random.Generator
 ) -> _Categories:
+    """Category tastes, popularity, profile effects and intention nodes."""
     n_cat = sizes.categories
     taste = rng.normal(0.0, 1.0 / math.sqrt(_LATENT_DIM), (n_cat, _LATENT_DIM))
     fit = rng.normal(0.0, 0.8 / math.sqrt(_CVR_LATENT_DIM), (n_cat, _CVR_LATENT_DIM))
@@ -296,6 +297,7 @@ def _draw_categories(
 def _draw_catalogue(
     sizes: WorldSizes, profile: SynthProfile, categories: _Categories, rng: np.random.Generator
 ) -> _Catalogue:
+    """Shops and brands per category, then items with their ids, tastes and effects."""
     n_cat, spread = sizes.categories, profile.id_effect
     # Shops and brands belong to one category each; every category has at least one.
     shop_category = _grouped(sizes.shops, categories.popularity, rng)
@@ -347,6 +349,7 @@ def _draw_catalogue(
 
 
 def _draw_users(sizes: WorldSizes, rng: np.random.Generator) -> _Users:
+    """Users' profile fields (121 .. 129), tastes and activity."""
     gender = rng.integers(0, 2, sizes.users)
     age = rng.choice(7, size=sizes.users, p=[0.05, 0.2, 0.3, 0.2, 0.12, 0.08, 0.05])
     taste = rng.normal(0.0, 1.0, (sizes.users, _LATENT_DIM))
