@@ -60,27 +60,40 @@ METRICS = ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked")
 
 def replay(n_train: int, n_test: int, seed: int, profile: str = "default"):
     """The world, the calibrated biases and per split the impressions' truth and labels."""
-    from aliccp import synth as S
+    from aliccp.format import RAW_SPLITS
+    from aliccp.synth.generate import CHUNK_CONTEXTS
+    from aliccp.synth.profiles import resolve_profile
+    from aliccp.synth.simulate import calibrate, draw_contexts, simulate
+    from aliccp.synth.streams import (
+        CHUNK_STREAM,
+        CONTEXT_STREAM,
+        PILOT_STREAM,
+        WORLD_STREAM,
+        stream_rng,
+    )
+    from aliccp.synth.world import WorldSizes, build_world
+    from aliccp.synth.writer import PROBABILITY_DIGITS
+    from models.numeric import sigmoid
 
-    prof = S._resolve_profile(profile)
-    sizes = S._WorldSizes.for_train_size(n_train, prof)
-    world = S._build_world(sizes, prof, S._rng(seed, S._WORLD_STREAM, 0))
-    bias_ctr, bias_cvr = S._calibrate(world, S._rng(seed, S._PILOT_STREAM, 0))
-    scale = 10**S.PROBABILITY_DIGITS
+    prof = resolve_profile(profile)
+    sizes = WorldSizes.for_train_size(n_train, prof)
+    world = build_world(sizes, prof, stream_rng(seed, WORLD_STREAM, 0))
+    bias_ctr, bias_cvr = calibrate(world, stream_rng(seed, PILOT_STREAM, 0))
+    scale = 10**PROBABILITY_DIGITS
     splits = {}
-    for split_index, (split, n) in enumerate(zip(S.RAW_SPLITS, (n_train, n_test), strict=True)):
-        users, context_sizes = S._draw_contexts(
-            world, n, S._rng(seed, S._CONTEXT_STREAM, split_index)
+    for split_index, (split, n) in enumerate(zip(RAW_SPLITS, (n_train, n_test), strict=True)):
+        users, context_sizes = draw_contexts(
+            world, n, stream_rng(seed, CONTEXT_STREAM, split_index)
         )
         parts: dict[str, list[np.ndarray]] = {}
-        for chunk, start in enumerate(range(0, len(users), S._CHUNK_CONTEXTS)):
-            stop = start + S._CHUNK_CONTEXTS
-            rng = S._rng(seed, S._CHUNK_STREAM + split_index, chunk)
-            block = S._simulate(world, users[start:stop], context_sizes[start:stop], rng)
-            # The writer's label draws, in its order (tasks.synth._SplitWriter.write).
+        for chunk, start in enumerate(range(0, len(users), CHUNK_CONTEXTS)):
+            stop = start + CHUNK_CONTEXTS
+            rng = stream_rng(seed, CHUNK_STREAM + split_index, chunk)
+            block = simulate(world, users[start:stop], context_sizes[start:stop], rng)
+            # The writer's label draws, in its order (aliccp.synth.writer._draw_labels).
             top = scale - 1
-            q_ctr = np.minimum(np.rint(S._sigmoid(block.logit_ctr + bias_ctr) * scale), top)
-            q_cvr = np.minimum(np.rint(S._sigmoid(block.logit_cvr + bias_cvr) * scale), top)
+            q_ctr = np.minimum(np.rint(sigmoid(block.logit_ctr + bias_ctr) * scale), top)
+            q_cvr = np.minimum(np.rint(sigmoid(block.logit_cvr + bias_cvr) * scale), top)
             click = rng.random(len(q_ctr)) < q_ctr / scale
             conversion = click & (rng.random(len(q_ctr)) < q_cvr / scale)
             user = block.context_user[block.impression_context]
