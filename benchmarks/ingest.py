@@ -19,8 +19,9 @@ For each: wall seconds (parent clock, interpreter start-up included), impression
 `peak_tree_pss_mb` the largest sampled sum of PSS over the child and all its descendants.
 Also the speed-up against each baseline (baseline seconds / ours), raw text size vs our
 output folder vs each baseline's CSV, the load average when the run started (other jobs share
-the cores), the git commit, whether tasks/ingest.py had uncommitted changes, and the sha256
-of the tasks/ingest.py each run imported (a change during the run is flagged).
+the cores), the git commit, whether the ingestion code (the package tasks/ingest/, in older
+commits the module tasks/ingest.py) had uncommitted changes, and the sha256 of the code each
+run imported (`ingest_code_sha256`; a change during the run is flagged).
 
     python -m benchmarks.ingest --impressions 1000000 --repeat 3 --ref HEAD --max-load 1.5
     python -m benchmarks.ingest --impressions 10000000 --ref HEAD --max-load 1.5
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -60,13 +62,37 @@ MB = 2**20
 # Run as `python -c OURS_CHILD RAW_DIR OUT_DIR PARAMS` with the source tree under test as the
 # working directory, so it measures whatever `tasks.ingest` that tree holds (the working copy,
 # or a commit exported with --ref) and depends on nothing in benchmarks/.
-OURS_CHILD = """
+INGEST_CODE = ("tasks/ingest.py", "tasks/ingest")  # the module of older commits, the package
+
+
+def ingest_code_sha256(tasks_dir: Path) -> str:
+    """sha256 of the ingestion code under `tasks_dir`: every .py file of the package
+    tasks/ingest/ (name, NUL, bytes, in name order), or in older commits the bytes of the
+    module tasks/ingest.py (so older records keep their meaning). Copied into OURS_CHILD, so
+    it uses only `hashlib` and `Path`."""
+    package = sorted((tasks_dir / "ingest").glob("*.py"))
+    if not package:
+        return hashlib.sha256((tasks_dir / "ingest.py").read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for path in package:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+OURS_CHILD = (
+    """
 import hashlib, json, sys, time
 from pathlib import Path
 start = time.perf_counter()
 import tasks.ingest as ingest_module
 from tasks.config import load_params
-module_sha256 = hashlib.sha256(Path(ingest_module.__file__).read_bytes()).hexdigest()
+"""
+    + inspect.getsource(ingest_code_sha256)
+    + """
+imported_from = Path(ingest_module.__file__)  # tasks/ingest/__init__.py or tasks/ingest.py
+module_sha256 = ingest_code_sha256(
+    imported_from.parents[1] if imported_from.name == "__init__.py" else imported_from.parent
+)
 cfg = load_params(sys.argv[3]).ingest
 imported = time.perf_counter()
 report = ingest_module.ingest_ali_ccp(Path(sys.argv[1]), Path(sys.argv[2]), cfg)
@@ -84,6 +110,7 @@ json.dump({
     "split_contexts": report.split_contexts,
 }, sys.stdout)
 """
+)
 
 
 def _child_prepare(work: str, n_train: str, n_test: str, seed: str, requested: str) -> None:
@@ -265,15 +292,15 @@ def _code_state(src: Path | None = None) -> dict:
             "commit": (src / "COMMIT").read_text().strip(),
             "tasks_ingest_uncommitted": False,
             "uncommitted": [],
-            "tasks_ingest_sha256": _sha256(src / "tasks" / "ingest.py"),
+            "tasks_ingest_sha256": ingest_code_sha256(src / "tasks"),
         }
     dirty = _git("status", "--porcelain", "--", "tasks", "params.yaml")
     return {
         "source": "working copy",
         "commit": _git("rev-parse", "HEAD"),
-        "tasks_ingest_uncommitted": bool(_git("status", "--porcelain", "--", "tasks/ingest.py")),
+        "tasks_ingest_uncommitted": bool(_git("status", "--porcelain", "--", *INGEST_CODE)),
         "uncommitted": dirty.splitlines() if dirty else [],
-        "tasks_ingest_sha256": _sha256(REPO / "tasks" / "ingest.py"),
+        "tasks_ingest_sha256": ingest_code_sha256(REPO / "tasks"),
     }
 
 
@@ -483,9 +510,9 @@ def markdown_table(results: Path) -> str:
     for r in sorted(records, key=lambda r: (r["impressions"]["total"], r["machine"]["date"])):
         m, o, s, c = r["machine"], r["ours"], r["sizes_mb"], r["code"]
         bases, csv_mb = _baselines_of(r), _csv_mb_of(r)
-        code = f"{c['commit'][:7]} (ingest.py {c['tasks_ingest_sha256'][:8]})"
+        code = f"{c['commit'][:7]} (ingest code {c['tasks_ingest_sha256'][:8]})"
         if c["tasks_ingest_uncommitted"]:
-            code += " + uncommitted tasks/ingest.py"
+            code += " + uncommitted ingest code"
         if c.get("changed_during_run"):
             code += " (changed during run)"
         for key, value in (r.get("params_ingest_overrides") or {}).items():
@@ -523,10 +550,7 @@ def _wait_for_load(max_load: float | None, max_wait: float) -> None:
 # --- main -----------------------------------------------------------------------------------
 
 
-def main() -> None:
-    if len(sys.argv) == 7 and sys.argv[1] == "--child-prepare":
-        _child_prepare(*sys.argv[2:])
-        return
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -548,7 +572,7 @@ def main() -> None:
     parser.add_argument(
         "--ref",
         help="measure tasks.ingest of this git commit (exported with git archive) instead of "
-        "the working copy, e.g. HEAD while someone is editing tasks/ingest.py",
+        "the working copy, e.g. HEAD while someone is editing tasks/ingest/",
     )
     parser.add_argument(
         "--params", type=Path, help="ingest settings (default: params.yaml of the code measured)"
@@ -583,26 +607,12 @@ def main() -> None:
     parser.add_argument(
         "--markdown", action="store_true", help="print the README table of --out and exit"
     )
-    args = parser.parse_args()
-    if args.markdown:
-        print(markdown_table(args.out))
-        return
-    baselines = [] if args.skip_baseline else [b for b in args.baselines.split(",") if b]
-    unknown = set(baselines) - set(BASELINES)
-    if unknown:
-        sys.exit(f"--baselines: unknown {sorted(unknown)}; choose from {list(BASELINES)}")
+    return parser.parse_args()
 
-    n_train = args.impressions
-    n_test = args.test_impressions or max(1, round(0.3 * n_train))
-    work = args.work.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    src = _export_commit(args.ref, work) if args.ref else None
-    ours_cwd = src or REPO
-    params = (args.params or ours_cwd / "params.yaml").resolve()
-    overrides = _overrides(args.ingest)
 
-    # Raw data, in a subprocess: this process stays small (see `measure`).
-    python = sys.executable
+def _prepared_raw(python: str, work: Path, n_train: int, n_test: int, args) -> dict:
+    """The raw data (generated or found in the cache), in a subprocess: this process stays
+    small (see `measure`)."""
     prepared = subprocess.run(
         [python, "-m", "benchmarks.ingest", "--child-prepare", str(work), str(n_train),
          str(n_test), str(args.seed), args.profile or ""],
@@ -610,30 +620,12 @@ def main() -> None:
     )  # fmt: skip
     if prepared.returncode != 0:
         sys.exit(f"generating the raw data failed (exit {prepared.returncode})")
-    raw = json.loads(prepared.stdout)
-    profile_note = raw.pop("profile_note")
-    if profile_note:
-        print(f"NOTE: {profile_note}", flush=True)
-    raw_dir = Path(raw.pop("dir"))
-    raw_paths = [raw_dir / name for name in RAW_NAMES]
-    n_lines = raw["counts"]["train"]["impressions"] + raw["counts"]["test"]["impressions"]
-    if args.prepare_only:
-        print(f"raw data in {raw_dir} ({sum(raw['bytes'].values()) / MB:,.0f} MB)")
-        return
+    return json.loads(prepared.stdout)
 
-    scratch = work / f"run-{os.getpid()}"
-    logs = scratch / "logs"
-    if overrides:
-        params = _params_with(params, overrides, scratch / "params.yaml")
-    outputs = {"ours": scratch / "ours", **{b: scratch / b for b in baselines}}
-    commands = {
-        "ours": ([python, "-c", OURS_CHILD, str(raw_dir), str(outputs["ours"]), str(params)],
-                 ours_cwd),
-        **{b: ([python, "-m", "benchmarks.baseline_parser", str(raw_dir), str(outputs[b]),
-                *BASELINES[b][1]], REPO) for b in baselines},
-    }  # fmt: skip
-    env = child_env(work)
-    floors = {  # interpreter + imports only: the fixed part of each peak (and .pyc written)
+
+def _floors(python: str, logs: Path, ours_cwd: Path, env: dict[str, str]) -> dict[str, dict]:
+    """Interpreter + imports only: the fixed part of each peak (and .pyc written)."""
+    return {
         "ours": measure(
             [python, "-c", "import tasks.ingest, tasks.config"],
             logs,
@@ -651,15 +643,14 @@ def main() -> None:
             env=env,
         ),
     }
-    _wait_for_load(args.max_load, args.max_wait)
-    loadavg_start = [round(x, 2) for x in os.getloadavg()]
-    code_before = _code_state(src)  # and again after every run of ours, and at the end
+
+
+def _run_all(
+    args, commands: dict, outputs: dict, raw_paths: list[Path], logs: Path, env, src, n_lines: int
+) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """`args.repeat` runs of each command, in turn; the runs and the output sizes."""
     runs: dict[str, list[dict]] = {name: [] for name in commands}
     sizes: dict[str, int] = {}
-    print(
-        f"{n_lines:,} impressions, {sum(raw['bytes'].values()) / MB:,.0f} MB of raw text; "
-        f"load average {loadavg_start}"
-    )
     for i in range(args.repeat):
         for name, (cmd, cwd) in commands.items():
             shutil.rmtree(outputs[name], ignore_errors=True)
@@ -684,60 +675,152 @@ def main() -> None:
                 sizes["ours_parquet"] = _tree_bytes(outputs["ours"], ".parquet")
             else:  # the final CSVs (the usual script's joined *.csv.tmp are not counted)
                 sizes[name] = _tree_bytes(outputs[name], ".csv")
+    return runs, sizes
+
+
+def _summary(name: str, runs: list[dict], floor: dict, n_lines: int) -> dict:
+    """The median run of one side, with its rates and counts."""
+    run = _median_run(runs)
+    child = run.get("child") or {}
+    if name == "ours":
+        written = child.get("rows_written")
+        impressions_out = sum(child["split_rows"].values()) if "split_rows" in child else None
+    else:
+        splits = child.get("splits")
+        written = impressions_out = (
+            sum(s["rows_written"] for s in splits.values()) if splits else None
+        )
+    return {
+        "ok": run["exit_code"] == 0,
+        "wall_s": run["wall_s"],
+        "impressions_per_s": round(n_lines / run["wall_s"]),
+        "cpu_s": run["cpu_s"],
+        "cpu_per_wall": round(run["cpu_s"] / run["wall_s"], 2),
+        "peak_rss_mb": run["peak_rss_mb"],
+        "peak_tree_pss_mb": run["peak_tree_pss_mb"],
+        "max_processes": run["max_processes"],
+        "floor_rss_mb": floor["peak_rss_mb"],
+        "rows_written": written,  # ours: impressions + contexts
+        "impressions_written": impressions_out,
+        "runs": runs,
+    }
+
+
+def _code_record(code_before: dict, code_after: dict, ours_runs: list[dict], src) -> dict:
+    """The code measured, and whether it changed while it was measured."""
+    ran = {(r.get("child") or {}).get("ingest_module_sha256") for r in ours_runs} - {None}
+    ingest_sha = code_before["tasks_ingest_sha256"]
+    changed = bool(  # did the ingestion code change while we measured it?
+        ran - {ingest_sha}
+        or code_after["tasks_ingest_sha256"] != ingest_sha
+        or any(r["code_after"]["tasks_ingest_sha256"] != ingest_sha for r in ours_runs)
+    )
+    return {
+        **code_before,
+        "tasks_ingest_uncommitted": code_before["tasks_ingest_uncommitted"]
+        or code_after["tasks_ingest_uncommitted"],
+        "changed_during_run": changed,
+        "ingest_module_sha256_ran": sorted(ran),
+        **({"working_copy_at_end": _code_state()} if src else {}),
+        **({"after": code_after} if changed else {}),
+    }
+
+
+def _sizes_record(raw: dict, sizes: dict[str, int]) -> dict:
+    return {
+        "raw_text": round(sum(raw["bytes"].values()) / MB, 1),
+        "ours_output": round(sizes.get("ours_output", 0) / MB, 1),
+        "ours_parquet": round(sizes.get("ours_parquet", 0) / MB, 1),
+        "baseline_csv_mb": {
+            name: round(sizes[name] / MB, 1) if name in sizes else None for name in BASELINES
+        },
+    }
+
+
+def _print_warnings(record: dict) -> None:
+    if record["code"]["changed_during_run"]:
+        print("WARNING: the code measured changed while the benchmark ran; see code.after")
+    ours, bases = record["ours"], record["baselines"]
+    for name, same in record["same_impressions_written"].items():
+        if not same:
+            print(
+                f"WARNING: ours and the {BASELINES[name][0]} wrote different impression counts: "
+                f"{ours['impressions_written']} vs {bases[name]['impressions_written']}"
+            )
+
+
+def main() -> None:
+    """Measure, record (benchmarks/results/ingest-*.json) and print; see the module docstring.
+
+    Longer than 80 lines: the run's steps in order, sharing many local settings (the
+    measuring is in `_floors`, `_run_all` and `_summary`)."""
+    if len(sys.argv) == 7 and sys.argv[1] == "--child-prepare":
+        _child_prepare(*sys.argv[2:])
+        return
+    args = _arguments()
+    if args.markdown:
+        print(markdown_table(args.out))
+        return
+    baselines = [] if args.skip_baseline else [b for b in args.baselines.split(",") if b]
+    unknown = set(baselines) - set(BASELINES)
+    if unknown:
+        sys.exit(f"--baselines: unknown {sorted(unknown)}; choose from {list(BASELINES)}")
+
+    n_train = args.impressions
+    n_test = args.test_impressions or max(1, round(0.3 * n_train))
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    src = _export_commit(args.ref, work) if args.ref else None
+    ours_cwd = src or REPO
+    params = (args.params or ours_cwd / "params.yaml").resolve()
+    overrides = _overrides(args.ingest)
+
+    python = sys.executable
+    raw = _prepared_raw(python, work, n_train, n_test, args)
+    profile_note = raw.pop("profile_note")
+    if profile_note:
+        print(f"NOTE: {profile_note}", flush=True)
+    raw_dir = Path(raw.pop("dir"))
+    raw_paths = [raw_dir / name for name in RAW_NAMES]
+    n_lines = raw["counts"]["train"]["impressions"] + raw["counts"]["test"]["impressions"]
+    if args.prepare_only:
+        print(f"raw data in {raw_dir} ({sum(raw['bytes'].values()) / MB:,.0f} MB)")
+        return
+
+    scratch = work / f"run-{os.getpid()}"
+    logs = scratch / "logs"
+    if overrides:
+        params = _params_with(params, overrides, scratch / "params.yaml")
+    outputs = {"ours": scratch / "ours", **{b: scratch / b for b in baselines}}
+    commands = {
+        "ours": ([python, "-c", OURS_CHILD, str(raw_dir), str(outputs["ours"]), str(params)],
+                 ours_cwd),
+        **{b: ([python, "-m", "benchmarks.baseline_parser", str(raw_dir), str(outputs[b]),
+                *BASELINES[b][1]], REPO) for b in baselines},
+    }  # fmt: skip
+    env = child_env(work)
+    floors = _floors(python, logs, ours_cwd, env)
+    _wait_for_load(args.max_load, args.max_wait)
+    loadavg_start = [round(x, 2) for x in os.getloadavg()]
+    code_before = _code_state(src)  # and again after every run of ours, and at the end
+    print(
+        f"{n_lines:,} impressions, {sum(raw['bytes'].values()) / MB:,.0f} MB of raw text; "
+        f"load average {loadavg_start}"
+    )
+    runs, sizes = _run_all(args, commands, outputs, raw_paths, logs, env, src, n_lines)
     code_after = _code_state(src)
     if not args.keep_outputs:
         for out in outputs.values():
             shutil.rmtree(out, ignore_errors=True)
 
-    def summary(name: str) -> dict:
-        run = _median_run(runs[name])
-        child = run.get("child") or {}
-        if name == "ours":
-            written = child.get("rows_written")
-            impressions_out = sum(child["split_rows"].values()) if "split_rows" in child else None
-        else:
-            splits = child.get("splits")
-            written = impressions_out = (
-                sum(s["rows_written"] for s in splits.values()) if splits else None
-            )
-        return {
-            "ok": run["exit_code"] == 0,
-            "wall_s": run["wall_s"],
-            "impressions_per_s": round(n_lines / run["wall_s"]),
-            "cpu_s": run["cpu_s"],
-            "cpu_per_wall": round(run["cpu_s"] / run["wall_s"], 2),
-            "peak_rss_mb": run["peak_rss_mb"],
-            "peak_tree_pss_mb": run["peak_tree_pss_mb"],
-            "max_processes": run["max_processes"],
-            "floor_rss_mb": floors[name]["peak_rss_mb"],
-            "rows_written": written,  # ours: impressions + contexts
-            "impressions_written": impressions_out,
-            "runs": runs[name],
-        }
-
-    ours = summary("ours")
-    bases = {name: summary(name) for name in baselines}
-    ran = {(r.get("child") or {}).get("ingest_module_sha256") for r in runs["ours"]} - {None}
-    ingest_sha = code_before["tasks_ingest_sha256"]
-    changed = bool(  # did tasks/ingest.py change while we measured it?
-        ran - {ingest_sha}
-        or code_after["tasks_ingest_sha256"] != ingest_sha
-        or any(r["code_after"]["tasks_ingest_sha256"] != ingest_sha for r in runs["ours"])
-    )
+    ours = _summary("ours", runs["ours"], floors["ours"], n_lines)
+    bases = {name: _summary(name, runs[name], floors[name], n_lines) for name in baselines}
     record = {
         "benchmark": "ingest",
         "machine": machine_info(),
         "loadavg_start": loadavg_start,  # 1, 5, 15 min, before the first measured run
         "bytecode_cache": env["PYTHONPYCACHEPREFIX"],  # imports from .pyc, see child_env
-        "code": {
-            **code_before,
-            "tasks_ingest_uncommitted": code_before["tasks_ingest_uncommitted"]
-            or code_after["tasks_ingest_uncommitted"],
-            "changed_during_run": changed,
-            "ingest_module_sha256_ran": sorted(ran),
-            **({"working_copy_at_end": _code_state()} if src else {}),
-            **({"after": code_after} if changed else {}),
-        },
+        "code": _code_record(code_before, code_after, runs["ours"], src),
         "raw": raw,
         "profile_note": profile_note,
         "impressions": {"train": n_train, "test": n_test, "total": n_lines},
@@ -752,25 +835,11 @@ def main() -> None:
             name: ours["impressions_written"] == b["impressions_written"]
             for name, b in bases.items()
         },
-        "sizes_mb": {
-            "raw_text": round(sum(raw["bytes"].values()) / MB, 1),
-            "ours_output": round(sizes.get("ours_output", 0) / MB, 1),
-            "ours_parquet": round(sizes.get("ours_parquet", 0) / MB, 1),
-            "baseline_csv_mb": {
-                name: round(sizes[name] / MB, 1) if name in sizes else None for name in BASELINES
-            },
-        },
+        "sizes_mb": _sizes_record(raw, sizes),
     }
     path = write_record(args.out, f"ingest-{n_train}", record, args.tag)
     print(_table(record))
-    if changed:
-        print("WARNING: the code measured changed while the benchmark ran; see code.after")
-    for name, same in record["same_impressions_written"].items():
-        if not same:
-            print(
-                f"WARNING: ours and the {BASELINES[name][0]} wrote different impression counts: "
-                f"{ours['impressions_written']} vs {bases[name]['impressions_written']}"
-            )
+    _print_warnings(record)
     print(f"wrote {path}")
     if all(r["exit_code"] == 0 for rs in runs.values() for r in rs):
         shutil.rmtree(logs if args.keep_outputs else scratch, ignore_errors=True)

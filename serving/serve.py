@@ -57,7 +57,7 @@ from tasks.ingest import (
     R_DUP_KEY,
     R_UNKNOWN_KEY,
     RawSource,
-    _common_schema,
+    common_schema,
     parse_block,
     read_blocks,
 )
@@ -536,7 +536,7 @@ def _read_contexts(
         tables.append(pb.table)
         lines.append(np.delete(np.arange(pb.n_lines), pb.bad_lines) + pb.first_line)
     if not tables:  # an empty file
-        tables.append(_common_schema().empty_table())
+        tables.append(common_schema().empty_table())
     contexts = pa.concat_tables(tables)
     keys = pd.Index(contexts[COMMON_INDEX_KEY].to_pandas())
     duplicated = keys.duplicated(keep="first")
