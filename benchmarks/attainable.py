@@ -38,7 +38,7 @@ effects against both estimates. It is still told every category's latents, the f
 form and every global effect, which a model must learn from the same data.
 
 The train and test impressions and labels are replayed from the generator's own random
-streams, so they are exactly those of `tasks.synth.synthesize_ali_ccp(...)` with the same
+streams, so they are exactly those of `aliccp.synth.synthesize_ali_ccp(...)` with the same
 arguments (checked: the replayed oracle AUCs equal the written `oracle.json`).
 
     python -m benchmarks.attainable --train 1000000 --test 300000
@@ -350,7 +350,7 @@ def genie_predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Posterior predictive p_ctr and p_ctcvr of each test impression.
 
-    Context noise: e_ctr ~ N(0, noise), e_cvr = 0.3 e_ctr + N(0, noise) (tasks.synth)."""
+    Context noise: e_ctr ~ N(0, noise), e_cvr = 0.3 e_ctr + N(0, noise) (aliccp.synth)."""
     x, w = np.polynomial.hermite_e.hermegauss(nodes)  # probabilists': weight exp(-x^2/2)
     w = w / w.sum()
     e_ctr = noise * x[:, None] + 0.0 * x[None, :]  # (nodes, nodes)

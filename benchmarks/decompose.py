@@ -116,7 +116,7 @@ def category_tables(
     Args:
         tables: per field, the table's rows (row 0 the OOV bucket, then `vocab`'s ids), as
             `model_tables` gives them.
-        vocab: the model's vocabularies; ranges: `tasks.synth.feature_id_ranges` of the data.
+        vocab: the model's vocabularies; ranges: `aliccp.synth.feature_id_ranges` of the data.
 
     Returns:
         `taste_r2_<field>`: R^2 of the best linear map from a table's rows to the true

@@ -1,8 +1,8 @@
-"""Ali-CCP-format data made differently from `tasks/synth.py`, to check that the product is
+"""Ali-CCP-format data made differently from `aliccp/synth/`, to check that the product is
 built for the format and not for our generator.
 
 Each choice below differs from the project's generator on purpose, within what
-../shared/ALI_CCP_FORMAT.md allows:
+docs/ali_ccp_format.md allows:
 
 - feature ids are random 9-10 digit integers, not ranges per field;
 - the cross 702 has an id per (user group, brand) pair, not per matched entity, so it holds

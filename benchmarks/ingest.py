@@ -326,12 +326,12 @@ def _resolve_profile(requested: str | None) -> tuple[str, str | None]:
 
     if requested:
         if requested not in PROFILES:
-            sys.exit(f"--profile {requested!r} not in tasks.synth.PROFILES {sorted(PROFILES)}")
+            sys.exit(f"--profile {requested!r} not in aliccp.synth.PROFILES {sorted(PROFILES)}")
         return requested, None
     if PREFERRED_PROFILE in PROFILES:
         return PREFERRED_PROFILE, None
     return "default", (
-        f"profile {PREFERRED_PROFILE!r} not in tasks.synth.PROFILES {sorted(PROFILES)} "
+        f"profile {PREFERRED_PROFILE!r} not in aliccp.synth.PROFILES {sorted(PROFILES)} "
         "when this ran: fell back to 'default' (far fewer behaviour entries per context)"
     )
 
@@ -559,7 +559,7 @@ def _arguments() -> argparse.Namespace:
         "--test-impressions", type=int, help="test impressions (default: 30%% of --impressions)"
     )
     parser.add_argument(
-        "--profile", help=f"tasks.synth profile (default: {PREFERRED_PROFILE!r} if it exists)"
+        "--profile", help=f"aliccp.synth profile (default: {PREFERRED_PROFILE!r} if it exists)"
     )
     parser.add_argument("--seed", type=int, default=2018)
     parser.add_argument(

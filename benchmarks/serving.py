@@ -1,6 +1,6 @@
 """Serving latency: the served model over HTTP on loopback, single records and batches of 100.
 
-Generates raw data (`tasks.synth`), ingests it for vocabularies and realistic request
+Generates raw data (`aliccp.synth`), ingests it for vocabularies and realistic request
 records (test split, user and impression fields), builds the `params.yaml` model (weights do
 not change latency, so it is not trained), logs it with `serving.serve.log_serving_model` to a
 scratch SQLite store as `esmm@champion`, starts `esmm serve` (a real `mlflow models serve
@@ -258,7 +258,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
-    parser.add_argument("--profile", default="realistic", help="tasks.synth data profile")
+    parser.add_argument("--profile", default="realistic", help="aliccp.synth data profile")
     parser.add_argument("--train", type=int, default=20_000, help="impressions for vocabularies")
     parser.add_argument("--test", type=int, default=8_000, help="impressions to draw requests from")
     parser.add_argument("--seed", type=int, default=2018)

@@ -36,7 +36,7 @@ class SynthConfig(_Section):
     train: int = Field(500_000, gt=0)  # impressions in the train split
     test: int = Field(100_000, gt=0)  # impressions in the test split
     seed: int = 2018
-    profile: Literal["default", "realistic"] = "default"  # a tasks.synth.PROFILES name
+    profile: Literal["default", "realistic"] = "default"  # a aliccp.synth.PROFILES name
 
 
 class IngestConfig(_Section):
