@@ -2,7 +2,7 @@
 
 Generates raw data (`tasks.synth`), ingests it for vocabularies and realistic request
 records (test split, user and impression fields), builds the `params.yaml` model (weights do
-not change latency, so it is not trained), logs it with `serving.serve.log_serving_model` to a
+not change latency, so it is not trained), logs it with `serving.pyfunc.log_serving_model` to a
 scratch SQLite store as `esmm@champion`, starts `esmm serve` (a real `mlflow models serve
 --env-manager local`) on 127.0.0.1 and times sequential requests from one client on a
 keep-alive connection: client-side wall time per request, from sending the JSON body to
@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> dict:
 
     from aliccp.synth import synthesize_ali_ccp
     from models.esmm import build_esmm
-    from serving.serve import log_serving_model, table_to_records
+    from serving.pyfunc import log_serving_model
+    from serving.records import table_to_records
     from tasks.config import IngestConfig, load_params
     from tasks.ingest import ingest_ali_ccp, load_vocabularies
     from tasks.train import SplitReader

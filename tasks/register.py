@@ -195,7 +195,7 @@ def _log_model(model_path: Path, cfg: RegisterConfig):
     The serving model (serving/serve.py) is a models-from-code pyfunc taking raw records; it
     carries the `.keras` file, which the evaluate step re-scores for the champion.
     """
-    from serving.serve import log_serving_model
+    from serving.pyfunc import log_serving_model
 
     return log_serving_model(model_path, name="model")
 
