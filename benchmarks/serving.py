@@ -2,13 +2,14 @@
 
 Generates raw data (`aliccp.synth`), ingests it for vocabularies and realistic request
 records (test split, user and impression fields), builds the `params.yaml` model (weights do
-not change latency, so it is not trained), logs it with `serving.serve.log_serving_model` to a
-scratch SQLite store as `esmm@champion`, starts `esmm serve` (a real `mlflow models serve
---env-manager local`) on 127.0.0.1 and times sequential requests from one client on a
+not change latency, so it is not trained), logs it with `serving.pyfunc.log_serving_model`
+to a scratch SQLite store as `esmm@champion`, starts `esmm serve` (a real `mlflow models
+serve --env-manager local`) on 127.0.0.1 and times sequential requests from one client on a
 keep-alive connection: client-side wall time per request, from sending the JSON body to
 having parsed the JSON answer. Requests use `{"dataframe_records": [...]}`; batches are also
-timed as `{"inputs": [...]}`, which MLflow deep-copies while parsing (slower). The same payloads through the pyfunc model in process give
-the share of the latency that is HTTP and MLflow's request handling.
+timed as `{"inputs": [...]}`, which MLflow deep-copies while parsing (slower). The same
+payloads through the pyfunc model in process give the share of the latency that is HTTP and
+MLflow's request handling.
 
     python -m benchmarks.serving                       # realistic profile, 300 singles, 60 batches
     python -m benchmarks.serving --profile default
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -123,29 +125,31 @@ def _time_in_process(model, payloads: list[list[dict]], warmup: int) -> list[flo
     return times
 
 
-def run(args: argparse.Namespace) -> dict:
-    import mlflow
-    import requests
-    from mlflow import MlflowClient
+# The project, MLflow and requests are imported inside the functions below: aliccp.synth
+# (scikit-learn), models.esmm (Keras) and MLflow take seconds to import, and `--markdown`
+# needs none of them.
 
+
+def _build_model(args: argparse.Namespace, params: Any, work: Path) -> Path:
+    """Raw data, its ingested vocabularies and test split, and an untrained model file."""
     from aliccp.synth import synthesize_ali_ccp
     from models.esmm import build_esmm
-    from serving.serve import log_serving_model, table_to_records
-    from tasks.config import IngestConfig, load_params
+    from tasks.config import IngestConfig
     from tasks.ingest import ingest_ali_ccp, load_vocabularies
-    from tasks.train import SplitReader
 
-    load_before = os.getloadavg()
-    params = load_params(args.params)
-    work = Path(tempfile.mkdtemp(prefix="esmm-serving-bench-"))
-    print(f"work folder {work}", flush=True)
     synthesize_ali_ccp(work / "raw", args.train, args.test, args.seed, profile=args.profile)
     ingest_ali_ccp(work / "raw", work / "ingest", IngestConfig(min_count=params.ingest.min_count))
     model = build_esmm(params.model, load_vocabularies(work / "ingest" / "vocab.parquet"))
     model.save(work / "model.keras")
+    return work / "model.keras"
 
-    n_records = args.singles + args.batches * args.batch_size + 2 * args.warmup * args.batch_size
-    reader = SplitReader(work / "ingest" / "test")
+
+def _request_records(split_dir: Path, n_records: int) -> list[dict]:
+    """At least `n_records` request records (user and impression fields) of an ingested split."""
+    from serving.records import table_to_records
+    from tasks.train import SplitReader
+
+    reader = SplitReader(split_dir)
     records = []
     for table in reader.tables(4096):
         common, rows = reader.contexts(table)
@@ -157,23 +161,33 @@ def run(args: argparse.Namespace) -> dict:
         records += table_to_records(joined)
         if len(records) >= n_records:
             break
-    entries = [sum(len(v) for v in r.values()) for r in records]
-    behaviour = [sum(len(pairs) for f, pairs in r.items() if f.endswith("_14")) for r in records]
+    return records
+
+
+def _register_champion(work: Path, model_path: Path) -> str:
+    """Log the served model to a scratch SQLite store as esmm@champion; its tracking URI."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from serving.pyfunc import log_serving_model
 
     tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.create_experiment("bench", artifact_location=str(work / "mlruns"))
     with mlflow.start_run(experiment_id=experiment):
-        info = log_serving_model(work / "model.keras", registered_model_name="esmm")
+        info = log_serving_model(model_path, registered_model_name="esmm")
     MlflowClient(tracking_uri).set_registered_model_alias(
         "esmm", "champion", info.registered_model_version
     )
+    return tracking_uri
 
-    singles = [[{"features": records[i % len(records)]}] for i in range(args.warmup + args.singles)]
-    batches = []
-    for b in range(args.warmup + args.batches):
-        start = (b * args.batch_size) % max(1, len(records) - args.batch_size)
-        batches.append([{"features": r} for r in records[start : start + args.batch_size]])
+
+def _time_server(
+    work: Path, tracking_uri: str, singles: list, batches: list, warmup: int
+) -> tuple[float, list[float], list[float], list[float]]:
+    """Start `esmm serve`; its start-up time and the times of the singles, the batches and
+    the batches in the `inputs` form."""
+    import requests
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -183,17 +197,47 @@ def run(args: argparse.Namespace) -> dict:
         print(f"server ready after {startup:.1f} s", flush=True)
         with requests.Session() as session:
             single_s = _time_requests(
-                session, url, [json.dumps({"dataframe_records": p}) for p in singles], args.warmup
+                session, url, [json.dumps({"dataframe_records": p}) for p in singles], warmup
             )
             batch_s = _time_requests(
-                session, url, [json.dumps({"dataframe_records": p}) for p in batches], args.warmup
+                session, url, [json.dumps({"dataframe_records": p}) for p in batches], warmup
             )
             batch_inputs_s = _time_requests(
-                session, url, [json.dumps({"inputs": p}) for p in batches], args.warmup
+                session, url, [json.dumps({"inputs": p}) for p in batches], warmup
             )
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+    return startup, single_s, batch_s, batch_inputs_s
+
+
+def run(args: argparse.Namespace) -> dict:
+    import mlflow
+
+    from tasks.config import load_params
+
+    load_before = os.getloadavg()
+    params = load_params(args.params)
+    work = Path(tempfile.mkdtemp(prefix="esmm-serving-bench-"))
+    print(f"work folder {work}", flush=True)
+    model_path = _build_model(args, params, work)
+
+    n_records = args.singles + args.batches * args.batch_size + 2 * args.warmup * args.batch_size
+    records = _request_records(work / "ingest" / "test", n_records)
+    entries = [sum(len(v) for v in r.values()) for r in records]
+    behaviour = [sum(len(pairs) for f, pairs in r.items() if f.endswith("_14")) for r in records]
+
+    tracking_uri = _register_champion(work, model_path)
+
+    singles = [[{"features": records[i % len(records)]}] for i in range(args.warmup + args.singles)]
+    batches = []
+    for b in range(args.warmup + args.batches):
+        start = (b * args.batch_size) % max(1, len(records) - args.batch_size)
+        batches.append([{"features": r} for r in records[start : start + args.batch_size]])
+
+    startup, single_s, batch_s, batch_inputs_s = _time_server(
+        work, tracking_uri, singles, batches, args.warmup
+    )
 
     pyfunc = mlflow.pyfunc.load_model("models:/esmm@champion")
     local_single = _time_in_process(pyfunc, singles, args.warmup)
@@ -201,7 +245,16 @@ def run(args: argparse.Namespace) -> dict:
     if not args.keep:
         shutil.rmtree(work)
 
-    dirty = _git("status", "--porcelain", "--", "tasks", "models", "flows", "benchmarks/serving.py")
+    dirty = _git(
+        "status",
+        "--porcelain",
+        "--",
+        "tasks",
+        "models",
+        "flows",
+        "serving",
+        "benchmarks/serving.py",
+    )
     return {
         "benchmark": "serving",
         "machine": machine_info(),

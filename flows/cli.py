@@ -397,7 +397,7 @@ def serve(
     """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
     import subprocess
 
-    from serving.serve import serve_command
+    from serving.pyfunc import serve_command
     from tasks.register import CHAMPION, resolve_tracking_uri
 
     cfg = _params(params).register_
@@ -435,7 +435,8 @@ def score(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from serving.serve import load_keras_model, score_raw
+    from serving.pyfunc import load_keras_model
+    from serving.score import score_raw
     from tasks.register import CHAMPION, resolve_tracking_uri
 
     cfg = _params(params).register_

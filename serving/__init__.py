@@ -1,1 +1,3 @@
-"""Serving: request records -> model inputs, the MLflow pyfunc served model, batch scoring of raw files."""
+"""Serving: `records` (request records -> model inputs), `pyfunc` (the served MLflow pyfunc
+model; `serving_model.py` is the file MLflow runs to load it) and `score` (batch scoring of
+raw files)."""

@@ -192,10 +192,10 @@ def fetch_champion(cfg: RegisterConfig, dest: Path) -> Champion | None:
 def _log_model(model_path: Path, cfg: RegisterConfig):
     """Log the trained model to the active run as the serving model; returns its `ModelInfo`.
 
-    The serving model (serving/serve.py) is a models-from-code pyfunc taking raw records; it
+    The serving model (serving/pyfunc.py) is a models-from-code pyfunc taking raw records; it
     carries the `.keras` file, which the evaluate step re-scores for the champion.
     """
-    from serving.serve import log_serving_model
+    from serving.pyfunc import log_serving_model
 
     return log_serving_model(model_path, name="model")
 
