@@ -1,7 +1,9 @@
-"""The ESMM model's configuration: the `model:` section of `params.yaml`.
+"""The ESMM model's configuration: the `model:` section of `params.yaml`, and the optimiser
+and loss settings of its `train:` section.
 
-The model owns it: `models.esmm.build_esmm` takes a `ModelConfig`, and `tasks.config.Params`
-embeds it. Unknown keys are errors; the defaults here are the shipped defaults.
+The model owns both: `models.esmm.build_esmm` takes a `ModelConfig`, `models.esmm.compile_esmm`
+a `CompileConfig`; `tasks.config.Params` embeds the first and `tasks.config.TrainConfig` carries
+the keys of the second. Unknown keys are errors; the defaults here are the shipped defaults.
 """
 
 from __future__ import annotations
@@ -55,3 +57,15 @@ class ModelConfig(_Section):
     # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;
     # base: own embeddings, CTR on all impressions and CVR on clicked ones (the paper's BASE).
     variant: Literal["esmm", "esmm_ns", "base"] = "esmm"
+
+
+class CompileConfig(_Section):
+    """What `models.esmm.compile_esmm` needs: Adam's step size, the ESMM loss weights and the
+    steps per call into TF. Written in params.yaml as keys of `train:` of the same names."""
+
+    learning_rate: float = Field(1e-3, gt=0.0)  # Adam step size
+    ctr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctr in the ESMM loss
+    ctcvr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctcvr in the ESMM loss (BASE: clicked CVR)
+    # Training steps per call into TF (Keras `steps_per_execution`): callbacks, the progress
+    # bar and checkpoints run between calls. Changes speed only, never the weights.
+    steps_per_execution: int = Field(10, ge=1)
