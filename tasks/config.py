@@ -1,7 +1,8 @@
 """The project's one typed configuration, loaded from `params.yaml`.
 
 Each pipeline step reads its own section. Unknown or mistyped keys fail loudly with the
-key's dotted path, never fall back to a default. Loading has no side effects. The model's
+key's dotted path, never fall back to a default. Loading has no side effects. The code
+defaults are the shipped values of `params.yaml` (tests/tasks/test_config.py); the model's
 own settings are defined in `models.config`.
 """
 

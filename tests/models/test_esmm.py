@@ -257,7 +257,9 @@ def test_list_pooling_applies_to_the_behaviour_lists_only(vocabularies):
     }
     assert {field for field, kind in pooling.items() if kind == "mean"} == set(HISTORY_FIELDS)
     default = embedding_layers(
-        build_esmm(SMALL_CONFIG.model_copy(update={"pooling": "sum"}), vocabularies)
+        build_esmm(
+            SMALL_CONFIG.model_copy(update={"pooling": "sum", "list_pooling": None}), vocabularies
+        )
     )
     assert {bag.pooling for bag in default.values()} == {"sum"}  # null: model.pooling
 
