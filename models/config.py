@@ -1,7 +1,10 @@
-"""The ESMM model's configuration: the `model:` section of `params.yaml`.
+"""The ESMM model's configuration: the `model:` section of `params.yaml`, and the optimiser
+and loss settings of its `train:` section.
 
-The model owns it: `models.esmm.build_esmm` takes a `ModelConfig`, and `tasks.config.Params`
-embeds it. Unknown keys are errors; the defaults here are the shipped defaults.
+The model owns both: `models.esmm.build_esmm` takes a `ModelConfig`, `models.esmm.compile_esmm`
+a `CompileConfig`; `tasks.config.Params` embeds the first and `tasks.config.TrainConfig` carries
+the keys of the second. Unknown keys are errors; the defaults here are the shipped values of
+`params.yaml` (tests/tasks/test_config.py checks that they stay equal).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class ModelConfig(_Section):
     embedding_dim: int = Field(12, gt=0)
     pooling: Literal["mean", "sum"] = "mean"  # how weighted multi-valued fields are pooled
     # pooling of the behaviour lists 109_14, 110_14, 127_14, 150_14; null: `pooling`
-    list_pooling: Literal["mean", "sum"] | None = None
+    list_pooling: Literal["mean", "sum"] | None = "mean"
     embedding_l2: float = Field(0.0, ge=0.0)  # L2 penalty on every embedding table
     # Feed each tower the dot product of the user's pooled history (weighted mean) with the
     # item's embedding for each cross of the format (109_14 x 206, 110_14 x 207, ...)
@@ -55,3 +58,15 @@ class ModelConfig(_Section):
     # esmm: shared embeddings, ESMM loss; esmm_ns: each tower its own embeddings, ESMM loss;
     # base: own embeddings, CTR on all impressions and CVR on clicked ones (the paper's BASE).
     variant: Literal["esmm", "esmm_ns", "base"] = "esmm"
+
+
+class CompileConfig(_Section):
+    """What `models.esmm.compile_esmm` needs: Adam's step size, the ESMM loss weights and the
+    steps per call into TF. Written in params.yaml as keys of `train:` of the same names."""
+
+    learning_rate: float = Field(0.002, gt=0.0)  # Adam step size
+    ctr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctr in the ESMM loss
+    ctcvr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctcvr in the ESMM loss (BASE: clicked CVR)
+    # Training steps per call into TF (Keras `steps_per_execution`): callbacks, the progress
+    # bar and checkpoints run between calls. Changes speed only, never the weights.
+    steps_per_execution: int = Field(10, ge=1)

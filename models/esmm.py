@@ -49,20 +49,25 @@ Semantics, written down once:
 - `model.cvr_gradient_scale` (default 5, ESMM only): the gradient the CVR tower sends into
   the shared tables is multiplied by it (`GradientScale`, the identity forward), so the
   conversion-only effects are not drowned by the click loss in Adam's per-row steps.
-- Ablations of the paper (`model.variant`): `esmm_ns` gives each tower its own embedding
-  tables (two per field) with the same loss; `base` also has separate tables and trains
-  the CTR tower with BCE(click, p_ctr) on all impressions and the CVR tower with
-  BCE(conversion, p_cvr) on clicked impressions only; p_ctcvr = p_ctr * p_cvr is formed
-  from the two. All variants have the same inputs and the same three outputs.
+- Ablations of the paper (`model.variant`, stored on the model): `esmm_ns` gives each
+  tower its own embedding tables (two per field) with the same loss; `base` also has
+  separate tables and trains the CTR tower with BCE(click, p_ctr) on all impressions and
+  the CVR tower with BCE(conversion, p_cvr) on clicked impressions only; p_ctcvr =
+  p_ctr * p_cvr is formed from the two. All variants have the same inputs and the same
+  three outputs.
 - CTR and CTCVR AUC are measured on all impressions; CVR AUC only on clicked ones
   (`p_cvr_auc_clicked`). The compiled AUCs are Keras' thresholded approximations, for
   monitoring training; gate decisions belong to the evaluation step.
 
-No file reading, no orchestration: callers pass the vocabularies in and own all I/O.
+This module owns the model (`EsmmModel`, which stores its variant), its losses, `build_esmm`
+and its parts, `compile_esmm`, the targets and the checks of their arguments; the layers are
+in `models.layers`, the configuration in `models.config`. No file reading, no orchestration:
+callers pass the vocabularies in and own all I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -70,7 +75,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from models.config import ModelConfig, TowerConfig
+from models.config import CompileConfig, ModelConfig, TowerConfig
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
@@ -82,370 +87,31 @@ from models.features import (
     wts_key,
 )
 
-_PACKAGE = "esmm"
+# The layers are importable from here too (`from models.esmm import EmbeddingBag`), and
+# importing this module registers them for loading `.keras` files.
+from models.layers import (
+    PACKAGE,
+    ColumnSplit,
+    ContextDense,
+    EmbeddingBag,
+    GradientScale,
+    InterestMatch,
+    Probability,
+    UserItemDot,
+    WeightedMean,
+    WeightStats,
+)
+
 _NUM_OOV_INDICES = 1  # index 0 of every lookup is the bucket for ids outside the vocabulary
 _PADDING_ID = 0  # models.features: padding is id 0 with weight 0
 _LOG_FLOOR = 1e-30  # smallest probability the loss takes the log of (float32 safe)
 _MAX_PROBABILITY = 1.0 - 1e-7  # largest p in log(1 - p): 1 - p underflows above it
 VARIANTS = ("esmm", "esmm_ns", "base")  # model.variant, see build_esmm
 CONTEXT_ROW_KEY = "context_row"  # input: each impression's row in the user-side inputs
+_TOWERS = ("ctr", "cvr")  # the two towers, in build order
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class EmbeddingBag(keras.layers.Layer):
-    """One field's embedding table, looked up and pooled with the entries' weights.
-
-    `sum`: sum_l w_l * E[i_l]. `mean`: sum_l w_l * E[i_l] / max(sum_l w_l, epsilon), which is
-    a zero vector when every weight is zero (padding, absent field).
-
-    On TensorFlow the lookup and pooling are one sparse-dense matmul over the nonzero-weight
-    entries, W @ E with W the (batch, input_dim) matrix of weights. Its gradient is
-    W^T @ dpooled, produced densely; the plain `take` + weighted sum has a gather gradient
-    that Adam densifies through an unsorted segment sum over every padded entry (measured
-    on 2 CPU cores: 17 ms vs 2.8 ms forward + backward for one field of 1024 x 200
-    entries; 2.3x the whole model's training throughput with 100-200 behaviour entries).
-    Zero-weight entries are dropped, so the cost follows the real entries, not the padding.
-    Other backends use the plain formulation; both give the same values.
-
-    Call args:
-        inputs: `[indices, weights]`, both `(batch, length)`: row indices into the table
-            (already mapped by the field's IntegerLookup) and their weights.
-
-    Returns:
-        `(batch, output_dim)` pooled embeddings.
-    """
-
-    def __init__(
-        self,
-        input_dim: int,
-        output_dim: int,
-        pooling: str = "mean",
-        embeddings_initializer: Any = "uniform",
-        epsilon: float = 1e-8,
-        embeddings_regularizer: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        if input_dim <= 0 or output_dim <= 0:
-            raise ValueError(
-                f"EmbeddingBag needs input_dim > 0 and output_dim > 0, got {input_dim} and "
-                f"{output_dim}"
-            )
-        if pooling not in ("mean", "sum"):
-            raise ValueError(f"EmbeddingBag pooling must be 'mean' or 'sum', got {pooling!r}")
-        if epsilon <= 0:
-            raise ValueError(f"EmbeddingBag epsilon must be > 0, got {epsilon}")
-        self.input_dim = input_dim
-        self.output_dim = output_dim
-        self.pooling = pooling
-        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
-        self.epsilon = epsilon
-        self.embeddings_regularizer = keras.regularizers.get(embeddings_regularizer)
-        self.supports_jit = False  # the sparse path has no XLA kernel
-
-    def build(self, input_shape: Sequence[tuple]) -> None:
-        self.embeddings = self.add_weight(
-            shape=(self.input_dim, self.output_dim),
-            initializer=self.embeddings_initializer,
-            regularizer=self.embeddings_regularizer,
-            name="embeddings",
-        )
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        indices, weights = inputs
-        weights = ops.cast(weights, self.embeddings.dtype)
-        if keras.backend.backend() == "tensorflow":
-            pooled = self._weighted_sum_sparse(indices, weights)
-        else:
-            pooled = self._weighted_sum_dense(indices, weights)
-        if self.pooling == "sum":
-            return pooled
-        return _weighted_mean(pooled, weights, self.epsilon)  # (batch, output_dim)
-
-    def _weighted_sum_dense(self, indices: Any, weights: Any) -> Any:
-        embedded = ops.take(self.embeddings, ops.cast(indices, "int32"), axis=0)
-        # (batch, length, output_dim) -> (batch, output_dim)
-        return ops.sum(embedded * ops.expand_dims(weights, -1), axis=1)
-
-    def _weighted_sum_sparse(self, indices: Any, weights: Any) -> Any:
-        import tensorflow as tf
-
-        indices = tf.cast(indices, tf.int64)
-        keep = tf.not_equal(weights, 0.0)  # (batch, length); padding drops out here
-        rows = tf.where(keep)[:, 0]  # (nnz,), row-major order as sparse matmul prefers
-        matrix = tf.SparseTensor(
-            indices=tf.stack([rows, tf.boolean_mask(indices, keep)], axis=1),  # (nnz, 2)
-            values=tf.boolean_mask(weights, keep),  # (nnz,)
-            dense_shape=tf.stack([tf.shape(weights, out_type=tf.int64)[0], self.input_dim]),
-        )  # (batch, input_dim); a repeated id in a row is summed, as in the dense form
-        return tf.sparse.sparse_dense_matmul(matrix, self.embeddings)  # (batch, output_dim)
-
-    def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
-        indices_shape, _ = input_shape
-        return (indices_shape[0], self.output_dim)
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "input_dim": self.input_dim,
-            "output_dim": self.output_dim,
-            "pooling": self.pooling,
-            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
-            "epsilon": self.epsilon,
-            "embeddings_regularizer": keras.regularizers.serialize(self.embeddings_regularizer),
-        }
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class ContextDense(keras.layers.Layer):
-    """A tower's first Dense layer over [user part per context, item part per impression].
-
-    Equals `Dense(units)` applied to `concat([take(user, context_row), item])`, with one
-    `(user_dim + item_dim, units)` kernel, but multiplies the user part once per context:
-    `take(user @ K[:user_dim], context_row) + item @ K[user_dim:] + b`. With ~15-25
-    impressions per context that removes most of the first layer's work on the user side.
-
-    Call args:
-        inputs: `[user, item, context_row]`: `(n_contexts, user_dim)`,
-            `(batch, item_dim)` and `(batch,)` int row of each impression's context
-            (-1: the impression's own row, when user fields come per impression).
-
-    Returns:
-        `(batch, units)`.
-    """
-
-    def __init__(
-        self,
-        units: int,
-        activation: Any = None,
-        use_bias: bool = True,
-        kernel_initializer: Any = "glorot_uniform",
-        kernel_regularizer: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.units = units
-        self.activation = keras.activations.get(activation)
-        self.use_bias = use_bias
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
-
-    def build(self, input_shape: Sequence[tuple]) -> None:
-        user_shape, item_shape, _ = input_shape
-        self.user_dim = int(user_shape[-1])
-        self.kernel = self.add_weight(
-            shape=(self.user_dim + int(item_shape[-1]), self.units),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-            name="kernel",
-        )
-        self.bias = (
-            self.add_weight(shape=(self.units,), initializer="zeros", name="bias")
-            if self.use_bias
-            else None
-        )
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        user, item, context_row = inputs
-        per_context = ops.matmul(user, self.kernel[: self.user_dim])  # (n_contexts, units)
-        # -1: the impression's own row (user fields given per impression)
-        x = ops.take(per_context, _context_rows(context_row), axis=0)  # (batch, units)
-        x = x + ops.matmul(item, self.kernel[self.user_dim :])  # (batch, units)
-        if self.bias is not None:
-            x = x + self.bias
-        return self.activation(x)
-
-    def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
-        return (input_shape[1][0], self.units)
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "units": self.units,
-            "activation": keras.activations.serialize(self.activation),
-            "use_bias": self.use_bias,
-            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-            "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-        }
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class UserItemDot(keras.layers.Layer):
-    """Dot products of the user's history fields (weighted means) with the item's fields.
-
-    For each user x item pair (the format's crosses, e.g. history categories 109_14 x item
-    category 206), `<mean_h, e>`: the weighted mean of the history field's embeddings
-    against the item field's pooled embedding, i.e. the mean over the history entries of an
-    FM-style inner product. A tower's MLP only approximates such a bilinear match of two
-    embeddings; here it gets it directly, per impression, for the price of one dot of
-    `embedding_dim` per pair.
-
-    Call args:
-        inputs: `[histories, items, context_row]`: lists (one per pair) of
-            `(n_contexts, dim)` history means and `(batch, dim)` item embeddings, and
-            `(batch,)` int rows as in `ContextDense`.
-
-    Returns:
-        `(batch, pairs)`.
-    """
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        histories, items, context_row = inputs
-        # (batch, pairs, dim) each: one gather of all histories' rows
-        user = ops.take(ops.stack(histories, axis=1), _context_rows(context_row), axis=0)
-        return ops.sum(user * ops.stack(items, axis=1), axis=-1)  # (batch, pairs)
-
-    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
-        return (input_shape[1][0][0], len(input_shape[0]))
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class ColumnSplit(keras.layers.Layer):
-    """`(rows, 2 * size)` -> the first `size` columns and the rest."""
-
-    def __init__(self, size: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.size = int(size)
-
-    def call(self, inputs: Any) -> tuple[Any, Any]:
-        return inputs[:, : self.size], inputs[:, self.size :]
-
-    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
-        rest = None if input_shape[-1] is None else input_shape[-1] - self.size
-        return (input_shape[0], self.size), (input_shape[0], rest)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "size": self.size}
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class InterestMatch(keras.layers.Layer):
-    """The user's interest vector against the item's: their dot and element-wise product.
-
-    Call args:
-        inputs: `[user, item, context_row]`: `(n_contexts, dim)` interest vectors,
-            `(batch, dim)` item vectors and `(batch,)` int rows as in `ContextDense`.
-
-    Returns:
-        `(batch, dim + 1)`: the dot, then the `dim` products.
-    """
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        user, item, context_row = inputs
-        product = ops.take(user, _context_rows(context_row), axis=0) * item
-        return ops.concatenate([ops.sum(product, axis=-1, keepdims=True), product], axis=-1)
-
-    def compute_output_shape(self, input_shape: Sequence[Any]) -> tuple:
-        return (input_shape[1][0], input_shape[1][-1] + 1)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class GradientScale(keras.layers.Layer):
-    """The identity forward; backward, the incoming gradient times `factor`.
-
-    Put between the shared embeddings and one task's tower, it sets how strongly that task
-    moves the shared tables without changing the model, its loss or the tower's own
-    updates (the balancing of task gradients on shared parameters of MetaBalance, He et
-    al., WWW 2022, with a fixed factor).
-    """
-
-    def __init__(self, factor: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.factor = float(factor)
-
-    def call(self, inputs: Any) -> Any:
-        factor = self.factor
-
-        @ops.custom_gradient
-        def scaled(x: Any) -> Any:
-            def grad(*args: Any, upstream: Any = None) -> Any:
-                if upstream is None:  # the TensorFlow backend passes it positionally
-                    (upstream,) = args
-                return ops.multiply(upstream, factor)
-
-            return ops.multiply(x, 1.0), grad  # x * 1.0: exactly x, as a new tensor
-
-        return scaled(inputs)
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return input_shape
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "factor": self.factor}
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class WeightStats(keras.layers.Layer):
-    """A field's weights -> `[log1p(sum of weights), log1p(number of entries)]` per row.
-
-    The format's crosses (508, 509, 702, 853) carry the user's history count of the item's
-    category, shop, brand or node as the entry's weight: "how much has this user engaged
-    with what this item is". A weighted embedding sum gives it to the towers only through
-    the matched id's own embedding, which a rare shop or brand has barely learnt; these
-    two numbers give every field's amount of signal to the towers whatever its ids.
-
-    Call args:
-        inputs: `(rows, length)` weights (0: padding).
-
-    Returns:
-        `(rows, 2)` float32.
-    """
-
-    def call(self, weights: Any) -> Any:
-        weights = ops.cast(weights, "float32")
-        total = ops.sum(ops.maximum(weights, 0.0), axis=1, keepdims=True)
-        count = ops.sum(ops.cast(ops.not_equal(weights, 0.0), "float32"), axis=1, keepdims=True)
-        return ops.log1p(ops.concatenate([total, count], axis=-1))
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return (input_shape[0], 2)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class WeightedMean(keras.layers.Layer):
-    """A summed bag and its weights -> the weighted mean (a zero vector for zero weights)."""
-
-    def __init__(self, epsilon: float = 1e-8, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.epsilon = epsilon
-
-    def call(self, inputs: Sequence[Any]) -> Any:
-        pooled, weights = inputs  # (rows, dim), (rows, length)
-        return _weighted_mean(pooled, ops.cast(weights, pooled.dtype), self.epsilon)
-
-    def compute_output_shape(self, input_shape: Sequence[tuple]) -> tuple:
-        return input_shape[0]
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "epsilon": self.epsilon}
-
-
-def _weighted_mean(pooled: Any, weights: Any, epsilon: float) -> Any:
-    """`(rows, dim)` weighted sums and their `(rows, length)` weights -> weighted means."""
-    total = ops.sum(weights, axis=1, keepdims=True)  # (rows, 1)
-    return pooled / ops.maximum(total, epsilon)
-
-
-def _context_rows(context_row: Any) -> Any:
-    """`context_row` with -1 ("the impression's own row") replaced by the row's index."""
-    context_row = ops.cast(context_row, "int32")
-    # Unlike arange(n) passed in, -1 survives Keras slicing and shuffling into batches.
-    own = ops.arange(ops.shape(context_row)[0], dtype="int32")
-    return ops.where(context_row < 0, own, context_row)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class Probability(keras.layers.Layer):
-    """Turns a tower's `(batch, 1)` logit into a `(batch,)` probability."""
-
-    def call(self, logits: Any) -> Any:
-        return ops.sigmoid(ops.squeeze(logits, axis=-1))  # (batch,)
-
-    def compute_output_shape(self, input_shape: tuple) -> tuple:
-        return tuple(input_shape[:-1])
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class EsmmModel(keras.Model):
     """The functional ESMM graph (built by `build_esmm`) plus ESMM-aware metric updates.
 
@@ -456,13 +122,27 @@ class EsmmModel(keras.Model):
     labelled outputs, and adds `p_cvr_auc_clicked`: the AUC of p_cvr over clicked rows
     only, using the click label as sample weight and click * conversion, which equals
     conversion on clicked rows, as the label.
+
+    The model stores its `variant` (`model.variant`), saved with it: `compile_esmm` picks the
+    loss from it and `compute_metrics` reads the labels of that variant.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, variant: str | None = None, **kwargs: Any) -> None:
         # (*args, **kwargs) keeps the model revivable as a Functional from its config.
         super().__init__(*args, **kwargs)
+        # None only while reviving a file saved before the model stored its variant
+        # (`compile_from_config` then sets it).
+        self.variant = variant
         self.cvr_auc_clicked = keras.metrics.AUC(name="p_cvr_auc_clicked")
         self._predict_any_shape = None
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "variant": self.variant}
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        super().compile_from_config(config)
+        if self.variant is None:
+            self.variant = _saved_variant(self)
 
     def predict_batch(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The outputs on one batch of raw inputs (`ids_F`, `wts_F`, `context_row`), as
@@ -470,11 +150,11 @@ class EsmmModel(keras.Model):
 
         Keras's `predict_on_batch` traces again for each new combination of list widths
         until TF has relaxed the shapes one input at a time: dozens of traces over a test
-        split (4.0 s against 1.1 s to score 100k impressions the first time). This is
+        split, several times slower the first time (see benchmarks/pipeline.md). This is
         traced once, for any batch size and list widths.
         """
         if self._predict_any_shape is None:
-            import tensorflow as tf
+            import tensorflow as tf  # the TensorFlow backend's tracing (keras.ops has none)
 
             spec = {
                 name: tf.TensorSpec((None,) * len(tensor.shape), tensor.dtype, name=name)
@@ -493,7 +173,7 @@ class EsmmModel(keras.Model):
     ) -> dict[str, Any]:
         if not isinstance(y, Mapping):
             return super().compute_metrics(x, y, y_pred, sample_weight)
-        if "p_ctr" in y and "p_cvr" in y and "p_ctcvr" not in y:
+        if self.variant == "base":
             # BASE labels (`esmm_targets(..., variant="base")`): conversion, -1 if unclicked.
             clicked = ops.cast(ops.greater_equal(y["p_cvr"], 0.0), "float32")
             y = {"p_ctr": y["p_ctr"], "p_ctcvr": clicked * ops.maximum(y["p_cvr"], 0.0)}
@@ -517,7 +197,7 @@ class EsmmModel(keras.Model):
         strategy = getattr(self, "_distribute_strategy", None)
         if strategy is None or iterator is None:
             return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        import tensorflow as tf
+        import tensorflow as tf  # tf.distribute only
 
         # From a fresh iterator: Keras' own build takes its sample from the training
         # iterator and so drops the epoch's first step.
@@ -534,7 +214,16 @@ class EsmmModel(keras.Model):
             self._symbolic_build(data_batch=first)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+def _saved_variant(model: EsmmModel) -> str:
+    """The variant of a compiled model revived from a file saved before `EsmmModel` stored
+    it: BASE is the one with a loss on p_cvr, ESMM-NS the one with a table per tower."""
+    if "p_cvr" in model.loss:
+        return "base"
+    separate = any(layer.name.startswith("ctr_embedding_") for layer in model.layers)
+    return "esmm_ns" if separate else "esmm"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
 def binary_crossentropy_per_row(y_true: Any, y_pred: Any) -> Any:
     """BCE with one value per row, for `(batch,)` probability outputs.
 
@@ -551,7 +240,7 @@ def binary_crossentropy_per_row(y_true: Any, y_pred: Any) -> Any:
     return -(y_true * log_p + (1.0 - y_true) * log_not_p)  # (batch,)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 def binary_crossentropy_clicked(y_true: Any, y_pred: Any) -> Any:
     """BASE's CVR loss: BCE(conversion, p_cvr) on clicked rows, 0 on rows labelled -1.
 
@@ -568,7 +257,7 @@ def build_esmm(
     vocabularies: Mapping[str, Sequence[int] | np.ndarray],
     *,
     seed: int = 0,
-) -> keras.Model:
+) -> EsmmModel:
     """Build the (uncompiled) ESMM model.
 
     Args:
@@ -582,10 +271,11 @@ def build_esmm(
             from it, so the same seed always builds the same weights.
 
     Returns:
-        A functional `keras.Model` taking a dict with `ids_F` (int64) and `wts_F` (float32)
-        for every field `F`, `(n_contexts, None)` for user-side fields and `(batch, None)`
-        for the others, and `context_row` (int32, `(batch,)`), and returning a dict with
-        `p_ctr`, `p_cvr`, `p_ctcvr`, each float32 of shape `(batch,)`.
+        An `EsmmModel` (its `variant` is `config.variant`) taking a dict with `ids_F`
+        (int64) and `wts_F` (float32) for every field `F`, `(n_contexts, None)` for
+        user-side fields and `(batch, None)` for the others, and `context_row` (int32,
+        `(batch,)`), and returning a dict with `p_ctr`, `p_cvr`, `p_ctcvr`, each float32 of
+        shape `(batch,)`.
 
     Raises:
         ValueError: a bad config value or a missing, unknown or malformed vocabulary; the
@@ -593,146 +283,220 @@ def build_esmm(
     """
     _check_config(config)
     vocab_arrays = _check_vocabularies(vocabularies)
-    n_fields = len(ALL_FIELDS)
     # ESMM's seeds come first and stay as they were; ESMM-NS and BASE add one more table
     # seed per field for the CVR tower's own embeddings.
-    ctr_seed, cvr_seed, *embedding_seeds = _derive_seeds(seed, 2 + 2 * n_fields)
-    separate = config.variant != "esmm"
+    ctr_seed, cvr_seed, *embedding_seeds = _derive_seeds(seed, 2 + 2 * len(ALL_FIELDS))
+    # The layers are created in this order (it fixes the saved graph and weight order).
+    fields = _embeddings(config, vocab_arrays, embedding_seeds)
+    towers = _tower_inputs(config, fields)
+    if config.interactions:
+        towers = _with_interactions(config, fields, towers)
+    if config.interest_match:
+        towers = _with_interest_match(config, fields, towers)
+    if not _separate(config):
+        towers["cvr"] = _cvr_view_of_shared(config, towers["ctr"])
+    ctr_logit = _tower(*towers["ctr"], fields.context_row, config.ctr_tower, "ctr", ctr_seed)
+    cvr_logit = _tower(*towers["cvr"], fields.context_row, config.cvr_tower, "cvr", cvr_seed)
+    p_ctr = Probability(name="p_ctr")(ctr_logit)  # (batch,)
+    p_cvr = Probability(name="p_cvr")(cvr_logit)  # (batch,)
+    # CTCVR = CTR * CVR: in ESMM the only path by which the CVR tower learns.
+    p_ctcvr = keras.layers.Multiply(name="p_ctcvr")([p_ctr, p_cvr])  # (batch,)
+    return EsmmModel(
+        inputs=fields.inputs,
+        outputs={"p_ctr": p_ctr, "p_cvr": p_cvr, "p_ctcvr": p_ctcvr},
+        name="esmm",
+        variant=config.variant,
+    )
 
-    inputs: dict[str, keras.KerasTensor] = {}
-    # user (per context) and item (per impression) pooled fields, per tower
-    bags: dict[str, dict[str, keras.KerasTensor]] = {"ctr": {}, "cvr": {}}  # pooled fields
-    interest_bags: dict[str, dict[str, keras.KerasTensor]] = {"ctr": {}, "cvr": {}}
-    for i, field in enumerate(ALL_FIELDS):
-        ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(field))
-        weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(field))
-        inputs[ids_key(field)] = ids
-        inputs[wts_key(field)] = weights
 
+# A tower's inputs: (user part per context, item part per impression).
+_TowerInputs = tuple[keras.KerasTensor, keras.KerasTensor]
+
+
+@dataclasses.dataclass
+class _Fields:
+    """The model's inputs and, per tower, its pooled fields (in ESMM both towers hold the
+    same tensors). Rows are contexts for `COMMON_FIELDS`, impressions for the others."""
+
+    # ids_F, wts_F of every field, then context_row
+    inputs: dict[str, keras.KerasTensor] = dataclasses.field(default_factory=dict)
+    # tower -> field -> (rows, embedding_dim), what the towers read
+    bags: dict[str, dict[str, keras.KerasTensor]] = dataclasses.field(
+        default_factory=lambda: {tower: {} for tower in _TOWERS}
+    )
+    # tower -> interest field -> (rows, embedding_dim), the tables' second half of columns
+    interest_bags: dict[str, dict[str, keras.KerasTensor]] = dataclasses.field(
+        default_factory=lambda: {tower: {} for tower in _TOWERS}
+    )
+
+    @property
+    def context_row(self) -> keras.KerasTensor:
+        return self.inputs[CONTEXT_ROW_KEY]  # (batch,)
+
+
+def _separate(config: ModelConfig) -> bool:
+    """Whether each tower has its own tables and inputs (ESMM-NS, BASE) or shares them."""
+    return config.variant != "esmm"
+
+
+def _list_pooling(config: ModelConfig) -> str:
+    """How the behaviour lists (`HISTORY_FIELDS`) are pooled."""
+    return config.list_pooling or config.pooling
+
+
+def _embeddings(
+    config: ModelConfig, vocabularies: Mapping[str, np.ndarray], seeds: Sequence[int]
+) -> _Fields:
+    """The inputs of every field, mapped to table rows by the field's `IntegerLookup` and
+    pooled by its table: one read by both towers (ESMM) or one per tower; then the
+    `context_row` input."""
+    fields = _Fields()
+    tables = (("ctr",), ("cvr",)) if _separate(config) else (_TOWERS,)
+    for i, name in enumerate(ALL_FIELDS):
+        ids = keras.Input(shape=(None,), dtype="int64", name=ids_key(name))
+        weights = keras.Input(shape=(None,), dtype="float32", name=wts_key(name))
+        fields.inputs[ids_key(name)] = ids
+        fields.inputs[wts_key(name)] = weights
         lookup = keras.layers.IntegerLookup(
-            vocabulary=vocab_arrays[field],
-            num_oov_indices=_NUM_OOV_INDICES,
-            name=f"lookup_{field}",
+            vocabulary=vocabularies[name], num_oov_indices=_NUM_OOV_INDICES, name=f"lookup_{name}"
         )
         rows = lookup(ids)  # (rows, length) raw ids -> (rows, length) table rows
-        tables = (("ctr", "cvr"),) if not separate else (("ctr",), ("cvr",))
-        # model.interest_match: the interest fields' tables have a second half of columns
-        wide = config.interest_match and field in INTEREST_FIELDS
         for j, towers in enumerate(tables):
-            embedding = EmbeddingBag(
-                input_dim=len(vocab_arrays[field]) + _NUM_OOV_INDICES,
-                output_dim=config.embedding_dim * (2 if wide else 1),
-                pooling=(
-                    config.list_pooling
-                    if field in HISTORY_FIELDS and config.list_pooling
-                    else config.pooling
-                ),
-                embeddings_initializer=keras.initializers.RandomUniform(
-                    -0.05, 0.05, seed=embedding_seeds[i + j * n_fields]
-                ),
-                name=f"embedding_{field}" if not separate else f"{towers[0]}_embedding_{field}",
-                embeddings_regularizer=(
-                    keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
-                ),
-            )
-            bag = embedding([rows, weights])  # (rows, embedding_dim), or twice as wide
-            interest_bag = None
-            if wide:
-                bag, interest_bag = ColumnSplit(
-                    config.embedding_dim,
-                    name=f"split_{field}" if not separate else f"{towers[0]}_split_{field}",
-                )(bag)
+            prefix = f"{towers[0]}_" if _separate(config) else ""
+            seed = seeds[i + j * len(ALL_FIELDS)]
+            size = len(vocabularies[name]) + _NUM_OOV_INDICES
+            bag, interest_bag = _pooled_field(config, name, rows, weights, size, prefix, seed)
             for tower in towers:
-                bags[tower][field] = bag
+                fields.bags[tower][name] = bag
                 if interest_bag is not None:
-                    interest_bags[tower][field] = interest_bag
-    context_row = keras.Input(shape=(), dtype="int32", name=CONTEXT_ROW_KEY)
-    inputs[CONTEXT_ROW_KEY] = context_row
+                    fields.interest_bags[tower][name] = interest_bag
+    fields.inputs[CONTEXT_ROW_KEY] = keras.Input(shape=(), dtype="int32", name=CONTEXT_ROW_KEY)
+    return fields
 
-    # Per tower: user fields (n_contexts, 13 * dim) and item fields (batch, 10 * dim),
-    # in ALL_FIELDS order. In ESMM both towers read the same tensors.
-    # With `weight_features`, each side also gets its fields' log1p weight total and entry
-    # count (user fields: (n_contexts, 13 * dim + 26); item fields: (batch, 10 * dim + 20)).
+
+def _pooled_field(
+    config: ModelConfig,
+    name: str,
+    rows: keras.KerasTensor,
+    weights: keras.KerasTensor,
+    table_rows: int,
+    prefix: str,
+    seed: int,
+) -> tuple[keras.KerasTensor, keras.KerasTensor | None]:
+    """One table of field `name`, looked up and pooled: `(rows, embedding_dim)` for the
+    towers, and for an interest field under `model.interest_match` the match's
+    `(rows, embedding_dim)` from a second half of the table's columns (else None)."""
+    wide = config.interest_match and name in INTEREST_FIELDS
+    embedding = EmbeddingBag(
+        input_dim=table_rows,
+        output_dim=config.embedding_dim * (2 if wide else 1),
+        pooling=_list_pooling(config) if name in HISTORY_FIELDS else config.pooling,
+        embeddings_initializer=keras.initializers.RandomUniform(-0.05, 0.05, seed=seed),
+        name=f"{prefix}embedding_{name}",
+        embeddings_regularizer=(
+            keras.regularizers.L2(config.embedding_l2) if config.embedding_l2 else None
+        ),
+    )
+    bag = embedding([rows, weights])  # (rows, embedding_dim), or twice as wide
+    if not wide:
+        return bag, None
+    towers_half, interest_half = ColumnSplit(config.embedding_dim, name=f"{prefix}split_{name}")(
+        bag
+    )  # (rows, embedding_dim) each
+    return towers_half, interest_half
+
+
+def _tower_inputs(config: ModelConfig, fields: _Fields) -> dict[str, _TowerInputs]:
+    """Per tower with inputs of its own (only `ctr` in ESMM, read by both), the user fields
+    `(n_contexts, 13 * dim)` and the item fields `(batch, 10 * dim)`, in ALL_FIELDS order.
+
+    With `weight_features`, each side also gets its fields' log1p weight total and entry
+    count: `(n_contexts, 13 * dim + 26)` and `(batch, 10 * dim + 20)`.
+    """
     stats = (
-        {f: WeightStats(name=f"weight_stats_{f}")(inputs[wts_key(f)]) for f in ALL_FIELDS}
+        {f: WeightStats(name=f"weight_stats_{f}")(fields.inputs[wts_key(f)]) for f in ALL_FIELDS}
         if config.weight_features
         else {}
-    )
+    )  # field -> (rows, 2)
     towers = {}
-    for tower in ("ctr", "cvr") if separate else ("ctr",):
-        prefix = f"{tower}_" if separate else "shared_"
+    for tower in _TOWERS if _separate(config) else ("ctr",):
+        prefix = f"{tower}_" if _separate(config) else "shared_"
         sides = []
         for is_user, side in ((True, "user"), (False, "item")):
-            fields = [f for f in ALL_FIELDS if (f in COMMON_FIELDS) == is_user]
+            names = [f for f in ALL_FIELDS if (f in COMMON_FIELDS) == is_user]
             part = keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_embeddings")(
-                [bags[tower][f] for f in fields]
+                [fields.bags[tower][f] for f in names]
             )
             if stats:
                 part = keras.layers.Concatenate(axis=-1, name=f"{prefix}{side}_with_stats")(
-                    [part] + [stats[f] for f in fields]
+                    [part] + [stats[f] for f in names]
                 )
             sides.append(part)
-        towers[tower] = tuple(sides)
-    if config.interactions:
-        # Per tower (once in ESMM, shared): the user x item dots of the format's crosses,
-        # joining the item (per impression) part of the tower's input.
-        list_pooling = config.list_pooling or config.pooling
-        for tower in towers:
-            histories = [bags[tower][history] for history in HISTORY_FIELDS]
-            if list_pooling == "sum":  # the dots take the lists' weighted means
-                histories = [
-                    WeightedMean(name=f"{tower}_mean_{history}")([bag, inputs[wts_key(history)]])
-                    for bag, history in zip(histories, HISTORY_FIELDS, strict=True)
-                ]
-            dots = UserItemDot(name=f"{tower}_user_item_dots" if separate else "user_item_dots")(
-                [histories, [bags[tower][item] for _, item in CROSSES.values()], context_row]
-            )  # (batch, len(CROSSES))
-            user, item = towers[tower]
-            name = f"{tower}_item_inputs" if separate else "shared_item_inputs"
-            item = keras.layers.Concatenate(axis=-1, name=name)([item, dots])
-            towers[tower] = (user, item)
-    if config.interest_match:
-        # Per tower (once in ESMM, shared): history categories + profile category against
-        # the item category, from the second halves of those fields' tables.
-        history, profile, category = INTEREST_FIELDS
-        summed = (config.list_pooling or config.pooling) == "sum"
-        for tower in towers:
-            own = interest_bags[tower]
-            prefix = f"{tower}_" if separate else ""
-            history_mean = own[history]
-            if summed:  # the interest takes the history's weighted mean, as the dots do
-                history_mean = WeightedMean(name=f"{prefix}interest_mean_{history}")(
-                    [history_mean, inputs[wts_key(history)]]
-                )
-            user_interest = keras.layers.Add(name=f"{prefix}user_interest")(
-                [history_mean, own[profile]]
-            )
-            match = InterestMatch(name=f"{prefix}interest_match")(
-                [user_interest, own[category], context_row]
-            )
-            user, item = towers[tower]
-            name = f"{tower}_item_with_interest" if separate else "shared_item_with_interest"
-            towers[tower] = (user, keras.layers.Concatenate(axis=-1, name=name)([item, match]))
-    if not separate:
-        towers["cvr"] = towers["ctr"]
-        if config.cvr_gradient_scale != 1.0:  # the CVR tower's pull on the shared tables
-            towers["cvr"] = tuple(
-                GradientScale(config.cvr_gradient_scale, name=f"cvr_gradient_scale_{side}")(x)
-                for side, x in zip(("user", "item"), towers["ctr"], strict=True)
-            )
+        towers[tower] = (sides[0], sides[1])
+    return towers
 
-    ctr_logit = _tower(*towers["ctr"], context_row, config.ctr_tower, "ctr", ctr_seed)
-    cvr_logit = _tower(*towers["cvr"], context_row, config.cvr_tower, "cvr", cvr_seed)
-    p_ctr = Probability(name="p_ctr")(ctr_logit)
-    p_cvr = Probability(name="p_cvr")(cvr_logit)
-    # CTCVR = CTR * CVR: in ESMM the only path by which the CVR tower learns.
-    p_ctcvr = keras.layers.Multiply(name="p_ctcvr")([p_ctr, p_cvr])  # (batch,)
 
-    return EsmmModel(
-        inputs=inputs,
-        outputs={"p_ctr": p_ctr, "p_cvr": p_cvr, "p_ctcvr": p_ctcvr},
-        name="esmm",
+def _with_interactions(
+    config: ModelConfig, fields: _Fields, towers: dict[str, _TowerInputs]
+) -> dict[str, _TowerInputs]:
+    """`towers` with the user x item dots of the format's crosses (`UserItemDot`,
+    `(batch, len(CROSSES))`) joined to each item part."""
+    separate = _separate(config)
+    out = {}
+    for tower, (user, item) in towers.items():
+        histories = [fields.bags[tower][history] for history in HISTORY_FIELDS]
+        if _list_pooling(config) == "sum":  # the dots take the lists' weighted means
+            histories = [
+                WeightedMean(name=f"{tower}_mean_{history}")([bag, fields.inputs[wts_key(history)]])
+                for bag, history in zip(histories, HISTORY_FIELDS, strict=True)
+            ]  # (n_contexts, dim) each
+        items = [fields.bags[tower][item_field] for _, item_field in CROSSES.values()]
+        dots = UserItemDot(name=f"{tower}_user_item_dots" if separate else "user_item_dots")(
+            [histories, items, fields.context_row]
+        )  # (batch, len(CROSSES))
+        name = f"{tower}_item_inputs" if separate else "shared_item_inputs"
+        out[tower] = (user, keras.layers.Concatenate(axis=-1, name=name)([item, dots]))
+    return out
+
+
+def _with_interest_match(
+    config: ModelConfig, fields: _Fields, towers: dict[str, _TowerInputs]
+) -> dict[str, _TowerInputs]:
+    """`towers` with the match of the user's interest (history categories + profile
+    category) and the item category (`InterestMatch`, `(batch, dim + 1)`), from the second
+    halves of those fields' tables, joined to each item part."""
+    separate = _separate(config)
+    history, profile, category = INTEREST_FIELDS
+    out = {}
+    for tower, (user, item) in towers.items():
+        own = fields.interest_bags[tower]
+        prefix = f"{tower}_" if separate else ""
+        history_mean = own[history]  # (n_contexts, dim)
+        if _list_pooling(config) == "sum":  # the interest takes the history's weighted mean
+            history_mean = WeightedMean(name=f"{prefix}interest_mean_{history}")(
+                [history_mean, fields.inputs[wts_key(history)]]
+            )
+        user_interest = keras.layers.Add(name=f"{prefix}user_interest")(
+            [history_mean, own[profile]]
+        )  # (n_contexts, dim)
+        match = InterestMatch(name=f"{prefix}interest_match")(
+            [user_interest, own[category], fields.context_row]
+        )  # (batch, dim + 1)
+        name = f"{tower}_item_with_interest" if separate else "shared_item_with_interest"
+        out[tower] = (user, keras.layers.Concatenate(axis=-1, name=name)([item, match]))
+    return out
+
+
+def _cvr_view_of_shared(config: ModelConfig, shared: _TowerInputs) -> _TowerInputs:
+    """ESMM: the CVR tower's view of the shared inputs, the CTR tower's own tensors or, with
+    `cvr_gradient_scale`, the same values with the CVR tower's pull on the tables scaled."""
+    if config.cvr_gradient_scale == 1.0:
+        return shared
+    user, item = (
+        GradientScale(config.cvr_gradient_scale, name=f"cvr_gradient_scale_{side}")(x)
+        for side, x in zip(("user", "item"), shared, strict=True)
     )
+    return user, item
 
 
 def per_impression_inputs(features: Mapping[str, Any]) -> dict[str, Any]:
@@ -794,32 +558,21 @@ def esmm_targets(click: Any, conversion: Any, variant: str = "esmm") -> dict[str
     return {"p_ctr": click, "p_ctcvr": click * conversion}
 
 
-def compile_esmm(
-    model: keras.Model,
-    *,
-    learning_rate: float,
-    ctr_loss_weight: float,
-    ctcvr_loss_weight: float,
-    variant: str = "esmm",
-    steps_per_execution: int = 1,
-) -> None:
+def compile_esmm(model: keras.Model, config: CompileConfig) -> None:
     """Compile `model` with the loss of its variant and the CTR/CTCVR AUC metrics.
 
     ESMM and ESMM-NS: w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(click * conversion, p_ctcvr);
     p_cvr has no loss. BASE: w_ctr * BCE(click, p_ctr) + w_ctcvr * BCE(conversion, p_cvr)
     over clicked impressions only (`binary_crossentropy_clicked`); p_ctcvr has no loss.
-    Fit/evaluate it with `y=esmm_targets(click, conversion, variant)`. Logged
+    Fit/evaluate it with `y=esmm_targets(click, conversion, model.variant)`. Logged
     names: `loss`, `p_ctr_loss`, `p_ctcvr_loss`, `p_ctr_auc`, `p_ctcvr_auc`, and
     `p_cvr_auc_clicked` (see `EsmmModel`). The compile config is saved with the model, so a
     reloaded model can be evaluated or trained further as is.
 
     Args:
-        model: a model from `build_esmm`.
-        learning_rate: Adam step size.
-        ctr_loss_weight: weight w_ctr of the CTR term.
-        ctcvr_loss_weight: weight w_ctcvr of the CTCVR term (BASE: of the clicked CVR term).
-        variant: `model.variant` the model was built with (`esmm`, `esmm_ns`, `base`).
-        steps_per_execution: training steps per call into TF (Keras's setting).
+        model: a model from `build_esmm` (its `variant` picks the loss).
+        config: Adam's learning rate, the loss weights w_ctr and w_ctcvr (BASE: of the
+            clicked CVR term) and Keras's steps per execution (`train:` in params.yaml).
 
     Raises:
         TypeError: `model` was not built by `build_esmm`.
@@ -830,34 +583,25 @@ def compile_esmm(
             f"compile_esmm needs a model from build_esmm (an EsmmModel), got "
             f"{type(model).__name__}: plain Keras models cannot score ESMM's two-key labels"
         )
-    if learning_rate <= 0:
-        raise ValueError(f"learning_rate must be > 0 (train.learning_rate), got {learning_rate}")
-    if ctr_loss_weight < 0 or ctcvr_loss_weight < 0:
-        raise ValueError(
-            "loss weights must be >= 0 (train.ctr_loss_weight, train.ctcvr_loss_weight), got "
-            f"{ctr_loss_weight} and {ctcvr_loss_weight}"
-        )
-    if ctr_loss_weight == 0 and ctcvr_loss_weight == 0:
-        raise ValueError(
-            "at least one of train.ctr_loss_weight and train.ctcvr_loss_weight must be > 0"
-        )
+    _check_compile_config(config)
     # The loss mapping names only p_ctr and p_ctcvr and the labels carry only those keys:
     # on Keras 3.15.1 the compiled loss builds a term per named output and skips p_cvr
     # (multi-output partial mappings have had bugs, keras-team/keras#18959;
-    # tests/models/test_esmm.py pins the behaviour). The compiled metrics do not accept
-    # the partial labels; EsmmModel.compute_metrics works around that.
-    _check_variant(variant)
-    second = "p_cvr" if variant == "base" else "p_ctcvr"
-    second_loss = binary_crossentropy_clicked if variant == "base" else binary_crossentropy_per_row
+    # tests/models/test_esmm_training.py pins the behaviour). The compiled metrics do not
+    # accept the partial labels; EsmmModel.compute_metrics works around that.
+    _check_variant(model.variant)
+    base = model.variant == "base"
+    second = "p_cvr" if base else "p_ctcvr"
+    second_loss = binary_crossentropy_clicked if base else binary_crossentropy_per_row
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate=config.learning_rate),
         loss={"p_ctr": binary_crossentropy_per_row, second: second_loss},
-        loss_weights={"p_ctr": ctr_loss_weight, second: ctcvr_loss_weight},
+        loss_weights={"p_ctr": config.ctr_loss_weight, second: config.ctcvr_loss_weight},
         metrics={
             "p_ctr": [keras.metrics.AUC(name="auc")],
             "p_ctcvr": [keras.metrics.AUC(name="auc")],
         },
-        steps_per_execution=steps_per_execution,
+        steps_per_execution=config.steps_per_execution,
     )
 
 
@@ -914,6 +658,24 @@ def _derive_seeds(seed: int, n: int) -> list[int]:
 def _check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise ValueError(f"model.variant must be one of {list(VARIANTS)}, got {variant!r}")
+
+
+def _check_compile_config(config: CompileConfig) -> None:
+    """Reject compile settings the model cannot use (pydantic checks are bypassable)."""
+    if config.learning_rate <= 0:
+        raise ValueError(
+            f"learning_rate must be > 0 (train.learning_rate), got {config.learning_rate}"
+        )
+    weights = (config.ctr_loss_weight, config.ctcvr_loss_weight)
+    if min(weights) < 0:
+        raise ValueError(
+            "loss weights must be >= 0 (train.ctr_loss_weight, train.ctcvr_loss_weight), got "
+            f"{weights[0]} and {weights[1]}"
+        )
+    if max(weights) == 0:
+        raise ValueError(
+            "at least one of train.ctr_loss_weight and train.ctcvr_loss_weight must be > 0"
+        )
 
 
 def _check_config(config: ModelConfig) -> None:

@@ -1,7 +1,9 @@
 """The project's one typed configuration, loaded from `params.yaml`.
 
 Each pipeline step reads its own section. Unknown or mistyped keys fail loudly with the
-key's dotted path, never fall back to a default. Loading has no side effects.
+key's dotted path, never fall back to a default. Loading has no side effects. The code
+defaults are the shipped values of `params.yaml` (tests/tasks/test_config.py); the model's
+own settings are defined in `models.config`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from models.config import ModelConfig
+from models.config import CompileConfig, ModelConfig
 
 
 class _Section(BaseModel):
@@ -42,9 +44,8 @@ class SynthConfig(_Section):
 class IngestConfig(_Section):
     valid_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # of train contexts, by hash of the key
     min_count: int = Field(2, ge=1)  # ids seen fewer times in train map to the OOV bucket
-    chunk_bytes: int = Field(
-        16 << 20, gt=0
-    )  # bytes of raw text parsed per chunk (peak memory ~25x)
+    # bytes of raw text parsed per chunk (peak memory a multiple of it: benchmarks/ingest.md)
+    chunk_bytes: int = Field(16 << 20, gt=0)
     workers: int = Field(0, ge=0)  # parsing threads; 0 = one per core
     max_quarantine_fraction: float = Field(0.01, ge=0.0, le=1.0)  # fail above this share
     # Training data = the train files of this many most recent data versions (1 = the
@@ -63,9 +64,9 @@ class DriftConfig(_Section):
     """TFDV comparator thresholds for every feature (labels excepted), with overrides."""
 
     jensen_shannon: float | None = Field(0.1, gt=0.0, le=1.0)  # id features
-    # Weights (wts_F), on TFDV's quantile histograms: two samples of one distribution of
-    # counts differ by up to about 0.09 there, a change of unit (counts to log counts, or
-    # doubled) by 0.46 or more (benchmarks/README.md, "Foreign data").
+    # Weights (wts_F), on TFDV's quantile histograms: set between the distance of two samples
+    # of one distribution of counts and that of a change of unit (counts to log counts, or
+    # doubled); see benchmarks/foreign.md.
     weight_jensen_shannon: float | None = Field(0.25, gt=0.0, le=1.0)
     infinity_norm: float | None = Field(0.1, gt=0.0, le=1.0)  # id features only
     features: dict[str, ComparatorConfig] = {}  # per-feature overrides, e.g. {ids_301: {...}}
@@ -109,7 +110,7 @@ class ValidateConfig(_Section):
 class EarlyStoppingConfig(_Section):
     # a Keras log name: val_p_ctr_auc, val_p_ctcvr_auc, val_loss, ... The default is the
     # densest ranking metric: on realistic-profile data val_loss kept falling into an
-    # over-fit second epoch whose validation CTR AUC had dropped by 0.034
+    # over-fit second epoch whose validation CTR AUC had dropped (see benchmarks/quality.md)
     monitor: str = "val_p_ctr_auc"
     patience: int = Field(1, ge=0)  # epochs without improvement before stopping
     mode: Literal["auto", "min", "max"] = "auto"  # auto: max for *auc*, min otherwise
@@ -117,18 +118,21 @@ class EarlyStoppingConfig(_Section):
     restore_best_weights: bool = True
 
 
+# The optimiser and loss keys are the model's (`CompileConfig`): defined there once, written
+# flat under `train:` and in this order (run fingerprints hash the dump).
+_COMPILE = CompileConfig.model_fields
+
+
 class TrainConfig(_Section):
     batch_size: int = Field(1024, gt=0)
     epochs: int = Field(2, gt=0)
-    learning_rate: float = Field(1e-3, gt=0.0)
-    ctr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctr in the ESMM loss
-    ctcvr_loss_weight: float = Field(1.0, ge=0.0)  # w_ctcvr in the ESMM loss
-    seed: int = 42
+    learning_rate: float = _COMPILE["learning_rate"]
+    ctr_loss_weight: float = _COMPILE["ctr_loss_weight"]
+    ctcvr_loss_weight: float = _COMPILE["ctcvr_loss_weight"]
+    seed: int = 42  # builds the model's initial weights and orders the batches
     early_stopping: EarlyStoppingConfig | None = EarlyStoppingConfig()  # null: no stopping
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: checkpoint at the end of each epoch only
-    # Training steps per call into TF (Keras `steps_per_execution`): callbacks, the progress
-    # bar and checkpoints run between calls. Changes speed only, never the weights.
-    steps_per_execution: int = Field(10, ge=1)
+    steps_per_execution: int = _COMPILE["steps_per_execution"]
     resume: bool = True  # resume from a checkpoint of the same config and data, if any
     tensorboard: bool = False  # TensorBoard logs under <train dir>/tensorboard
     deterministic: bool = True  # tf op determinism: same seed, same weights
@@ -138,6 +142,11 @@ class TrainConfig(_Section):
     # none: one process, TF's own threads; mirrored: tf.distribute.MirroredStrategy over this
     # machine's devices (its GPUs), each replica fed whole per-context batches
     distribute: Literal["none", "mirrored"] = "none"
+
+    @property
+    def compile_config(self) -> CompileConfig:
+        """This section's optimiser and loss settings, as `models.esmm.compile_esmm` takes them."""
+        return CompileConfig(**{key: getattr(self, key) for key in CompileConfig.model_fields})
 
 
 GateableMetric = Literal[

@@ -784,14 +784,7 @@ def compiled_model(model_cfg: ModelConfig, train_cfg: TrainConfig, vocab: dict[s
     from models.esmm import build_esmm, compile_esmm
 
     model = build_esmm(model_cfg, vocab, seed=train_cfg.seed)
-    compile_esmm(
-        model,
-        learning_rate=train_cfg.learning_rate,
-        ctr_loss_weight=train_cfg.ctr_loss_weight,
-        ctcvr_loss_weight=train_cfg.ctcvr_loss_weight,
-        variant=model_cfg.variant,
-        steps_per_execution=train_cfg.steps_per_execution,
-    )
+    compile_esmm(model, train_cfg.compile_config)
     return model
 
 

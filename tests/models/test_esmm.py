@@ -1,8 +1,7 @@
-"""Behaviour of the Keras ESMM model (`models.esmm`) on tiny synthetic inputs.
-
-The tests assert the model's semantics: named outputs, p_ctcvr = p_ctr * p_cvr, one shared
-embedding table per field, the ESMM loss, weighted pooling, the OOV bucket, the `.keras`
-round trip, and that a short fit learns a planted signal.
+"""The graph `models.esmm.build_esmm` builds, on tiny synthetic inputs: named outputs,
+p_ctcvr = p_ctr * p_cvr, one shared embedding table per field, the interactions, padding
+and the OOV bucket, per-context batches, the ablations' separate tables, and bad arguments.
+Training, losses and files: test_esmm_training.py; the layers alone: test_layers.py.
 """
 
 from __future__ import annotations
@@ -11,121 +10,31 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from sklearn.metrics import roc_auc_score
 
 from models.config import ModelConfig, TowerConfig
-from models.esmm import (
-    CONTEXT_ROW_KEY,
-    EmbeddingBag,
-    EsmmModel,
-    GradientScale,
-    InterestMatch,
-    UserItemDot,
-    WeightStats,
-    binary_crossentropy_per_row,
-    build_esmm,
-    compile_esmm,
-    esmm_targets,
-    per_impression_inputs,
-)
+from models.esmm import CONTEXT_ROW_KEY, build_esmm, per_impression_inputs
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
     CROSSES,
     HISTORY_FIELDS,
     INTEREST_FIELDS,
-    MULTI_VALUED_FIELDS,
     OUTPUT_KEYS,
     SKELETON_FIELDS,
-    WEIGHTED_FIELDS,
     ids_key,
     wts_key,
 )
-
-VOCAB_SIZE = 12  # known ids per field
-UNKNOWN_IDS = (999_999_001, 999_999_002)  # in no vocabulary
-SMALL_CONFIG = ModelConfig(
-    embedding_dim=4,
-    ctr_tower=TowerConfig(units=[8]),
-    cvr_tower=TowerConfig(units=[8]),
+from models.layers import EmbeddingBag, GradientScale, InterestMatch, UserItemDot
+from tests.models.esmm_data import (
+    SMALL_CONFIG,
+    UNKNOWN_IDS,
+    embedding_layers,
+    make_batch,
+    pad,
+    predict,
 )
 
-
-# --- Synthetic data factory -------------------------------------------------------------
-
-
-def make_vocabularies(size: int = VOCAB_SIZE) -> dict[str, np.ndarray]:
-    """Per field, `size` raw ids that look like Ali-CCP hashes (large, never 0)."""
-    return {
-        field: (i + 1) * 1_000_003 + 7 * np.arange(1, size + 1, dtype=np.int64)
-        for i, field in enumerate(ALL_FIELDS)
-    }
-
-
-def make_batch(
-    n: int, vocabularies: dict[str, np.ndarray], *, seed: int = 0, max_length: int = 4
-) -> dict[str, np.ndarray]:
-    """A padded input batch: every field has at least one real entry per row.
-
-    Multi-valued fields get 1..max_length entries, the rest exactly one; weighted fields
-    get weights in [0.5, 2), the rest weight 1. Padding is id 0 with weight 0.
-    """
-    rng = np.random.default_rng(seed)
-    batch = {}
-    for field in ALL_FIELDS:
-        length = max_length if field in MULTI_VALUED_FIELDS else 1
-        ids = rng.choice(vocabularies[field], size=(n, length))
-        real = np.arange(length)[None, :] < rng.integers(1, length + 1, size=(n, 1))
-        weights = rng.uniform(0.5, 2.0, (n, length)) if field in WEIGHTED_FIELDS else 1.0
-        batch[ids_key(field)] = np.where(real, ids, 0).astype(np.int64)
-        batch[wts_key(field)] = np.where(real, weights, 0.0).astype(np.float32)
-    return per_impression_inputs(batch)
-
-
-def pad(batch: dict[str, np.ndarray], extra: int, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """The same batch with `extra` more zero-weight columns of random ids per field."""
-    rng = np.random.default_rng(seed)
-    padded = {CONTEXT_ROW_KEY: batch[CONTEXT_ROW_KEY]}
-    for field in ALL_FIELDS:
-        ids, weights = batch[ids_key(field)], batch[wts_key(field)]
-        junk = rng.integers(1, 2**40, size=(len(ids), extra))
-        padded[ids_key(field)] = np.concatenate([ids, junk], axis=1).astype(np.int64)
-        padded[wts_key(field)] = np.concatenate(
-            [weights, np.zeros((len(ids), extra), np.float32)], axis=1
-        )
-    return padded
-
-
-def predict(model: keras.Model, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inference-mode outputs as numpy arrays."""
-    return {key: np.asarray(value) for key, value in model(batch, training=False).items()}
-
-
-def embedding_layers(model: keras.Model) -> dict[str, EmbeddingBag]:
-    return {
-        layer.name.removeprefix("embedding_"): layer
-        for layer in model.layers
-        if isinstance(layer, EmbeddingBag)
-    }
-
-
-@pytest.fixture(scope="module")
-def vocabularies() -> dict[str, np.ndarray]:
-    return make_vocabularies()
-
-
-@pytest.fixture(scope="module")
-def model(vocabularies: dict[str, np.ndarray]) -> keras.Model:
-    """One uncompiled model shared by the read-only tests."""
-    return build_esmm(SMALL_CONFIG, vocabularies, seed=3)
-
-
-@pytest.fixture(scope="module")
-def batch(vocabularies: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return make_batch(32, vocabularies, seed=1)
-
-
-# --- Outputs ----------------------------------------------------------------------------
+# --- Outputs --------------------------------------------------------------------------
 
 
 def test_inputs_are_ids_and_weights_of_every_field(model):
@@ -172,7 +81,7 @@ def test_towers_are_seeded_apart_and_the_build_is_reproducible(vocabularies, mod
     assert not np.allclose(other["p_ctr"], out["p_ctr"])
 
 
-# --- Shared embeddings ------------------------------------------------------------------
+# --- Shared embeddings ----------------------------------------------------------------
 
 
 def test_exactly_one_embedding_table_per_field(model, vocabularies):
@@ -259,7 +168,7 @@ def test_cvr_gradient_scale_leaves_the_ablations_separate_tables_alone(vocabular
     assert not [layer for layer in model.layers if isinstance(layer, GradientScale)]
 
 
-# --- User x item interactions ----------------------------------------------------------
+# --- User x item interactions ---------------------------------------------------------
 
 
 def _pooled(
@@ -348,7 +257,9 @@ def test_list_pooling_applies_to_the_behaviour_lists_only(vocabularies):
     }
     assert {field for field, kind in pooling.items() if kind == "mean"} == set(HISTORY_FIELDS)
     default = embedding_layers(
-        build_esmm(SMALL_CONFIG.model_copy(update={"pooling": "sum"}), vocabularies)
+        build_esmm(
+            SMALL_CONFIG.model_copy(update={"pooling": "sum", "list_pooling": None}), vocabularies
+        )
     )
     assert {bag.pooling for bag in default.values()} == {"sum"}  # null: model.pooling
 
@@ -415,50 +326,7 @@ def test_interest_match_in_the_ablations_has_a_copy_per_tower(vocabularies, batc
     assert np.all(np.isfinite(predict(ns, batch)["p_ctcvr"]))
 
 
-# --- Pooling, padding and the OOV bucket -----------------------------------------------
-
-
-def _bag(pooling: str) -> EmbeddingBag:
-    """A 5-row, 3-dim bag whose row r is [r, 10 r, 100 r] + 1."""
-    bag = EmbeddingBag(input_dim=5, output_dim=3, pooling=pooling)
-    bag.build([(None, None), (None, None)])
-    rows = np.arange(5, dtype=np.float32)[:, None]
-    bag.embeddings.assign(np.concatenate([rows, 10 * rows, 100 * rows], axis=1) + 1)
-    return bag
-
-
-def _both_paths(bag: EmbeddingBag, indices, weights) -> list[np.ndarray]:
-    """Pooled output through the layer call, and the backend-neutral dense formulation."""
-    indices = np.asarray(indices, np.int64)
-    weights = np.asarray(weights, np.float32)
-    called = np.asarray(bag([indices, weights]))
-    dense = np.asarray(bag._weighted_sum_dense(indices, weights))
-    if bag.pooling == "mean":
-        dense = dense / np.maximum(weights.sum(axis=1, keepdims=True), bag.epsilon)
-    return [called, dense]
-
-
-def test_sum_pooling_weighs_each_entry_by_its_weight():
-    """Doubling one entry's weight adds exactly that entry's weighted embedding once more."""
-    bag = _bag("sum")
-    table = np.asarray(bag.embeddings)
-    indices = [[1, 3, 3, 0]]  # a repeated id counts twice
-    for before, after in zip(
-        _both_paths(bag, indices, [[0.5, 2.0, 1.0, 0.0]]),
-        _both_paths(bag, indices, [[1.0, 2.0, 1.0, 0.0]]),
-        strict=True,
-    ):
-        np.testing.assert_allclose(before[0], 0.5 * table[1] + 3.0 * table[3], rtol=1e-6)
-        np.testing.assert_allclose(after - before, 0.5 * table[1][None], rtol=1e-6)
-
-
-def test_mean_pooling_is_the_weighted_average_and_zero_for_all_zero_weights():
-    """mean = sum(w e) / sum(w); a row of zero weights (absent field) pools to zeros."""
-    bag = _bag("mean")
-    table = np.asarray(bag.embeddings)
-    for pooled in _both_paths(bag, [[2, 4], [3, 1]], [[1.0, 3.0], [0.0, 0.0]]):
-        np.testing.assert_allclose(pooled[0], (table[2] + 3 * table[4]) / 4, rtol=1e-6)
-        np.testing.assert_array_equal(pooled[1], np.zeros(3, np.float32))
+# --- Padding and the OOV bucket -------------------------------------------------------
 
 
 def test_zero_weight_padding_changes_no_prediction(model, batch):
@@ -521,157 +389,7 @@ def test_an_empty_vocabulary_sends_every_id_of_the_field_to_oov(vocabularies, ba
     np.testing.assert_array_equal(predict(model, batch)["p_ctr"], predict(model, changed)["p_ctr"])
 
 
-# --- Loss and compile -------------------------------------------------------------------
-
-
-def _labels(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    click = (rng.random(n) < 0.4).astype(np.float32)
-    conversion = (rng.random(n) < 0.5).astype(np.float32)
-    return click, conversion
-
-
-@pytest.fixture(scope="module")
-def compiled_model(vocabularies) -> keras.Model:
-    model = build_esmm(SMALL_CONFIG, vocabularies, seed=5)
-    compile_esmm(model, learning_rate=1e-2, ctr_loss_weight=0.3, ctcvr_loss_weight=2.0)
-    return model
-
-
-def test_esmm_targets_are_click_and_click_times_conversion():
-    """Labels: p_ctr = click, p_ctcvr = click * conversion, float32, no p_cvr key."""
-    targets = esmm_targets([1, 0, 1, 0], [1, 1, 0, 0])
-
-    assert set(targets) == {"p_ctr", "p_ctcvr"}
-    np.testing.assert_array_equal(targets["p_ctr"], [1, 0, 1, 0])
-    np.testing.assert_array_equal(targets["p_ctcvr"], [1, 0, 0, 0])
-    assert all(t.dtype == np.float32 for t in targets.values())
-
-
-def test_compiled_loss_is_weighted_ctr_plus_ctcvr_bce_with_no_p_cvr_term(compiled_model, batch):
-    """loss = 0.3 * BCE(click, p_ctr) + 2.0 * BCE(click * conversion, p_ctcvr), nothing on p_cvr."""
-    click, conversion = _labels(32, seed=2)
-    logs = compiled_model.evaluate(
-        batch, esmm_targets(click, conversion), batch_size=32, verbose=0, return_dict=True
-    )
-    out = predict(compiled_model, batch)
-
-    def bce(y, p):
-        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-        return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
-
-    expected = 0.3 * bce(click, out["p_ctr"]) + 2.0 * bce(click * conversion, out["p_ctcvr"])
-    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
-    assert not any(key.startswith("p_cvr_loss") for key in logs)
-
-
-def test_loss_ignores_conversion_labels_of_unclicked_rows(compiled_model, batch):
-    """Flipping conversion on unclicked rows leaves the loss unchanged; on clicked rows it does not."""
-    click, conversion = _labels(32, seed=3)
-    unclicked_flipped = np.where(click == 0, 1 - conversion, conversion)
-    clicked_flipped = np.where(click == 1, 1 - conversion, conversion)
-
-    def loss(conv: np.ndarray) -> float:
-        return compiled_model.evaluate(
-            batch, esmm_targets(click, conv), batch_size=32, verbose=0, return_dict=True
-        )["loss"]
-
-    assert loss(unclicked_flipped) == loss(conversion)
-    assert loss(clicked_flipped) != pytest.approx(loss(conversion))
-
-
-# --- Serialisation ----------------------------------------------------------------------
-
-
-def test_keras_round_trip_reproduces_predictions_and_training_state(vocabularies, batch, tmp_path):
-    """A trained model saved to .keras loads without custom_objects and gives the same
-    predictions (vocabularies and OOV included), loss and optimizer step."""
-    config = SMALL_CONFIG.model_copy(
-        update={
-            "pooling": "sum",
-            "embedding_l2": 1e-5,
-            "cvr_gradient_scale": 3.0,
-            "cvr_tower": TowerConfig(units=[8, 4], batch_norm=True, dropout=0.2, l2=1e-4),
-        }
-    )
-    model = build_esmm(config, vocabularies, seed=6)
-    compile_esmm(model, learning_rate=1e-2, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
-    targets = esmm_targets(*_labels(32, seed=4))
-    model.fit(batch, targets, batch_size=16, epochs=1, verbose=0)
-    probe = dict(batch)
-    probe[ids_key("205")] = probe[ids_key("205")].copy()
-    probe[ids_key("205")][:4, 0] = UNKNOWN_IDS[0]
-    path = tmp_path / "esmm.keras"
-
-    model.save(path)
-    loaded = keras.models.load_model(path)
-
-    assert isinstance(loaded, EsmmModel)
-    before, after = predict(model, probe), predict(loaded, probe)
-    for key in OUTPUT_KEYS:
-        np.testing.assert_array_equal(after[key], before[key])
-    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations) == 2
-    logs = [
-        m.evaluate(probe, targets, batch_size=32, verbose=0, return_dict=True)
-        for m in (model, loaded)
-    ]
-    assert logs[1]["loss"] == pytest.approx(logs[0]["loss"], rel=1e-6)
-
-
-# --- Training ---------------------------------------------------------------------------
-
-
-def make_planted_dataset(
-    n: int, vocabularies: dict[str, np.ndarray], *, seed: int
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """Random inputs where the item id (205) sets the CTR and the category (206) the CVR.
-
-    Items in the first half of the 205 vocabulary are clicked with probability 0.6, others
-    0.15; clicked impressions of categories in the first half of the 206 vocabulary
-    convert with probability 0.7, others 0.1. The other fields are noise.
-    """
-    rng = np.random.default_rng(seed)
-    batch = make_batch(n, vocabularies, seed=seed, max_length=3)
-    items, categories = vocabularies["205"], vocabularies["206"]
-    item = rng.integers(0, len(items), n)
-    category = rng.integers(0, len(categories), n)
-    batch[ids_key("205")] = items[item][:, None]
-    batch[ids_key("206")] = categories[category][:, None]
-    click = rng.random(n) < np.where(item < len(items) // 2, 0.6, 0.15)
-    conversion = rng.random(n) < np.where(category < len(categories) // 2, 0.7, 0.1)
-    return batch, click.astype(np.float32), (click & conversion).astype(np.float32)
-
-
-def test_short_fit_learns_ctr_ctcvr_and_clicked_cvr(vocabularies):
-    """Two epochs on a planted signal lower the loss and beat a constant predictor on
-    CTR AUC, CTCVR AUC and CVR AUC over clicked rows (held-out data, sklearn AUC). Also
-    pins Keras 3.15.1: fit/evaluate accept labels for two of the three outputs."""
-    train_x, train_click, train_conv = make_planted_dataset(6000, vocabularies, seed=10)
-    test_x, test_click, test_conv = make_planted_dataset(3000, vocabularies, seed=11)
-    model = build_esmm(SMALL_CONFIG, vocabularies, seed=0)
-    compile_esmm(model, learning_rate=0.02, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
-    targets = esmm_targets(train_click, train_conv)
-
-    initial = model.evaluate(train_x, targets, batch_size=1024, verbose=0, return_dict=True)
-    history = model.fit(train_x, targets, batch_size=256, epochs=2, verbose=0)
-    final = model.evaluate(train_x, targets, batch_size=1024, verbose=0, return_dict=True)
-
-    assert final["loss"] < initial["loss"]
-    assert history.history["loss"][-1] < history.history["loss"][0]
-    assert {"p_ctr_auc", "p_ctcvr_auc", "p_cvr_auc_clicked"} <= set(final)
-    out = model.predict(test_x, batch_size=1024, verbose=0)
-    clicked = test_click == 1
-    assert roc_auc_score(test_click, out["p_ctr"]) > 0.65
-    assert roc_auc_score(test_click * test_conv, out["p_ctcvr"]) > 0.65
-    assert roc_auc_score(test_conv[clicked], out["p_cvr"][clicked]) > 0.65
-
-
-def test_weight_stats_are_log_total_and_log_count_ignoring_padding():
-    weights = np.array([[2.0, 3.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0] * 4], np.float32)
-    got = np.asarray(WeightStats()(weights))
-    np.testing.assert_allclose(
-        got, np.log1p([[5.0, 2.0], [1.0, 1.0], [0.0, 0.0]]), rtol=1e-6, atol=1e-7
-    )
+# --- Weight features ------------------------------------------------------------------
 
 
 def test_weight_features_give_each_tower_two_numbers_per_field(vocabularies, batch):
@@ -688,124 +406,7 @@ def test_weight_features_give_each_tower_two_numbers_per_field(vocabularies, bat
     assert not np.allclose(predict(with_stats, more)["p_ctr"], predict(with_stats, batch)["p_ctr"])
 
 
-def make_count_dataset(
-    n: int, vocabularies: dict[str, np.ndarray], *, seed: int, shops: slice
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-    """The shop cross (509) carries the signal in its count only: the matched shop is
-    drawn from `shops` of the 509 vocabulary, and its weight (the user's history count of
-    the shop) sets the click probability: 0.1 without a match, up to 0.7 with many."""
-    rng = np.random.default_rng(seed)
-    batch = make_batch(n, vocabularies, seed=seed, max_length=3)
-    count = np.where(rng.random(n) < 0.5, 0, rng.integers(1, 30, n))
-    shop = rng.choice(vocabularies["509"][shops], n)
-    batch[ids_key("509")] = np.where(count > 0, shop, 0)[:, None].astype(np.int64)
-    batch[wts_key("509")] = count[:, None].astype(np.float32)
-    click = rng.random(n) < 0.1 + 0.6 * np.log1p(count) / np.log1p(30)
-    conversion = rng.random(n) < 0.3
-    return batch, click.astype(np.float32), (click & conversion).astype(np.float32)
-
-
-def test_weight_features_learn_a_signal_carried_by_cross_counts_alone(vocabularies):
-    """Test impressions match shops no training impression matched (rare ids in real
-    data): their embeddings are untrained, and only the weight features carry the count."""
-    half = VOCAB_SIZE // 2
-    train_x, train_click, train_conv = make_count_dataset(
-        6000, vocabularies, seed=20, shops=slice(0, half)
-    )
-    test_x, test_click, _ = make_count_dataset(3000, vocabularies, seed=21, shops=slice(half, None))
-    aucs = {}
-    for weight_features in (False, True):
-        config = SMALL_CONFIG.model_copy(update={"weight_features": weight_features})
-        model = build_esmm(config, vocabularies, seed=0)
-        compile_esmm(model, learning_rate=0.02, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
-        model.fit(
-            train_x, esmm_targets(train_click, train_conv), batch_size=256, epochs=2, verbose=0
-        )
-        out = model.predict(test_x, batch_size=1024, verbose=0)
-        aucs[weight_features] = roc_auc_score(test_click, out["p_ctr"])
-    assert aucs[True] > 0.65  # the count's own AUC here is about 0.75
-    assert aucs[True] > aucs[False] + 0.1
-
-
-# --- Errors -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda v: {k: x for k, x in v.items() if k != "205"}, r"no entry for fields \['205'\]"),
-        (lambda v: {f"ids_{k}": x for k, x in v.items()}, r"not 'ids_205'"),
-        (lambda v: {**v, "999": [1]}, r"unknown fields \['999'\]"),
-        (lambda v: {**v, "206": [5, 5, 6]}, r"field '206' has duplicate ids"),
-        (lambda v: {**v, "206": [1.5, 2.5]}, r"field '206' must be a 1-D sequence of integer"),
-        (lambda v: {**v, "206": [[1, 2]]}, r"field '206' must be a 1-D sequence of integer"),
-        (lambda v: {**v, "206": [-1, 2]}, r"field '206' has negative ids"),
-    ],
-)
-def test_bad_vocabularies_are_rejected_naming_the_field(vocabularies, change, message):
-    """A missing, misnamed, unknown or malformed vocabulary fails before any layer is built."""
-    with pytest.raises(ValueError, match=message):
-        build_esmm(SMALL_CONFIG, change(vocabularies))
-
-
-@pytest.mark.parametrize(
-    ("config", "message"),
-    [
-        (ModelConfig.model_construct(embedding_dim=0), r"model\.embedding_dim must be > 0"),
-        (
-            SMALL_CONFIG.model_copy(update={"cvr_tower": TowerConfig(units=[8, 0])}),
-            r"model\.cvr_tower\.units must all be > 0",
-        ),
-        (
-            SMALL_CONFIG.model_copy(update={"ctr_tower": TowerConfig(activation="relux")}),
-            r"model\.ctr_tower\.activation 'relux' is not a Keras activation",
-        ),
-    ],
-)
-def test_bad_model_config_is_rejected_naming_the_key(vocabularies, config, message):
-    """Config values that slipped past pydantic are reported by their params.yaml key."""
-    with pytest.raises(ValueError, match=message):
-        build_esmm(config, vocabularies)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"),
-    [
-        ({"learning_rate": 0.0}, ValueError, r"learning_rate must be > 0"),
-        ({"ctr_loss_weight": -1.0}, ValueError, r"loss weights must be >= 0"),
-        ({"ctr_loss_weight": 0.0, "ctcvr_loss_weight": 0.0}, ValueError, r"at least one"),
-    ],
-)
-def test_bad_compile_arguments_are_rejected(model, kwargs, error, message):
-    """compile_esmm names the train.* key at fault."""
-    arguments = {"learning_rate": 1e-3, "ctr_loss_weight": 1.0, "ctcvr_loss_weight": 1.0}
-    with pytest.raises(error, match=message):
-        compile_esmm(model, **{**arguments, **kwargs})
-
-
-def test_compile_esmm_refuses_a_model_not_built_by_build_esmm():
-    """A plain Keras model cannot take ESMM's two-key labels, so compile_esmm says so."""
-    inputs = keras.Input(shape=(2,))
-    plain = keras.Model(inputs, {"p_ctr": keras.layers.Dense(1)(inputs)})
-    with pytest.raises(TypeError, match="build_esmm"):
-        compile_esmm(plain, learning_rate=1e-3, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0)
-
-
-@pytest.mark.parametrize(
-    ("click", "conversion", "message"),
-    [
-        ([1, 0, 1], [1, 0], "same length"),
-        ([1, 0, 2], [1, 0, 0], "click labels must be 0 or 1"),
-        ([1, 0, 1], [0.5, 0, 0], "conversion labels must be 0 or 1"),
-    ],
-)
-def test_esmm_targets_rejects_misaligned_or_non_binary_labels(click, conversion, message):
-    """Click and conversion labels must align row by row and be 0/1."""
-    with pytest.raises(ValueError, match=message):
-        esmm_targets(click, conversion)
-
-
-# --- Ablation variants: ESMM-NS and BASE -------------------------------------------------
+# --- Ablation variants: separate tables -----------------------------------------------
 
 
 @pytest.mark.parametrize("variant", ["esmm_ns", "base"])
@@ -834,80 +435,7 @@ def test_ns_and_base_give_each_tower_its_own_embedding_tables(vocabularies, batc
     np.testing.assert_allclose(out["p_ctcvr"], out["p_ctr"] * out["p_cvr"], rtol=1e-6)
 
 
-def test_base_targets_mask_the_conversion_label_of_unclicked_rows():
-    """BASE labels: p_ctr = click, p_cvr = conversion on clicked rows and -1 elsewhere."""
-    targets = esmm_targets([1, 0, 1, 0], [1, 1, 0, 0], variant="base")
-
-    assert set(targets) == {"p_ctr", "p_cvr"}
-    np.testing.assert_array_equal(targets["p_ctr"], [1, 0, 1, 0])
-    np.testing.assert_array_equal(targets["p_cvr"], [1, -1, 0, -1])
-    with pytest.raises(ValueError, match="model.variant must be one of"):
-        esmm_targets([1], [1], variant="mmoe")
-
-
-def test_base_loss_is_ctr_bce_plus_cvr_bce_on_clicked_rows_only(vocabularies, batch):
-    """BASE: loss = 0.3 * BCE(click, p_ctr) + 2.0 * mean(click * BCE(conversion, p_cvr)), so
-    flipping conversions of unclicked rows changes nothing, of clicked rows it does."""
-    config = SMALL_CONFIG.model_copy(update={"variant": "base"})
-    model = build_esmm(config, vocabularies, seed=5)
-    compile_esmm(
-        model, learning_rate=1e-2, ctr_loss_weight=0.3, ctcvr_loss_weight=2.0, variant="base"
-    )
-    click, conversion = _labels(32, seed=2)
-    out = predict(model, batch)
-
-    def loss(conv: np.ndarray) -> dict[str, float]:
-        targets = esmm_targets(click, conv, variant="base")
-        return model.evaluate(batch, targets, batch_size=32, verbose=0, return_dict=True)
-
-    def bce(y, p):
-        p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
-        return -(y * np.log(p) + (1 - y) * np.log(1 - p))
-
-    expected = 0.3 * bce(click, out["p_ctr"]).mean() + 2.0 * np.mean(
-        click * bce(conversion, out["p_cvr"])
-    )
-    logs = loss(conversion)
-    assert logs["loss"] == pytest.approx(expected, rel=1e-4)
-    assert not any(key.startswith("p_ctcvr_loss") for key in logs)
-    assert {"p_ctr_auc", "p_ctcvr_auc", "p_cvr_auc_clicked"} <= set(logs)
-    assert loss(np.where(click == 0, 1 - conversion, conversion))["loss"] == logs["loss"]
-    assert loss(np.where(click == 1, 1 - conversion, conversion))["loss"] != pytest.approx(
-        logs["loss"]
-    )
-
-
-@pytest.mark.parametrize("variant", ["esmm_ns", "base"])
-def test_variants_learn_and_round_trip_through_keras_files(vocabularies, variant, tmp_path):
-    """A short fit of ESMM-NS / BASE beats a constant predictor on the three AUCs, and the
-    saved model (same three outputs) reloads with identical predictions."""
-    train_x, train_click, train_conv = make_planted_dataset(6000, vocabularies, seed=10)
-    test_x, test_click, test_conv = make_planted_dataset(3000, vocabularies, seed=11)
-    model = build_esmm(SMALL_CONFIG.model_copy(update={"variant": variant}), vocabularies)
-    compile_esmm(
-        model, learning_rate=0.02, ctr_loss_weight=1.0, ctcvr_loss_weight=1.0, variant=variant
-    )
-    model.fit(
-        train_x,
-        esmm_targets(train_click, train_conv, variant),
-        batch_size=256,
-        epochs=2,
-        verbose=0,
-    )
-    out = predict(model, test_x)
-    clicked = test_click == 1
-    assert roc_auc_score(test_click, out["p_ctr"]) > 0.65
-    assert roc_auc_score(test_click * test_conv, out["p_ctcvr"]) > 0.65
-    assert roc_auc_score(test_conv[clicked], out["p_cvr"][clicked]) > 0.65
-
-    model.save(tmp_path / "model.keras")
-    loaded = keras.models.load_model(tmp_path / "model.keras")
-    again = predict(loaded, test_x)
-    for key in OUTPUT_KEYS:
-        np.testing.assert_array_equal(again[key], out[key])
-
-
-# --- Per-context batches ----------------------------------------------------------------
+# --- Per-context batches --------------------------------------------------------------
 
 
 def grouped_and_per_impression(
@@ -962,20 +490,42 @@ def test_per_impression_inputs_mark_every_row_as_its_own_context(batch):
         per_impression_inputs(inputs)
 
 
-def test_loss_keeps_the_gradient_of_rare_positives_below_keras_clip():
-    """A converted impression predicted at p_ctcvr = 1e-12 (far below Keras' 1e-7 clip) still
-    gets its full log loss and a gradient that raises the CVR logit; a collapsed p_cvr
-    would otherwise never recover."""
-    logit = tf.Variable([-20.0, -20.0])  # cvr logits; p_ctr = 0.5
-    with tf.GradientTape() as tape:
-        p_ctcvr = 0.5 * tf.sigmoid(logit)
-        loss = binary_crossentropy_per_row(tf.constant([1.0, 0.0]), p_ctcvr)
-    grad = tape.gradient(loss, logit).numpy()
-    assert float(loss[0]) == pytest.approx(-np.log(0.5 / (1 + np.exp(20.0))), rel=1e-4)
-    assert grad[0] == pytest.approx(-1.0, abs=1e-3)  # d(-log sigmoid(z))/dz = -(1 - p)
-    assert 0 <= grad[1] < 1e-8  # a negative at p ~ 1e-9 barely pushes further down
-    with tf.GradientTape() as tape:  # what Keras' clipped BCE does instead
-        clipped = keras.losses.binary_crossentropy(
-            tf.constant([[1.0]]), 0.5 * tf.sigmoid(logit[:1])[:, None]
-        )
-    assert float(tf.reduce_sum(tf.abs(tape.gradient(clipped, logit)))) == 0.0
+# --- Errors ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda v: {k: x for k, x in v.items() if k != "205"}, r"no entry for fields \['205'\]"),
+        (lambda v: {f"ids_{k}": x for k, x in v.items()}, r"not 'ids_205'"),
+        (lambda v: {**v, "999": [1]}, r"unknown fields \['999'\]"),
+        (lambda v: {**v, "206": [5, 5, 6]}, r"field '206' has duplicate ids"),
+        (lambda v: {**v, "206": [1.5, 2.5]}, r"field '206' must be a 1-D sequence of integer"),
+        (lambda v: {**v, "206": [[1, 2]]}, r"field '206' must be a 1-D sequence of integer"),
+        (lambda v: {**v, "206": [-1, 2]}, r"field '206' has negative ids"),
+    ],
+)
+def test_bad_vocabularies_are_rejected_naming_the_field(vocabularies, change, message):
+    """A missing, misnamed, unknown or malformed vocabulary fails before any layer is built."""
+    with pytest.raises(ValueError, match=message):
+        build_esmm(SMALL_CONFIG, change(vocabularies))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (ModelConfig.model_construct(embedding_dim=0), r"model\.embedding_dim must be > 0"),
+        (
+            SMALL_CONFIG.model_copy(update={"cvr_tower": TowerConfig(units=[8, 0])}),
+            r"model\.cvr_tower\.units must all be > 0",
+        ),
+        (
+            SMALL_CONFIG.model_copy(update={"ctr_tower": TowerConfig(activation="relux")}),
+            r"model\.ctr_tower\.activation 'relux' is not a Keras activation",
+        ),
+    ],
+)
+def test_bad_model_config_is_rejected_naming_the_key(vocabularies, config, message):
+    """Config values that slipped past pydantic are reported by their params.yaml key."""
+    with pytest.raises(ValueError, match=message):
+        build_esmm(config, vocabularies)
