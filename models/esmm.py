@@ -75,6 +75,12 @@ import keras
 import numpy as np
 from keras import ops
 
+from models.checks import (
+    check_compile_config,
+    check_config,
+    check_variant,
+    check_vocabularies,
+)
 from models.config import CompileConfig, ModelConfig, TowerConfig
 from models.features import (
     ALL_FIELDS,
@@ -103,10 +109,8 @@ from models.layers import (
 )
 
 _NUM_OOV_INDICES = 1  # index 0 of every lookup is the bucket for ids outside the vocabulary
-_PADDING_ID = 0  # models.features: padding is id 0 with weight 0
 _LOG_FLOOR = 1e-30  # smallest probability the loss takes the log of (float32 safe)
 _MAX_PROBABILITY = 1.0 - 1e-7  # largest p in log(1 - p): 1 - p underflows above it
-VARIANTS = ("esmm", "esmm_ns", "base")  # model.variant, see build_esmm
 CONTEXT_ROW_KEY = "context_row"  # input: each impression's row in the user-side inputs
 _TOWERS = ("ctr", "cvr")  # the two towers, in build order
 
@@ -281,8 +285,8 @@ def build_esmm(
         ValueError: a bad config value or a missing, unknown or malformed vocabulary; the
             message names the field or key to fix.
     """
-    _check_config(config)
-    vocab_arrays = _check_vocabularies(vocabularies)
+    check_config(config)
+    vocab_arrays = check_vocabularies(vocabularies)
     # ESMM's seeds come first and stay as they were; ESMM-NS and BASE add one more table
     # seed per field for the CVR tower's own embeddings.
     ctr_seed, cvr_seed, *embedding_seeds = _derive_seeds(seed, 2 + 2 * len(ALL_FIELDS))
@@ -552,7 +556,7 @@ def esmm_targets(click: Any, conversion: Any, variant: str = "esmm") -> dict[str
     for name, labels in (("click", click), ("conversion", conversion)):
         if not np.isin(labels, (0.0, 1.0)).all():
             raise ValueError(f"{name} labels must be 0 or 1, got {np.unique(labels)[:5]}")
-    _check_variant(variant)
+    check_variant(variant)
     if variant == "base":
         return {"p_ctr": click, "p_cvr": np.where(click == 1, conversion, -1.0).astype(np.float32)}
     return {"p_ctr": click, "p_ctcvr": click * conversion}
@@ -583,13 +587,13 @@ def compile_esmm(model: keras.Model, config: CompileConfig) -> None:
             f"compile_esmm needs a model from build_esmm (an EsmmModel), got "
             f"{type(model).__name__}: plain Keras models cannot score ESMM's two-key labels"
         )
-    _check_compile_config(config)
+    check_compile_config(config)
     # The loss mapping names only p_ctr and p_ctcvr and the labels carry only those keys:
     # on Keras 3.15.1 the compiled loss builds a term per named output and skips p_cvr
     # (multi-output partial mappings have had bugs, keras-team/keras#18959;
     # tests/models/test_esmm_training.py pins the behaviour). The compiled metrics do not
     # accept the partial labels; EsmmModel.compute_metrics works around that.
-    _check_variant(model.variant)
+    check_variant(model.variant)
     base = model.variant == "base"
     second = "p_cvr" if base else "p_ctcvr"
     second_loss = binary_crossentropy_clicked if base else binary_crossentropy_per_row
@@ -653,94 +657,3 @@ def _derive_seeds(seed: int, n: int) -> list[int]:
     """`n` independent, reproducible seeds for initialisers and dropout, from one seed."""
     state = np.random.SeedSequence(seed).generate_state(n, dtype=np.uint32)
     return [int(s) % (2**31 - 1) for s in state]
-
-
-def _check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"model.variant must be one of {list(VARIANTS)}, got {variant!r}")
-
-
-def _check_compile_config(config: CompileConfig) -> None:
-    """Reject compile settings the model cannot use (pydantic checks are bypassable)."""
-    if config.learning_rate <= 0:
-        raise ValueError(
-            f"learning_rate must be > 0 (train.learning_rate), got {config.learning_rate}"
-        )
-    weights = (config.ctr_loss_weight, config.ctcvr_loss_weight)
-    if min(weights) < 0:
-        raise ValueError(
-            "loss weights must be >= 0 (train.ctr_loss_weight, train.ctcvr_loss_weight), got "
-            f"{weights[0]} and {weights[1]}"
-        )
-    if max(weights) == 0:
-        raise ValueError(
-            "at least one of train.ctr_loss_weight and train.ctcvr_loss_weight must be > 0"
-        )
-
-
-def _check_config(config: ModelConfig) -> None:
-    """Reject config values the model cannot use (pydantic checks are bypassable)."""
-    _check_variant(config.variant)
-    if config.embedding_dim <= 0:
-        raise ValueError(f"model.embedding_dim must be > 0, got {config.embedding_dim}")
-    if config.pooling not in ("mean", "sum"):
-        raise ValueError(f"model.pooling must be 'mean' or 'sum', got {config.pooling!r}")
-    for key, tower in (
-        ("model.ctr_tower", config.ctr_tower),
-        ("model.cvr_tower", config.cvr_tower),
-    ):
-        bad_units = [u for u in tower.units if u <= 0]
-        if bad_units:
-            raise ValueError(f"{key}.units must all be > 0, got {list(tower.units)}")
-        if not 0 <= tower.dropout < 1:
-            raise ValueError(f"{key}.dropout must be in [0, 1), got {tower.dropout}")
-        if tower.l2 < 0:
-            raise ValueError(f"{key}.l2 must be >= 0, got {tower.l2}")
-        try:
-            keras.activations.get(tower.activation)
-        except ValueError:
-            raise ValueError(
-                f"{key}.activation {tower.activation!r} is not a Keras activation name "
-                "(e.g. 'relu', 'gelu', 'tanh')"
-            ) from None
-
-
-def _check_vocabularies(
-    vocabularies: Mapping[str, Sequence[int] | np.ndarray],
-) -> dict[str, np.ndarray]:
-    """Per field, the vocabulary as a 1-D int64 array of unique ids, or a ValueError."""
-    missing = [f for f in ALL_FIELDS if f not in vocabularies]
-    if missing:
-        hint = ""
-        if any(str(k).startswith(("ids_", "wts_")) for k in vocabularies):
-            hint = " (key vocabularies by raw field name, e.g. '205', not 'ids_205')"
-        raise ValueError(f"vocabularies has no entry for fields {missing}{hint}")
-    unknown = sorted(set(vocabularies) - set(ALL_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"vocabularies has entries for unknown fields {unknown}; expected only the fields "
-            "of models.features.ALL_FIELDS"
-        )
-    arrays = {}
-    for field in ALL_FIELDS:
-        vocab = np.asarray(vocabularies[field])
-        if vocab.size == 0:
-            # IntegerLookup refuses an empty vocabulary. The padding id stands in for it:
-            # padding always has weight 0, so every real id of the field still lands in
-            # the OOV bucket and the field behaves as "all unknown".
-            vocab = np.array([_PADDING_ID], dtype=np.int64)
-        if vocab.ndim != 1 or not np.issubdtype(vocab.dtype, np.integer):
-            raise ValueError(
-                f"vocabulary of field {field!r} must be a 1-D sequence of integer ids, got "
-                f"dtype {vocab.dtype} and shape {vocab.shape}"
-            )
-        vocab = vocab.astype(np.int64)
-        if len(np.unique(vocab)) != len(vocab):
-            raise ValueError(f"vocabulary of field {field!r} has duplicate ids; deduplicate it")
-        if (vocab < 0).any():
-            raise ValueError(
-                f"vocabulary of field {field!r} has negative ids; raw Ali-CCP ids are >= 0 "
-                "and -1 is the lookup's OOV token"
-            )
-        arrays[field] = vocab
-    return arrays
