@@ -74,6 +74,7 @@ from models.config import ModelConfig, TowerConfig
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
+    CONTEXT_ROW_KEY,
     CROSSES,
     HISTORY_FIELDS,
     INTEREST_FIELDS,
@@ -88,7 +89,6 @@ _PADDING_ID = 0  # models.features: padding is id 0 with weight 0
 _LOG_FLOOR = 1e-30  # smallest probability the loss takes the log of (float32 safe)
 _MAX_PROBABILITY = 1.0 - 1e-7  # largest p in log(1 - p): 1 - p underflows above it
 VARIANTS = ("esmm", "esmm_ns", "base")  # model.variant, see build_esmm
-CONTEXT_ROW_KEY = "context_row"  # input: each impression's row in the user-side inputs
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
