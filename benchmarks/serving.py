@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     from serving.serve import log_serving_model, table_to_records
     from tasks.config import IngestConfig, load_params
     from tasks.ingest import ingest_ali_ccp, load_vocabularies
-    from tasks.train import SplitReader
+    from tasks.inputs import SplitReader
 
     load_before = os.getloadavg()
     params = load_params(args.params)

@@ -61,7 +61,7 @@ from tasks.ingest import (
     parse_block,
     read_blocks,
 )
-from tasks.train import pad_fields, split_fields
+from tasks.inputs import pad_fields, split_fields
 
 FEATURES_KEY = "features"  # the request column holding each record's field -> pairs object
 KERAS_ARTIFACT = "keras_model"  # the logged model's artifact key of the `.keras` file

@@ -33,7 +33,7 @@ from serving.serve import (
 )
 from tasks.config import IngestConfig
 from tasks.ingest import ingest_ali_ccp, load_vocabularies
-from tasks.train import SplitReader, predict_split
+from tasks.inputs import SplitReader, predict_split
 from tests.conftest import REPO
 
 MODEL_NAME = "esmm"
