@@ -69,9 +69,11 @@ def model_logits(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The model's CTR and CVR logits per test impression, in sample-id order, and the
     click labels (`first_id_only`: fed as the first-id baseline was trained)."""
-    from tasks.train import predict_split
+    from benchmarks.first_id import FirstIdReader
+    from tasks.inputs import SplitReader, predict_split
 
-    frame = predict_split(model, split_dir, first_id_only=first_id_only)
+    reader = FirstIdReader if first_id_only else SplitReader
+    frame = predict_split(model, reader(split_dir))
     order = np.argsort(frame["sample_id"].to_numpy().astype(np.int64), kind="stable")
 
     def logit(column: str) -> np.ndarray:
@@ -242,7 +244,7 @@ def main() -> None:
         from tasks.config import load_params
         from tasks.cooccurrence import cooccurrence_tables
         from tasks.ingest import load_vocabularies
-        from tasks.train import SplitReader
+        from tasks.inputs import SplitReader
 
         vocab = load_vocabularies(args.split.parent / "vocab.parquet")
         ranges = feature_id_ranges(args.train, args.seed, args.profile)

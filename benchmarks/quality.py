@@ -5,7 +5,7 @@ Each run generates (or reuses) data of a synth profile (`--profile`, default `de
 with a fixed seed, ingests it with the
 `ingest` section of `--params`, trains with `tasks.train.train_esmm` (the `model` and
 `train` sections, optionally a preset and overrides) and scores the test split with
-`tasks.train.predict_split` + `tasks.evaluate.compute_metrics`. Standard errors are Hanley &
+`tasks.inputs.predict_split` + `tasks.evaluate.compute_metrics`. Standard errors are Hanley &
 McNeil's (1982) from the AUC and the positive / negative counts; the oracle's use the same
 counts. Writes a JSON record to benchmarks/results/.
 
@@ -33,7 +33,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked")
-RUNS = {  # name: (model.variant, first_id_only)
+RUNS = {  # name: (model.variant, fed only the first id of each field: benchmarks.first_id)
     "esmm": ("esmm", False),
     "esmm_first_id": ("esmm", True),
     "esmm_ns": ("esmm_ns", False),
@@ -95,22 +95,25 @@ def _train_and_score(args, model_params, train_cfg, ingest, root, n_train, oracl
     positive / negative counts."""
     import keras
 
+    from benchmarks.first_id import FirstIdReader
     from tasks.evaluate import auc_differences, compute_metrics
-    from tasks.train import predict_split, train_esmm
+    from tasks.inputs import SplitReader, predict_split
+    from tasks.train import train_esmm
 
     rows, predictions = [], {}
     for name in args.runs:
         variant, first_id_only = RUNS[name]
+        reader = FirstIdReader if first_id_only else SplitReader
         model_cfg = model_params.model_copy(update={"variant": variant})
         suffix = f"-seed{label['train_seed']}" if label else ""
         out = root / f"train-{name}-{args.tag or 'default'}{suffix}"
         start = time.perf_counter()
         result = train_esmm(
-            ingest, out, model_cfg, train_cfg, verbose=2, resume=False, first_id_only=first_id_only
+            ingest, out, model_cfg, train_cfg, verbose=2, resume=False, split_reader=reader
         )
         seconds = time.perf_counter() - start
         model = keras.models.load_model(result.model_path)
-        predictions[name] = predict_split(model, ingest / "test", first_id_only=first_id_only)
+        predictions[name] = predict_split(model, reader(ingest / "test"))
         metrics = compute_metrics(predictions[name])
         n = counts(metrics)
         rows.append(

@@ -147,7 +147,7 @@ def _build_model(args: argparse.Namespace, params: Any, work: Path) -> Path:
 def _request_records(split_dir: Path, n_records: int) -> list[dict]:
     """At least `n_records` request records (user and impression fields) of an ingested split."""
     from serving.records import table_to_records
-    from tasks.train import SplitReader
+    from tasks.inputs import SplitReader
 
     reader = SplitReader(split_dir)
     records = []

@@ -5,10 +5,10 @@ them, and fits the model of `--preset` (default: paper) on them for a fixed numb
 steps, timing the steps after a warm-up, in four settings:
 
 - every entry and weight, read and batched from the Parquet files by the real pipeline
-  (`tasks.train.make_dataset`, per-context batches);
+  (`tasks.inputs.make_dataset`, per-context batches);
 - the same batches taken once into memory (`Dataset.take(k).cache().repeat()`): the
   step time with an input pipeline that costs nothing;
-- the same two with only the first id of each field (`first_id_only`).
+- the same two with only the first id of each field (`benchmarks.first_id`).
 
 Also reported: dense FLOPs per training sample (forward + backward = 3x the forward
 multiply-adds of the towers, with the user part of the first layer counted once per
@@ -101,7 +101,7 @@ def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[floa
     its end, and is divided by the steps actually between them."""
     import keras
 
-    from tasks.train import steps_done
+    from tasks.checkpoints import steps_done
 
     total = warmup + steps * repeats
     marks: list[tuple[int, float]] = []  # (steps done, time)
@@ -156,10 +156,12 @@ def main() -> None:
     import numpy as np
     import tensorflow as tf
 
+    from benchmarks.first_id import FirstIdReader
     from benchmarks.machine import machine_info, write_record
     from tasks.config import Params
     from tasks.ingest import load_vocabularies
-    from tasks.train import SplitReader, compiled_model, make_dataset
+    from tasks.inputs import SplitReader, make_dataset
+    from tasks.train import compiled_model
 
     load_before = os.getloadavg()
     params = Params.model_validate({"preset": args.preset})
@@ -175,7 +177,7 @@ def main() -> None:
 
     results: dict[str, dict] = {}
     for first_id_only in (False, True):
-        reader = SplitReader(ingest / "train", first_id_only=first_id_only)
+        reader = (FirstIdReader if first_id_only else SplitReader)(ingest / "train")
         needed = args.warmup + args.steps * args.repeats
         if reader.num_batches(batch_size) < needed:
             raise SystemExit(f"--train too small: {reader.num_batches(batch_size)} batches")

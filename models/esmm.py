@@ -85,6 +85,7 @@ from models.config import CompileConfig, ModelConfig, TowerConfig
 from models.features import (
     ALL_FIELDS,
     COMMON_FIELDS,
+    CONTEXT_ROW_KEY,
     CROSSES,
     HISTORY_FIELDS,
     INTEREST_FIELDS,
@@ -111,7 +112,6 @@ from models.layers import (
 _NUM_OOV_INDICES = 1  # index 0 of every lookup is the bucket for ids outside the vocabulary
 _LOG_FLOOR = 1e-30  # smallest probability the loss takes the log of (float32 safe)
 _MAX_PROBABILITY = 1.0 - 1e-7  # largest p in log(1 - p): 1 - p underflows above it
-CONTEXT_ROW_KEY = "context_row"  # input: each impression's row in the user-side inputs
 _TOWERS = ("ctr", "cvr")  # the two towers, in build order
 
 

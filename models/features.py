@@ -67,6 +67,9 @@ COMMON_INDEX_KEY = "common_feature_index"
 CLICK_LABEL_KEY = "click"
 CONVERSION_LABEL_KEY = "conversion"
 LABEL_KEYS: tuple[str, ...] = (CLICK_LABEL_KEY, CONVERSION_LABEL_KEY)
+# Model input beside the fields: each impression's row among its batch's user-side rows
+# (a batch carries each context's user-side lists once).
+CONTEXT_ROW_KEY = "context_row"
 
 OUTPUT_KEYS: tuple[str, ...] = ("p_ctr", "p_cvr", "p_ctcvr")
 

@@ -39,7 +39,7 @@ import pandas as pd
 import pyarrow as pa
 
 from models.features import ALL_FIELDS, OUTPUT_KEYS, ids_key, wts_key
-from tasks.train import pad_fields, split_fields
+from tasks.inputs import pad_fields, split_fields
 
 FEATURES_KEY = "features"  # the request column holding each record's field -> pairs object
 EXAMPLE_RECORD: dict[str, list[list[float]]] = {
@@ -134,7 +134,7 @@ def table_to_inputs(table: pa.Table) -> dict[str, np.ndarray]:
     """Model inputs from a table with the `ids_F`/`wts_F` list columns of every field.
 
     The one place serving and scoring build model inputs: ragged lists are padded per
-    batch with id 0 and weight 0, as in training (`tasks.train.pad_fields`), and every record
+    batch with id 0 and weight 0, as in training (`tasks.inputs.pad_fields`), and every record
     is its own user context (`models.esmm.per_impression_inputs`).
     """
     # models.esmm imports Keras (seconds): local, so importing this module stays Keras-free

@@ -26,12 +26,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from models.features import COMMON_INDEX_KEY, CROSSES, ids_key
+from tasks.inputs import SplitReader
 
 _DENSE_LIMIT = 4000  # joint vocabularies up to this size use a dense eigendecomposition
 
@@ -57,16 +59,12 @@ class CooccurrenceTables:
         )
 
 
-def _flat(lists: pa.Array | pa.ChunkedArray, first_only: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(row of each entry, raw id of each entry) of a list column, optionally first entries."""
+def _flat(lists: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(row of each entry, raw id of each entry) of a list column."""
     if isinstance(lists, pa.ChunkedArray):
         lists = lists.combine_chunks()
     parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
     values = pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int64)
-    if first_only and len(parent):
-        first = np.ones(len(parent), dtype=bool)
-        first[1:] = parent[1:] != parent[:-1]
-        parent, values = parent[first], values[first]
     return parent, values
 
 
@@ -95,7 +93,7 @@ def _top_eigenvectors(matrix, k: int, seed: int) -> tuple[np.ndarray, np.ndarray
 
 
 def cooccurrence_tables(
-    reader,
+    reader: SplitReader,
     vocab: Mapping[str, np.ndarray],
     cross: str,
     dim: int,
@@ -107,8 +105,8 @@ def cooccurrence_tables(
     """PPMI factorisation of the cross's history and item ids over the training contexts.
 
     Args:
-        reader: a `tasks.train.SplitReader` of the training split (its `first_id_only`
-            is honoured: the first-id baseline starts from what it sees).
+        reader: the training split's reader; the ids are those it feeds (its `common`
+            and `read_row_group`), so a reader that feeds fewer starts from what it feeds.
         vocab: per raw field, the sorted raw ids with their own row (`vocab.parquet`).
         cross: a key of `models.features.CROSSES`, e.g. "508" (109_14 x 206).
         dim: the embedding size.
@@ -131,17 +129,15 @@ def cooccurrence_tables(
         keep[:] = False
         keep[rng.choice(n_contexts, size=max_contexts, replace=False)] = True
     doc_of_context = np.cumsum(keep) - 1  # sampled context -> document number
-    first_only = reader.first_id_only
 
     docs, tokens = [], []
-    parent, ids = _flat(common[ids_key(history_field)], first_only)
+    parent, ids = _flat(common[ids_key(history_field)])
     docs.append(doc_of_context[parent[keep[parent]]])
     tokens.append(_rows(vocab[history_field], ids[keep[parent]]))
-    impressions = reader.impressions
-    for g in range(impressions.metadata.num_row_groups):
-        table = impressions.read_row_group(g, columns=[COMMON_INDEX_KEY, ids_key(item_field)])
+    for g in range(reader.impressions.metadata.num_row_groups):
+        table = reader.read_row_group(g, columns=[COMMON_INDEX_KEY, ids_key(item_field)])
         context = reader.index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
-        parent, ids = _flat(table[ids_key(item_field)], first_only)
+        parent, ids = _flat(table[ids_key(item_field)])
         ctx = context[parent]
         sampled = (ctx >= 0) & keep[np.maximum(ctx, 0)]
         docs.append(doc_of_context[ctx[sampled]])
@@ -183,8 +179,8 @@ def cooccurrence_tables(
 
 
 def initialise_from_cooccurrence(
-    model,
-    reader,
+    model: Any,
+    reader: SplitReader,
     vocab: Mapping[str, np.ndarray],
     crosses: Sequence[str],
     dim: int,
@@ -194,6 +190,8 @@ def initialise_from_cooccurrence(
     """Set the seen rows of each cross's history and item tables (every tower's copy in
     ESMM-NS and BASE; both halves of a table made twice as wide by
     `model.interest_match`; `dim` = `model.embedding_dim`) from `cooccurrence_tables`."""
+    # Not at the top: models.esmm imports Keras, and tasks.train (which the `esmm` CLI
+    # imports at start-up) imports this module.
     from models.esmm import EmbeddingBag
 
     done = []

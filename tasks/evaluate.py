@@ -338,7 +338,7 @@ def _predict(model_path: Path, test_dir: Path) -> pd.DataFrame:
     import keras
 
     import models.esmm  # noqa: F401  (registers the custom layers for loading)
-    from tasks.train import predict_split
+    from tasks.inputs import predict_split
 
     return predict_split(keras.models.load_model(model_path), test_dir)
 

@@ -15,7 +15,7 @@ from serving.pyfunc import log_serving_model
 from serving.records import table_to_records
 from tasks.config import IngestConfig
 from tasks.ingest import ingest_ali_ccp, load_vocabularies
-from tasks.train import SplitReader
+from tasks.inputs import SplitReader
 
 MODEL_NAME = "esmm"
 

@@ -8,7 +8,7 @@ import pytest
 
 from models.features import ids_key, wts_key
 from serving.records import InvalidRecordError, records_to_inputs, table_to_records
-from tasks.train import SplitReader
+from tasks.inputs import SplitReader
 from tests.serving.conftest import joined_table
 
 

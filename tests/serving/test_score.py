@@ -14,7 +14,7 @@ import yaml
 from aliccp.format import R_COLUMNS, R_ENTRY, R_UNKNOWN_KEY
 from models.features import OUTPUT_KEYS, SAMPLE_ID_KEY
 from serving.score import score_raw
-from tasks.train import predict_split
+from tasks.inputs import predict_split
 
 
 def test_score_matches_the_ingested_predictions(small_raw, ingested, keras_model, tmp_path):

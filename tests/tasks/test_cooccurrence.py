@@ -10,11 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.first_id import FirstIdReader
 from models.config import ModelConfig, TowerConfig
 from models.features import COMMON_INDEX_KEY, ids_key, wts_key
 from tasks.config import TrainConfig
 from tasks.cooccurrence import _rows, cooccurrence_tables, initialise_from_cooccurrence
-from tasks.train import SplitReader, compiled_model
+from tasks.inputs import SplitReader
+from tasks.train import compiled_model
 
 GROUPS = (np.arange(100, 110), np.arange(200, 210))  # two tastes' category ids
 
@@ -108,9 +110,7 @@ def test_a_sample_of_contexts_and_the_first_id_baseline_are_honoured(clustered):
         SplitReader(clustered), vocab, "508", dim=4, scale=0.3, max_contexts=50
     )
     assert sampled.contexts == 50
-    first = cooccurrence_tables(
-        SplitReader(clustered, first_id_only=True), vocab, "508", dim=4, scale=0.3
-    )
+    first = cooccurrence_tables(FirstIdReader(clustered), vocab, "508", dim=4, scale=0.3)
     first_ids = {
         h[0] for h in pq.read_table(clustered / "common.parquet")[ids_key("109_14")].to_pylist()
     }

@@ -1,5 +1,5 @@
-"""The training step on small generated data: per-context batches, learning, early
-stopping, checkpoints and resume after an interruption (real files, real Keras)."""
+"""The training step on small generated data: learning, base-rate start, recalibration and
+mirrored training (real files, real Keras)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,16 @@ from pathlib import Path
 
 import keras
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import models.esmm
 from models.config import ModelConfig, TowerConfig
-from models.features import CLICK_LABEL_KEY, COMMON_INDEX_KEY, OUTPUT_KEYS, SAMPLE_ID_KEY
-from tasks.config import EarlyStoppingConfig, IngestConfig, TrainConfig
+from models.features import CLICK_LABEL_KEY, OUTPUT_KEYS, SAMPLE_ID_KEY
+from tasks.config import IngestConfig, TrainConfig
 from tasks.ingest import ingest_ali_ccp, load_vocabularies
-from tasks.train import (
-    CONTEXT_ROW_KEY,
-    SplitReader,
-    compiled_model,
-    initialise_logit_biases,
-    make_dataset,
-    pad_fields,
-    predict_split,
-    split_fields,
-    steps_done,
-    train_esmm,
-)
+from tasks.inputs import SplitReader, predict_split
+from tasks.train import compiled_model, initialise_logit_biases, train_esmm
 
 MODEL = ModelConfig(
     embedding_dim=4,
@@ -45,105 +33,6 @@ def ingested(small_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ingest")
     ingest_ali_ccp(small_raw, out, IngestConfig(valid_fraction=0.15, min_count=1))
     return out
-
-
-class Interrupt(keras.callbacks.Callback):
-    """Raises once `after` training steps of this run are done, like a killed process (at
-    the end of the call into TF that reaches them)."""
-
-    def __init__(self, after: int):
-        super().__init__()
-        self.after, self.seen, self.base = after, 0, 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.base = self.seen
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen = self.base + steps_done(self, batch)
-        if self.seen >= self.after:
-            raise KeyboardInterrupt(f"interrupted after {self.seen} steps")
-
-
-def weights(model_path: Path) -> list[np.ndarray]:
-    return [np.asarray(w) for w in keras.models.load_model(model_path).weights]
-
-
-# --- Input pipeline ---------------------------------------------------------------------
-
-
-def test_training_batches_hold_whole_contexts_once_each_and_replay_from_any_step(ingested):
-    """A pass yields every impression once; a context's impressions are adjacent, its user
-    lists sent once per batch; the order depends on (seed, epoch) only, and starting at
-    batch k gives exactly the pass's batches from k on."""
-    reader = SplitReader(ingested / "train")
-    n = reader.num_rows
-
-    def pass_ids(epoch: int, start: int = 0) -> list[np.ndarray]:
-        return [
-            t[SAMPLE_ID_KEY].to_numpy()
-            for t in reader.tables(100, seed=5, epoch=epoch, start=start)
-        ]
-
-    first = pass_ids(0)
-    seen = np.concatenate(first)
-    assert len(seen) == n and len(np.unique(seen)) == n
-    assert len(first) == reader.num_batches(100)
-    np.testing.assert_array_equal(np.concatenate(pass_ids(0)), seen)
-    assert not np.array_equal(np.concatenate(pass_ids(1)), seen)
-    for a, b in zip(pass_ids(0, start=7), first[7:], strict=True):
-        np.testing.assert_array_equal(a, b)
-
-    table = next(reader.tables(100, seed=5))
-    keys = table[COMMON_INDEX_KEY].to_numpy()
-    changes = int((keys[1:] != keys[:-1]).sum())
-    assert changes == len(np.unique(keys)) - 1  # each context's rows are contiguous
-    feats = reader.features(table)
-    assert len(feats[CONTEXT_ROW_KEY]) == 100
-    assert len(feats["ids_101"]) == len(np.unique(keys)) < 100
-    assert len(feats["ids_205"]) == 100
-
-
-def test_padding_puts_each_fields_lists_in_its_own_columns():
-    """Ragged lists (empty and null ones too) are padded with id 0 and weight 0, fields side
-    by side with their own widths; `first_only` keeps each list's first entry."""
-    lists = lambda rows, t: pa.array(rows, pa.list_(t))  # noqa: E731
-    table = pa.table(
-        {
-            "ids_a": lists([[5, 6, 7], [], None, [8]], pa.int64()),
-            "wts_a": lists([[0.5, 0.6, 0.7], [], None, [0.8]], pa.float32()),
-            "ids_b": lists([[1], [2], [3, 4], []], pa.int64()),
-            "wts_b": lists([[1.0], [2.0], [3.0, 4.0], []], pa.float32()),
-        }
-    )
-    ids, wts, widths = pad_fields(table, ["a", "b"])
-    assert widths.tolist() == [3, 2]
-    assert ids.tolist() == [[5, 6, 7, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 3, 4], [8, 0, 0, 0, 0]]
-    np.testing.assert_allclose(wts[:, :3], [[0.5, 0.6, 0.7], [0, 0, 0], [0, 0, 0], [0.8, 0, 0]])
-    first_ids, first_wts, first_widths = pad_fields(table.slice(1), ["a", "b"], first_only=True)
-    assert first_widths.tolist() == [1, 1]
-    assert first_ids.tolist() == [[0, 2], [0, 3], [8, 0]]
-    np.testing.assert_allclose(first_wts, [[0, 2], [0, 3], [0.8, 0]])
-    fields = split_fields(["a", "b"], ids, wts, widths)
-    assert fields["ids_b"].tolist() == [[1, 0], [2, 0], [3, 4], [0, 0]]
-
-
-def test_batches_do_not_depend_on_the_number_of_input_threads(ingested):
-    """Input threads share the row group they read; the batches are the same with one or
-    three of them, in the same order."""
-    import tensorflow as tf
-
-    def batches(parallel: int) -> list:
-        reader = SplitReader(ingested / "train")
-        ds = make_dataset(reader, 64, seed=3, epoch=1, parallel=parallel)
-        return [tf.nest.map_structure(np.asarray, b) for b in ds]
-
-    one, three = batches(1), batches(3)
-    assert len(one) == len(three) == SplitReader(ingested / "train").num_batches(64)
-    for a, b in zip(one, three, strict=True):
-        tf.nest.map_structure(np.testing.assert_array_equal, a, b)
-
-
-# --- Training ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -181,81 +70,6 @@ def test_short_training_beats_a_constant_predictor_and_saves_a_raw_record_model(
     assert roc_auc_score(conversion[clicked], predictions["p_cvr"][clicked]) > 0.5
     assert result.epochs_run == 2 and len(result.history["loss"]) == 2
     assert any((out / "tensorboard").rglob("events.out.tfevents.*"))
-
-
-def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(
-    ingested, uninterrupted, tmp_path
-):
-    """Killed mid-epoch 2 (checkpoints every 4 steps, 3 steps per call into TF), then rerun
-    with 5 steps per call: it resumes from the last checkpoint, mid-epoch, and ends with
-    exactly the weights of the uninterrupted run (made with 10 steps per call)."""
-    _, reference = uninterrupted
-    cfg = TRAIN.model_copy(
-        update={"early_stopping": None, "checkpoint_every_steps": 4, "steps_per_execution": 3}
-    )
-    per_epoch = SplitReader(ingested / "train").num_batches(TRAIN.batch_size)
-    assert per_epoch % 3 and per_epoch > 9  # an epoch ends inside a call, and is long enough
-    interrupt_at = per_epoch + per_epoch // 2 + 1
-    with pytest.raises(KeyboardInterrupt):
-        train_esmm(ingested, tmp_path, MODEL, cfg, verbose=0, callbacks=[Interrupt(interrupt_at)])
-    assert not (tmp_path / "model.keras").exists()
-
-    resumed_cfg = cfg.model_copy(update={"steps_per_execution": 5})  # speed only: resumable
-    result = train_esmm(ingested, tmp_path, MODEL, resumed_cfg, verbose=0)
-
-    # Calls into TF end at steps 3, 6, 9, ... of the epoch; the run was interrupted at the
-    # end of the one reaching `interrupt_at`, and a checkpoint is saved at the end of every
-    # call that passes a multiple of 4.
-    interrupted = -(-(interrupt_at - per_epoch) // 3) * 3
-    saved = max(e for e in range(3, interrupted + 1, 3) if e // 4 > (e - 3) // 4)
-    assert result.resumed_from == (1, saved)
-    for a, b in zip(weights(result.model_path), weights(reference.model_path), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.slow  # three trainings, about 60 s on 2 shared cores
-def test_a_changed_config_or_no_resume_starts_over(ingested, tmp_path):
-    """A checkpoint of another config is not resumed, and --no-resume ignores a matching one."""
-    cfg = TRAIN.model_copy(update={"epochs": 1, "early_stopping": None})
-    train_esmm(ingested, tmp_path, MODEL, cfg, verbose=0)
-    more = train_esmm(ingested, tmp_path, MODEL, cfg.model_copy(update={"epochs": 2}), verbose=0)
-    assert more.resumed_from == (1, 0) and more.epochs_run == 2
-
-    other = train_esmm(ingested, tmp_path, MODEL, cfg.model_copy(update={"seed": 2}), verbose=0)
-    assert other.resumed_from is None
-    again = train_esmm(
-        ingested, tmp_path, MODEL, cfg.model_copy(update={"seed": 2}), verbose=0, resume=False
-    )
-    assert again.resumed_from is None
-
-
-@pytest.mark.slow  # two trainings, about 40 s on 2 shared cores
-def test_early_stopping_on_a_named_metric_stops_and_restores_the_best_epoch(ingested, tmp_path):
-    """Monitoring the training loss in `max` mode: epoch 1 is the best, patience 1 stops after
-    epoch 2, and the saved model holds epoch 1's weights."""
-    stop = EarlyStoppingConfig(monitor="loss", mode="max", patience=1)
-    cfg = TRAIN.model_copy(update={"epochs": 5, "early_stopping": stop})
-    first = train_esmm(
-        ingested, tmp_path / "one", MODEL, cfg.model_copy(update={"epochs": 1}), verbose=0
-    )
-    result = train_esmm(ingested, tmp_path / "stop", MODEL, cfg, verbose=0)
-
-    assert result.epochs_run == 2
-    assert result.history["loss"][1] < result.history["loss"][0]
-    for a, b in zip(weights(result.model_path), weights(first.model_path), strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_an_unknown_early_stopping_metric_is_named(ingested, tmp_path):
-    cfg = TRAIN.model_copy(
-        update={"epochs": 1, "early_stopping": EarlyStoppingConfig(monitor="val_auc")}
-    )
-    with pytest.raises(ValueError, match=r"train.early_stopping.monitor 'val_auc' is not a logged"):
-        train_esmm(ingested, tmp_path, MODEL, cfg, verbose=0)
-
-
-def test_the_context_row_key_matches_the_model():
-    assert CONTEXT_ROW_KEY == models.esmm.CONTEXT_ROW_KEY
 
 
 def test_towers_start_at_the_train_splits_click_and_conversion_rates(ingested):
@@ -319,7 +133,8 @@ import keras
 
 from tasks.config import TrainConfig
 from models.config import ModelConfig, TowerConfig
-from tasks.train import SplitReader, predict_split, train_esmm
+from tasks.inputs import SplitReader, predict_split
+from tasks.train import train_esmm
 
 
 class Count(keras.callbacks.Callback):
