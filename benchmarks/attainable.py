@@ -419,6 +419,7 @@ def ctr_auc_without_parts(split: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
+# Longer than 80 lines: the command-line options, then the run's steps in order.
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

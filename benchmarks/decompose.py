@@ -196,6 +196,7 @@ def _regressions(path: Path, model, first_id: bool, args, test: dict[str, np.nda
     }
 
 
+# Longer than 80 lines: the command-line options, then the run's steps in order.
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

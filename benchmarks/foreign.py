@@ -54,6 +54,8 @@ class _Ids:
         return np.array(out, np.int64)
 
 
+# One long function on purpose: the generative story reads top to bottom (world, users, items,
+# truth, lines), and every draw's order fixes the files a seed writes.
 def foreign_data(out: Path, n_train: int, n_test: int, seed: int = 7) -> dict:
     """Write `sample_skeleton_{train,test}.csv`, `common_features_{train,test}.csv` and
     `oracle.json` to `out`; returns the oracle record."""

@@ -169,6 +169,7 @@ def seed_summary(per_seed: list[list[dict]]) -> list[dict]:
     return summary
 
 
+# Longer than 80 lines: the command-line options, then the run's steps in order.
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

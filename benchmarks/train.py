@@ -125,6 +125,7 @@ def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[floa
     ]
 
 
+# Longer than 80 lines: the command-line options, then the run's steps in order.
 def main() -> None:
     from aliccp.synth import PROFILES
 
