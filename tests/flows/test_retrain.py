@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import make_project, run
+from tests.conftest import make_project, run
 
 pytestmark = pytest.mark.timeout(900)
 

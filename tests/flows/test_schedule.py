@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_project
+from tests.conftest import make_project
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SMALL, add_local_remote, make_project, run
+from tests.conftest import REPO, SMALL, add_local_remote, make_project, run
 
 from aliccp.synth import synthesize_ali_ccp
 from tasks.config import SynthConfig, load_params

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_project, run
+from tests.conftest import make_project, run
 from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 

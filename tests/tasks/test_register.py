@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SMALL_PARAMS
+from tests.conftest import REPO, SMALL_PARAMS
 from typer.testing import CliRunner
 
 from tasks.register import (
