@@ -43,6 +43,25 @@ def _start_service(directory: Path, service: services.Service, project: Path, sa
     say(f"{service.name:<10} up (pid {pid}, log {processes.log_file(directory, service.name)})")
 
 
+def _service(directory: Path, cfg: StackConfig, secret: dict[str, str], name: str):
+    if name == "mlflow":
+        return services.mlflow_server(directory, cfg, secret)
+    if name == "prefect":
+        return services.prefect_server(directory, cfg, secret)
+    index = int(name.removeprefix("worker-"))
+    return services.worker(directory, cfg, client_settings(cfg, secret), index)
+
+
+def start_part(directory: Path, name: str, say: Say = lambda _: None) -> None:
+    """Start one server or worker of a configured stack (`mlflow`, `prefect`, `worker-N`)."""
+    cfg = load_config(directory)
+    if cfg is None:
+        raise processes.ServiceError(f"no stack in {directory}")
+    _start_service(
+        directory, _service(directory, cfg, load_secrets(directory), name), Path(cfg.project), say
+    )
+
+
 def _share_data(project: Path, remote: str, say: Say) -> None:
     """Make `remote` a DVC remote of the project (this checkout only) and push the data."""
     dvc = [sys.executable, "-m", "dvc"]
@@ -80,20 +99,19 @@ def up(directory: Path, cfg: StackConfig, schedule: ScheduleConfig, say: Say) ->
     postgres.start(pg_dir, cfg.host, cfg.pg_port)
     postgres.create_databases(cfg.host, cfg.pg_port, secret["PG_PASSWORD"])
     say(f"postgres   up ({cfg.host}:{cfg.pg_port}, data {pg_dir / 'data'})")
-    project = Path(cfg.project)
-    _start_service(directory, services.mlflow_server(directory, cfg, secret), project, say)
-    _start_service(directory, services.prefect_server(directory, cfg, secret), project, say)
+    start_part(directory, "mlflow", say)
+    start_part(directory, "prefect", say)
     settings = client_settings(cfg, secret)
     _client_env(settings)
     deploy.ensure_work_pool(cfg.pool)
     deploy.ensure_zombie_automation()
     if not cfg.dvc_remote.startswith(("s3://", "gs://", "azure://")):
         Path(cfg.dvc_remote).mkdir(parents=True, exist_ok=True)
-    _share_data(project, cfg.dvc_remote, say)
+    _share_data(Path(cfg.project), cfg.dvc_remote, say)
     name = deploy.register_deployment(schedule, cfg.pool, cfg.source, cfg.dvc_remote)
     say(f"deployment {name} on pool {cfg.pool!r}, cron '{schedule.cron}' ({schedule.timezone})")
     for index in range(1, cfg.workers + 1):
-        _start_service(directory, services.worker(directory, cfg, settings, index), project, say)
+        start_part(directory, f"worker-{index}", say)
     return write_settings(directory, settings)
 
 

@@ -59,7 +59,11 @@ def _auth_ini(directory: Path, cfg: StackConfig) -> Path:
         "default_permission = READ\n"
         f"database_uri = {users_db}\n"
         "admin_username = admin\n"
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # Each request's password check is a deliberately slow hash (about a second on two
+        # busy cores); logging one model makes dozens of requests. Cache good logins for a
+        # minute (one server worker: a password change through the API applies at once).
+        "auth_cache_ttl_seconds = 60\n",
     )
     return path
 
@@ -73,6 +77,8 @@ def mlflow_server(directory: Path, cfg: StackConfig, secret: dict[str, str]) -> 
         "MLFLOW_AUTH_CONFIG_PATH": str(_auth_ini(directory, cfg)),
         "MLFLOW_AUTH_ADMIN_PASSWORD": secret["MLFLOW_ADMIN_PASSWORD"],  # first start only
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secret["FLASK_SECRET_KEY"],
+        # No GenAI job runners (two extra process pools): the pipeline never submits jobs.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     cmd = [
         sys.executable,
