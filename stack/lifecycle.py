@@ -36,11 +36,14 @@ class Part:
     detail: str
 
 
-def _start_service(directory: Path, service: services.Service, project: Path, say: Say) -> None:
-    pid = processes.start(directory, service.name, service.cmd, service.env, project)
-    if service.health:
-        processes.wait_http(service.health, service.timeout, directory, service.name)
-    say(f"{service.name:<10} up (pid {pid}, log {processes.log_file(directory, service.name)})")
+def _start_services(directory: Path, todo: list[services.Service], project: Path, say: Say) -> None:
+    """Start the services together, then wait for each to answer."""
+    pids = [processes.start(directory, s.name, s.cmd, s.env, project) for s in todo]
+    for service, pid in zip(todo, pids, strict=True):
+        if service.health:
+            processes.wait_http(service.health, service.timeout, directory, service.name)
+        log = processes.log_file(directory, service.name)
+        say(f"{service.name:<10} up (pid {pid}, log {log})")
 
 
 def _service(directory: Path, cfg: StackConfig, secret: dict[str, str], name: str):
@@ -52,14 +55,15 @@ def _service(directory: Path, cfg: StackConfig, secret: dict[str, str], name: st
     return services.worker(directory, cfg, client_settings(cfg, secret), index)
 
 
-def start_part(directory: Path, name: str, say: Say = lambda _: None) -> None:
-    """Start one server or worker of a configured stack (`mlflow`, `prefect`, `worker-N`)."""
+def start_parts(directory: Path, names: list[str], say: Say = lambda _: None) -> None:
+    """Start servers or workers of a configured stack (`mlflow`, `prefect`, `worker-N`) that
+    are not running, and wait until they answer."""
     cfg = load_config(directory)
     if cfg is None:
         raise processes.ServiceError(f"no stack in {directory}")
-    _start_service(
-        directory, _service(directory, cfg, load_secrets(directory), name), Path(cfg.project), say
-    )
+    secret = load_secrets(directory)
+    todo = [_service(directory, cfg, secret, name) for name in names]
+    _start_services(directory, todo, Path(cfg.project), say)
 
 
 def _share_data(project: Path, remote: str, say: Say) -> None:
@@ -99,8 +103,7 @@ def up(directory: Path, cfg: StackConfig, schedule: ScheduleConfig, say: Say) ->
     postgres.start(pg_dir, cfg.host, cfg.pg_port)
     postgres.create_databases(cfg.host, cfg.pg_port, secret["PG_PASSWORD"])
     say(f"postgres   up ({cfg.host}:{cfg.pg_port}, data {pg_dir / 'data'})")
-    start_part(directory, "mlflow", say)
-    start_part(directory, "prefect", say)
+    start_parts(directory, ["mlflow", "prefect"], say)
     settings = client_settings(cfg, secret)
     _client_env(settings)
     deploy.ensure_work_pool(cfg.pool)
@@ -110,8 +113,7 @@ def up(directory: Path, cfg: StackConfig, schedule: ScheduleConfig, say: Say) ->
     _share_data(Path(cfg.project), cfg.dvc_remote, say)
     name = deploy.register_deployment(schedule, cfg.pool, cfg.source, cfg.dvc_remote)
     say(f"deployment {name} on pool {cfg.pool!r}, cron '{schedule.cron}' ({schedule.timezone})")
-    for index in range(1, cfg.workers + 1):
-        start_part(directory, f"worker-{index}", say)
+    start_parts(directory, [f"worker-{i}" for i in range(1, cfg.workers + 1)], say)
     return write_settings(directory, settings)
 
 
@@ -142,8 +144,10 @@ def down(directory: Path, say: Say) -> None:
     if cfg is None:
         say(f"no stack in {directory}")
         return
-    for name in reversed(_names(directory, cfg)):
-        if processes.stop(directory, name):
+    names = _names(directory, cfg)
+    # Workers first (a run they hold ends while the servers can still record it).
+    for batch in (names[2:], names[:2]):
+        for name in processes.stop(directory, batch):
             say(f"{name:<10} stopped")
     if postgres.running(directory / "pg"):
         postgres.stop(directory / "pg")

@@ -73,13 +73,17 @@ def tree(proc: psutil.Process) -> list[psutil.Process]:
         return [proc]
 
 
-def stop(directory: Path, name: str, timeout: float = 30) -> bool:
-    """Terminate `name` and its descendants (kill what outlives `timeout`); True if it ran."""
-    proc = process(directory, name)
-    _pid_file(directory, name).unlink(missing_ok=True)
-    if proc is None:
-        return False
-    procs = tree(proc)
+def stop(directory: Path, names: list[str], timeout: float = 15) -> list[str]:
+    """Terminate the named processes and their descendants together, kill what outlives
+    `timeout`; returns the names that were running."""
+    procs: list[psutil.Process] = []
+    stopped = []
+    for name in names:
+        proc = process(directory, name)
+        _pid_file(directory, name).unlink(missing_ok=True)
+        if proc is not None:
+            stopped.append(name)
+            procs += tree(proc)
     for p in procs:
         try:
             p.terminate()
@@ -92,7 +96,7 @@ def stop(directory: Path, name: str, timeout: float = 30) -> bool:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=10)
-    return True
+    return stopped
 
 
 def wait_http(url: str, timeout: float, directory: Path, name: str) -> None:
