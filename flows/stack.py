@@ -84,6 +84,8 @@ def status(directory: Path = DIR) -> None:
     from stack.lifecycle import status as stack_status
 
     parts = stack_status(stack_dir(directory))
+    if not parts:
+        typer.echo(f"no stack in {stack_dir(directory)} (esmm stack up starts one)")
     for part in parts:
         typer.echo(f"{part.name:<10} {'up  ' if part.up else 'DOWN'}  {part.detail}")
     if not parts or not all(p.up for p in parts):

@@ -269,7 +269,7 @@ def test_the_tracking_server_holds_the_champion_with_tags_metrics_and_artefacts(
         }
         model_uri = client.get_model_version_download_uri("esmm", version.version)
         model_files = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=model_uri)}
-        assert "MLmodel" in model_files, model_files
+        assert any(f.rsplit("/", 1)[-1] == "MLmodel" for f in model_files), model_files
 
 
 def test_mlflow_artifacts_download_through_the_server_returns_the_model(
