@@ -58,6 +58,13 @@ def up(
     from stack.processes import ServiceError
     from tasks.config import load_params
 
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(
+            f"warning: binding to {host} exposes PostgreSQL, both servers and their UIs to "
+            "that network; basic auth is clear text without TLS (see docs/team.md)",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     cfg = StackConfig(
         host,
         pg_port,

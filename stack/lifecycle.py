@@ -46,7 +46,9 @@ def _start_services(directory: Path, todo: list[services.Service], project: Path
         say(f"{service.name:<10} up (pid {pid}, log {log})")
 
 
-def _service(directory: Path, cfg: StackConfig, secret: dict[str, str], name: str):
+def _service(
+    directory: Path, cfg: StackConfig, secret: dict[str, str], name: str
+) -> services.Service:
     if name == "mlflow":
         return services.mlflow_server(directory, cfg, secret)
     if name == "prefect":
@@ -68,21 +70,19 @@ def start_parts(directory: Path, names: list[str], say: Say = lambda _: None) ->
 
 def _share_data(project: Path, remote: str, say: Say) -> None:
     """Make `remote` a DVC remote of the project (this checkout only) and push the data."""
-    dvc = [sys.executable, "-m", "dvc"]
-    subprocess.run(
-        [*dvc, "remote", "add", "--local", "--force", "shared", remote],
-        cwd=project,
-        check=True,
-        capture_output=True,
-    )
+    _dvc(project, "remote", "add", "--local", "--force", "shared", remote)
     if (project / "data.dvc").is_file() and (project / "data").is_dir():
-        subprocess.run(
-            [*dvc, "push", "-q", "-r", "shared", "data.dvc"],
-            cwd=project,
-            check=True,
-            capture_output=True,
-        )
+        _dvc(project, "push", "-q", "-r", "shared", "data.dvc")
         say(f"dvc remote up (data pushed to {remote})")
+
+
+def _dvc(project: Path, *args: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=project, capture_output=True, text=True
+    )
+    if proc.returncode:
+        detail = (proc.stderr or proc.stdout).strip().splitlines() or [str(proc.returncode)]
+        raise processes.ServiceError(f"dvc {args[0]} failed: {detail[-1]}")
 
 
 def _client_env(settings: dict[str, str]) -> None:
