@@ -24,9 +24,10 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps -e .
 	touch $@
 
+# ESMM_SETTINGS=none: the embedded defaults even where `esmm stack up` left a settings file.
 run: setup
-	esmm data pull
-	esmm retrain
+	ESMM_SETTINGS=none esmm data pull
+	ESMM_SETTINGS=none esmm retrain
 
 test: setup
 	$(BIN)/python -m pytest

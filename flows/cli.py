@@ -15,6 +15,8 @@ from pathlib import Path
 
 import typer
 
+from flows.stack import deploy_to_pool, server_errors, stack_app
+from stack.settings import load_settings
 from tasks.config import ConfigError, Params, load_params
 
 app = typer.Typer(
@@ -27,6 +29,7 @@ data_app = typer.Typer(help="Raw-data versioning with DVC.", no_args_is_help=Tru
 app.add_typer(data_app, name="data")
 schema_app = typer.Typer(help="The committed TFDV schemas (schema/*.pbtxt).", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
+app.add_typer(stack_app, name="stack")
 
 PARAMS = typer.Option(
     Path("params.yaml"), "--params", "-p", help="Parameters file (one section per step)."
@@ -354,6 +357,9 @@ def schedule(
     cfg = p.schedule.model_copy(
         update={k: v for k, v in {"cron": cron, "port": port}.items() if v is not None}
     )
+    if (name := deploy_to_pool(cfg, params)) is not None:
+        typer.echo(f"registered {name} (cron '{cfg.cron}') with the work pool; workers run it")
+        return
     if os.environ.get("PREFECT_API_URL"):
         typer.echo(f"deploying to the Prefect server at {os.environ['PREFECT_API_URL']}")
         _serve(cfg, params)
@@ -472,7 +478,9 @@ def main() -> None:
     # 20 s for it by default; on 2 busy cores (training beside it, a first database
     # migration) that timed out. Waiting longer costs nothing when it starts at once.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    app()
+    load_settings()  # the team stack's settings file, when there is one (flows/stack.py)
+    with server_errors():
+        app()
 
 
 if __name__ == "__main__":

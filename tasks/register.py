@@ -25,6 +25,8 @@ import random
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -40,6 +42,11 @@ HISTORY_PREFIX = "champion.history."
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_STALE_SECONDS = 120  # a lock older than this was left by a crashed process
 LOCK_TIMEOUT_SECONDS = 120
+# A team's tracking server (`esmm stack up` writes it to the settings file) overrides
+# `register.tracking_uri`; MLflow's own MLFLOW_TRACKING_URI cannot serve, as every
+# `mlflow.set_tracking_uri` call in a process rewrites it.
+TRACKING_URI_ENV = "ESMM_TRACKING_URI"
+SERVER_WAIT_SECONDS = 180  # how long registry calls wait for a restarting tracking server
 
 
 class PromotionError(RuntimeError):
@@ -95,11 +102,13 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def resolve_tracking_uri(uri: str, root: Path | None = None) -> str:
-    """Make a relative `sqlite:///file.db` URI absolute (against `root`, default the cwd).
+    """The tracking URI to use: ESMM_TRACKING_URI when set, else `uri`, a relative
+    `sqlite:///file.db` made absolute (against `root`, default the cwd).
 
     MLflow caches one store per URI string, so a relative path would keep pointing at the
     first directory it was resolved in.
     """
+    uri = os.environ.get(TRACKING_URI_ENV) or uri
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str((root or Path.cwd()) / uri[len(prefix) :])
@@ -136,9 +145,34 @@ def schema_digest(schema_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def wait_for_server(tracking_uri: str, timeout: float = SERVER_WAIT_SECONDS) -> None:
+    """For an http(s) tracking URI, wait until the server's `/health` answers (a server
+    restarting between training and registration); a no-op for local stores.
+
+    Raises:
+        ConnectionError: no answer within `timeout` seconds, naming the server.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise ConnectionError(
+                f"MLflow tracking server {tracking_uri}: no answer in {timeout:.0f} s"
+            )
+        time.sleep(1)
+
+
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
+    wait_for_server(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
@@ -238,6 +272,7 @@ def register_esmm(
 
     cfg: RegisterConfig = params.register_
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    wait_for_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     mlflow.set_experiment(cfg.experiment)
