@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: setup run test lint clean
+.PHONY: setup system-deps run test lint clean
 
 setup: $(VENV)/.installed
 
@@ -29,7 +29,14 @@ run: setup
 	ESMM_SETTINGS=none esmm data pull
 	ESMM_SETTINGS=none esmm retrain
 
-test: setup
+# The team-stack tests (tests/stack) run Debian's PostgreSQL 15 and check ports with `ss`:
+# installed here when missing (as root, as CI runs).
+system-deps:
+	@if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v ss >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends postgresql-15 iproute2 >/dev/null; fi
+
+test: setup system-deps
 	$(BIN)/python -m pytest
 
 lint: setup

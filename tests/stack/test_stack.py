@@ -28,7 +28,7 @@ from unittest import mock
 import mlflow.artifacts
 import psutil
 import pytest
-from conftest import make_project
+from tests.conftest import make_project
 
 from stack import lifecycle, postgres, processes
 from stack.settings import read_env_file
