@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import warnings
+from importlib import metadata
 from pathlib import Path
 
 import typer
 
+from flows.quiet import quiet_this_process
 from tasks.config import ConfigError, Params, load_params
+from tasks.layout import Layout
 
 app = typer.Typer(
     help="ESMM conversion-rate pipeline on Ali-CCP-format data.",
@@ -27,6 +29,22 @@ data_app = typer.Typer(help="Raw-data versioning with DVC.", no_args_is_help=Tru
 app.add_typer(data_app, name="data")
 schema_app = typer.Typer(help="The committed TFDV schemas (schema/*.pbtxt).", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"esmm {metadata.version('esmm-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """ESMM conversion-rate pipeline on Ali-CCP-format data."""
+
 
 PARAMS = typer.Option(
     Path("params.yaml"), "--params", "-p", help="Parameters file (one section per step)."
@@ -43,6 +61,56 @@ def _params(path: Path) -> Params:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user typed it: relative to the working directory when inside it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _require(layout: Layout, step: str) -> None:
+    """Fail with one line naming what to run when `step`'s inputs are absent (checked
+    before TensorFlow, TFDV or Beam are imported)."""
+    ingested = layout.vocab_path.is_file() and all(
+        layout.split_dir(split).is_dir() for split in ("train", "valid", "test")
+    )
+    needs = {
+        "ingest": [
+            (
+                layout.raw_dir.is_dir(),
+                f"no raw data at {_shown(layout.raw_dir)}",
+                "esmm data pull (or esmm data add FOLDER)",
+            )
+        ],
+        "validate": [(ingested, f"no ingested data at {_shown(layout.ingest_dir)}", "esmm ingest")],
+        "train": [(ingested, f"no ingested data at {_shown(layout.ingest_dir)}", "esmm ingest")],
+        "evaluate": [
+            (
+                layout.model_path.is_file(),
+                f"no trained model at {_shown(layout.model_path)}",
+                "esmm train",
+            ),
+            (ingested, f"no ingested data at {_shown(layout.ingest_dir)}", "esmm ingest"),
+        ],
+        "register": [
+            (
+                layout.model_path.is_file(),
+                f"no trained model at {_shown(layout.model_path)}",
+                "esmm train",
+            ),
+            (
+                layout.metrics_path.is_file(),
+                f"no evaluation at {_shown(layout.metrics_path)}",
+                "esmm evaluate",
+            ),
+        ],
+    }[step]
+    for present, what, fix in needs:
+        if not present:
+            _fail(f"{what}: run {fix} (or dvc repro {step})")
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
@@ -163,7 +231,6 @@ def data_add(
 def _propose_schemas(params: Path) -> tuple[Path, Path, dict[str, str]]:
     """Infer schemas from the ingested training split and save them under
     <artifacts>/validate/proposed; returns (the committed schema dir, that folder, the texts)."""
-    from tasks.layout import Layout
     from tasks.validate import propose_schemas, write_schemas
 
     p = _params(params)
@@ -197,9 +264,11 @@ def schema_update(params: Path = PARAMS) -> None:
 @app.command()
 def ingest(params: Path = PARAMS) -> None:
     """Parse raw files into split Parquet tables, vocabularies and a quarantine report."""
+    p = _params(params)
+    _require(Layout.from_config(p.paths), "ingest")
     from tasks import steps
 
-    report = _run(lambda: steps.ingest(_params(params)))
+    report = _run(lambda: steps.ingest(p))
     typer.echo(report.summary())
 
 
@@ -207,12 +276,13 @@ def ingest(params: Path = PARAMS) -> None:
 def validate(params: Path = PARAMS) -> None:
     """TFDV statistics, schema, drift and skew checks; exits non-zero on anomalies, naming
     each feature; writes report.txt and report.html either way."""
+    p = _params(params)
+    layout = Layout.from_config(p.paths)
+    _require(layout, "validate")
     from tasks import steps
-    from tasks.layout import Layout
 
-    layout = Layout.from_config(_params(params).paths)
     try:
-        typer.echo(_run(lambda: steps.validate(_params(params))).summary())
+        typer.echo(_run(lambda: steps.validate(p)).summary())
     finally:
         if layout.validate_report_html.is_file():
             typer.echo(f"reports: {layout.validate_report_text} and {layout.validate_report_html}")
@@ -229,9 +299,11 @@ def train(
     ),
 ) -> None:
     """Train ESMM on the ingested train split (early stopping on the validation split)."""
+    p = _params(params)
+    _require(Layout.from_config(p.paths), "train")
     from tasks import steps
 
-    result = _run(lambda: steps.train(_params(params), resume=None if resume else False))
+    result = _run(lambda: steps.train(p, resume=None if resume else False))
     if result.resumed_from is not None:
         epoch, step = result.resumed_from
         typer.echo(f"resumed from the checkpoint at epoch {epoch + 1}, step {step}")
@@ -245,10 +317,12 @@ def evaluate(params: Path = PARAMS) -> None:
     Exits 0 on a refused model so that DVC records its metrics; `esmm register` is the
     step that fails on it.
     """
+    p = _params(params)
+    _require(Layout.from_config(p.paths), "evaluate")
     from tasks import steps
     from tasks.evaluate import format_metrics
 
-    evaluation = _run(lambda: steps.evaluate(_params(params)))
+    evaluation = _run(lambda: steps.evaluate(p))
     typer.echo(format_metrics(evaluation.metrics, evaluation.oracle, evaluation.champion))
     if evaluation.champion is None:
         typer.echo("no champion yet: gate on the floors only")
@@ -265,19 +339,27 @@ def evaluate(params: Path = PARAMS) -> None:
 
 @app.command()
 def register(params: Path = PARAMS) -> None:
-    """Register the model as `challenger`; promote it to `champion` if the gate passed.
+    """Register the model as `challenger`; with `register.promote: gate`, also `champion`
+    if the gate passed (the default, never, leaves that to `esmm promote` or `esmm retrain`).
 
     On a failed gate the champion stays and the command exits 1 listing the failed checks.
     """
+    p = _params(params)
+    _require(Layout.from_config(p.paths), "register")
     from tasks import steps
     from tasks.evaluate import GateRefusedError
 
-    reg = _run(lambda: steps.register(_params(params)))
+    reg = _run(lambda: steps.register(p))
     typer.echo(
         f"registered {reg.model_name} version {reg.version} ({', '.join(reg.aliases)}), data version {reg.data_version}"
     )
     if not reg.gate_passed:
         _fail(f"{GateRefusedError(list(reg.gate_reasons))}\nthe champion is unchanged")
+    if "champion" not in reg.aliases:
+        typer.echo(
+            f"champion unchanged (register.promote: {p.register_.promote}); make this version "
+            f"the champion with: esmm promote {reg.version}"
+        )
 
 
 @app.command()
@@ -327,11 +409,13 @@ def champions(params: Path = PARAMS) -> None:
 @app.command()
 def retrain(params: Path = PARAMS) -> None:
     """Run the Prefect retraining flow end to end and print its summary."""
-    _params(params)  # a bad params file fails here, before Prefect starts
+    p = _params(params)  # a bad params file fails here, before Prefect starts
+    _require(Layout.from_config(p.paths), "ingest")
     from flows.retrain import retrain as retrain_flow
 
     summary = _run(lambda: retrain_flow(params_path=str(params)))
     typer.echo("\n" + summary.to_text())
+    typer.echo("pipeline state: dvc.lock (record it with git add dvc.lock; dvc push)")
 
 
 @app.command()
@@ -345,15 +429,18 @@ def schedule(
     With PREFECT_API_URL unset, a Prefect server (API and UI) is started on 127.0.0.1 for as
     long as this runs; set PREFECT_API_URL to use an existing server instead.
     """
-    from flows.schedule import deployment_name, local_server
-    from tasks.layout import Layout
-
     p = _params(params)
-    # A service manager stops us with SIGTERM: shut down like Ctrl-C, server included.
-    signal.signal(signal.SIGTERM, _interrupt)
     cfg = p.schedule.model_copy(
         update={k: v for k, v in {"cron": cron, "port": port}.items() if v is not None}
     )
+    from flows.schedule import check_schedule, deployment_name, local_server
+
+    try:  # before a server or a deployment starts
+        check_schedule(cfg)
+    except ValueError as err:
+        _fail(str(err))
+    # A service manager stops us with SIGTERM: shut down like Ctrl-C, server included.
+    signal.signal(signal.SIGTERM, _interrupt)
     if os.environ.get("PREFECT_API_URL"):
         typer.echo(f"deploying to the Prefect server at {os.environ['PREFECT_API_URL']}")
         _serve(cfg, params)
@@ -397,14 +484,20 @@ def serve(
     """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
     import subprocess
 
-    from serving.serve import serve_command
-    from tasks.register import CHAMPION, resolve_tracking_uri
-
     cfg = _params(params).register_
+    if model_uri is None:  # before MLflow's server starts (and creates an empty mlflow.db)
+        _require_registry(cfg.tracking_uri, cfg.model_name)
+    from serving.serve import serve_command  # MLflow and TensorFlow: seconds
+    from tasks.register import CHAMPION, champion_version, resolve_tracking_uri
+
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    if model_uri is None:
+        _require_champion(tracking_uri, cfg.model_name, champion_version)
+
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": resolve_tracking_uri(cfg.tracking_uri),
+        "MLFLOW_TRACKING_URI": tracking_uri,
         # MLflow starts its server as `uvicorn` from PATH: this environment's, even when
         # it is not activated (`.venv/bin/esmm serve`).
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -415,6 +508,27 @@ def serve(
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)
+
+
+def _require_registry(tracking_uri: str, model_name: str) -> None:
+    """Fail at once when a SQLite registry file does not exist (no import of MLflow)."""
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix) :]).is_file():
+        _fail(
+            f"no model registry at {tracking_uri[len(prefix) :]} (register.tracking_uri), so no "
+            f"champion of {model_name!r}: run esmm retrain (or dvc repro, then esmm promote "
+            "VERSION), or pass --model-uri"
+        )
+
+
+def _require_champion(tracking_uri: str, model_name: str, champion_version) -> None:
+    """Fail with one line when the registry has no `champion` of `model_name` (a missing
+    SQLite file is not created by asking)."""
+    if champion_version(tracking_uri, model_name) is None:
+        _fail(
+            f"no champion of {model_name!r} in the registry at {tracking_uri}: run esmm retrain "
+            "(or dvc repro, then esmm promote VERSION), or pass --model-uri"
+        )
 
 
 @app.command()
@@ -429,24 +543,64 @@ def score(
         help="Model to score with (default: models:/NAME@champion, NAME = register.model_name).",
     ),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Impressions per model call."),
+    max_bad_fraction: float = typer.Option(
+        None,
+        "--max-bad-fraction",
+        min=0.0,
+        max=1.0,
+        help="Fail when a larger share of impressions cannot be scored "
+        "(default: ingest.max_quarantine_fraction).",
+    ),
     params: Path = PARAMS,
 ) -> None:
-    """Score raw Ali-CCP files in batch: sample_id, labels and p_ctr/p_cvr/p_ctcvr to Parquet."""
+    """Score raw Ali-CCP files in batch: sample_id, labels and p_ctr/p_cvr/p_ctcvr to Parquet.
+
+    Exits 1 when nothing could be scored, or a larger share of impressions than
+    --max-bad-fraction (the predictions and the bad-lines list are written either way).
+    """
+    p = _params(params)
+    if not raw_dir.is_dir():  # before MLflow and TensorFlow load (seconds)
+        _fail(f"no folder {raw_dir}: give a folder of sample_skeleton_*.csv[.gz] files")
+    if not any(raw_dir.glob("sample_skeleton_*.csv*")):
+        _fail(
+            f"no sample_skeleton_*.csv (or .csv.gz) in {raw_dir}: scoring reads raw Ali-CCP "
+            "skeleton files, each with its common_features_*.csv"
+        )
+    if model_uri is None:
+        _require_registry(p.register_.tracking_uri, p.register_.model_name)
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from serving.serve import load_keras_model, score_raw
-    from tasks.register import CHAMPION, resolve_tracking_uri
+    from tasks.register import CHAMPION, champion_version, resolve_tracking_uri
 
-    cfg = _params(params).register_
+    cfg = p.register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    if model_uri is None:
+        _require_champion(tracking_uri, cfg.model_name, champion_version)
     mlflow.set_tracking_uri(tracking_uri)
     try:
         model = load_keras_model(uri)
     except MlflowException as err:
         _fail(f"cannot load {uri} (tracking URI {tracking_uri}): {err.message}")
-    typer.echo(_run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size)).summary())
+    report = _run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size))
+    typer.echo(report.summary())
+    limit = p.ingest.max_quarantine_fraction if max_bad_fraction is None else max_bad_fraction
+    _check_scored(report.rows_scored, report.rows_read, limit, report.bad_lines_path)
+
+
+def _check_scored(scored: int, read: int, limit: float, bad_lines: Path) -> None:
+    """Fail when nothing was scored, or more than `limit` of the impressions were not."""
+    if not scored:
+        _fail(f"no impression could be scored ({read:,} lines read); reasons in {bad_lines}")
+    share = (read - scored) / read
+    if share > limit:
+        _fail(
+            f"{read - scored:,} of {read:,} impressions ({share:.2%}) could not be scored, above "
+            f"--max-bad-fraction {limit:.2%} (default ingest.max_quarantine_fraction); "
+            f"reasons in {bad_lines}"
+        )
 
 
 def _run(step):
@@ -457,16 +611,8 @@ def _run(step):
         _fail(str(err))
 
 
-def _quiet_third_party() -> None:
-    """Silence start-up noise that says nothing about this run (CUDA probing on a CPU
-    machine, Google client deprecation notices, a Keras notice about tf.data shuffling)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
-    warnings.filterwarnings("ignore", message=r"`shuffle=True` was passed", category=UserWarning)
-
-
 def main() -> None:
-    _quiet_third_party()
+    quiet_this_process()
     # With PREFECT_API_URL unset, a flow starts Prefect's temporary local server and waits
     # 20 s for it by default; on 2 busy cores (training beside it, a first database
     # migration) that timed out. Waiting longer costs nothing when it starts at once.

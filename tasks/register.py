@@ -217,9 +217,12 @@ def register_esmm(
     out_dir: Path,
     champion_metrics: dict | None = None,
     artifacts: list[tuple[str, Path]] | None = None,
+    history: dict | None = None,
+    raw_dir: Path | None = None,
 ) -> Registration:
     """Log params, metrics, artefacts and the model to MLflow; register it as a new version
-    with `challenger`, and promote it to `champion` (through `promote`) when the gate passed.
+    with `challenger`, and promote it to `champion` (through `promote`) when the gate passed
+    and `register.promote` is `gate`.
 
     Args:
         model_path: the trained `.keras` model.
@@ -230,6 +233,8 @@ def register_esmm(
         out_dir: where `registration.json` is written.
         champion_metrics: the champion's metrics on the same test split, if there was one.
         artifacts: (artefact folder, file or folder) pairs to log; missing ones are skipped.
+        history: training's `history.json` (per-epoch metrics, logged as steps 0, 1, ...).
+        raw_dir: the raw data folder, recorded as the run's input data set (`log_input`).
 
     Returns:
         The registered version, its aliases and the verdict.
@@ -259,6 +264,9 @@ def register_esmm(
                 if isinstance(v, int | float) and not isinstance(v, bool)
             }
         )
+        _log_history(history or {})
+        if raw_dir is not None:
+            _log_dataset(Path(raw_dir), data_version)
         for folder, path in artifacts or []:
             if Path(path).is_dir():
                 mlflow.log_artifacts(str(path), folder)
@@ -272,7 +280,7 @@ def register_esmm(
     client = _client(tracking_uri)
     client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
     aliases, previous = [CHALLENGER], None
-    if verdict.passed:
+    if verdict.passed and cfg.promote == "gate":
         event = promote(
             tracking_uri, cfg.model_name, version, reason=f"gate passed in run {run.info.run_id}"
         )
@@ -293,6 +301,31 @@ def register_esmm(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "registration.json").write_text(json.dumps(asdict(registration), indent=2))
     return registration
+
+
+def _log_history(history: dict) -> None:
+    """Per-epoch training metrics as MLflow steps (`history.json` holds one list per name),
+    so the MLflow UI draws learning curves as autologging would."""
+    import mlflow
+
+    for name, values in history.items():
+        if not isinstance(values, list):
+            continue  # best_epoch, recalibration, replicas: not per-epoch
+        for step, value in enumerate(values):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                mlflow.log_metric(name, float(value), step=step)
+
+
+def _log_dataset(raw_dir: Path, data_version: str) -> None:
+    """The raw data folder as the run's training input, with the DVC md5 as its digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(str(raw_dir.resolve()))
+    digest = data_version.removesuffix(".dir")
+    dataset = MetaDataset(source, name=f"{raw_dir.name}@{digest[:8]}", digest=digest)
+    mlflow.log_input(dataset, context="training", tags={"data_version": data_version})
 
 
 def _retrying(call, attempts: int = 20):

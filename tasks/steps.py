@@ -111,8 +111,9 @@ def evaluate(params: Params) -> Evaluation:
 
 
 def register(params: Params) -> Registration:
-    """Register the evaluated model in MLflow with its data version, digests, metrics, plots
-    and verdict as `challenger`; promote it to `champion` when the gate passed."""
+    """Register the evaluated model in MLflow with its data version (also as its input data
+    set), digests, metrics, per-epoch training curves, plots and verdict as `challenger`;
+    promote it to `champion` when the gate passed and `register.promote` is `gate`."""
     layout = _layout(params)
     metrics, champion, verdict = read_metrics(layout.metrics_path)
     version = data_version(dvc_file_for(layout.raw_dir, layout.raw_dir.parent))
@@ -123,6 +124,7 @@ def register(params: Params) -> Registration:
         ("validation", layout.validate_report_html),
         ("validation", layout.validate_report_text),
     ]
+    history = json.loads(layout.history_path.read_text()) if layout.history_path.is_file() else {}
     return register_esmm(
         layout.model_path,
         metrics,
@@ -132,6 +134,8 @@ def register(params: Params) -> Registration:
         layout.register_dir,
         champion_metrics=champion,
         artifacts=artifacts,
+        history=history,
+        raw_dir=layout.raw_dir,
     )
 
 
