@@ -30,6 +30,8 @@ QUIET_ENVIRONMENT: dict[str, str] = {
     "PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL": "WARNING",
     # MLflow's SQLite store logs each table creation and migration at INFO on first use.
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # MLflow's per-file download bar (fetching the champion: dozens of lines when not a tty).
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 # Third-party loggers whose INFO/WARNING lines say nothing the user can act on.

@@ -28,18 +28,26 @@ from tasks.register import CHAMPION, PromotionError, champion_version, resolve_t
 from tasks.steps import StepFailed, read_oracle
 
 
-def _stage(name: str, layout: Layout) -> bool:
-    """Run one stage with its output in this task's log; True when it ran (not skipped).
+def _stage_task(name: str):
+    """The Prefect task that runs stage `name`, named like it."""
 
-    Raises:
-        StepFailed: the stage failed; the message names it and gives the command's error
-            (a refused gate is not a failure here: `register` records it, the flow decides).
-    """
-    logger = get_run_logger()
-    run = run_stage(name, log=logger.info)
-    if run.returncode and not (name == "register" and _refused(layout.registration_path)):
-        raise StepFailed(f"step {name} failed: {failure_reason(run)}")
-    return run.ran
+    def run(layout: Layout) -> bool:
+        """Run the stage with its output in this task's log; True when it ran (not skipped).
+
+        Raises:
+            StepFailed: the stage failed; the message names it and gives the command's error
+                (a refused gate is not a failure here: `register` records it, and the flow
+                fails after its summary).
+        """
+        logger = get_run_logger()
+        result = run_stage(name, log=logger.info)
+        if result.returncode and not (name == "register" and _refused(layout.registration_path)):
+            raise StepFailed(f"step {name} failed: {failure_reason(result)}")
+        return result.ran
+
+    # Retries only where a remote service is involved (the registry), never for computation.
+    retries = {"retries": 2, "retry_delay_seconds": 5} if name == "register" else {}
+    return task(run, name=name, cache_policy=NO_CACHE, **retries)
 
 
 def _refused(path: Path) -> bool:
@@ -47,17 +55,7 @@ def _refused(path: Path) -> bool:
     return path.is_file() and not json.loads(path.read_text()).get("gate_passed", True)
 
 
-# One task per stage, named like it. Retries only where a remote service is involved (the
-# registry), never for computation.
-stage_tasks = {
-    name: task(
-        _stage,
-        name=name,
-        cache_policy=NO_CACHE,
-        **({"retries": 2, "retry_delay_seconds": 5} if name == "register" else {}),
-    )
-    for name in STAGES
-}
+stage_tasks = {name: _stage_task(name) for name in STAGES}
 
 
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

@@ -22,8 +22,9 @@ from flows.quiet import ANSI, quiet_environment
 
 STAGES = ("ingest", "validate", "train", "evaluate", "register")
 
-# A Keras progress line (`12/345 ...`), or ours (`validate: 40% ...`): thinned.
-_PROGRESS = re.compile(r"^\s*(\d+)/(\d+)\s|^\w+: .*\bETA\b")
+# A Keras progress line (`12/345 ...`), ours (`validate: ... ETA 3s`) or tqdm's (`x:  40%|`):
+# thinned.
+_PROGRESS = re.compile(r"^\s*(\d+)/(\d+)\s|^\w+: .*\bETA\b|^[^|]*:\s+\d+%\|")
 # DVC's advice after each stage, repeated five times per flow run; the flow says it once.
 _HINTS = (
     "To track the changes with git",

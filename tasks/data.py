@@ -7,6 +7,7 @@ deterministic, so it reproduces exactly the version `data.dvc` names.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -95,12 +96,19 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
             )
         _push(repo, dvc_file)
         return RawData(version, "workspace")
+    # DVC warns that the files are in no cache nor remote: expected on a fresh clone, where
+    # the generator makes them next, so not shown.
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.ERROR)
     try:
         repo.pull(targets=[str(dvc_file)])
         if not repo.status(targets=[str(dvc_file)]):
             return RawData(version, "remote")
     except DvcException:
         pass  # no remote, or the remote lacks this version: regenerate below
+    finally:
+        dvc_logger.setLevel(level)
     synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed, profile=synth.profile)
     if not _matches(repo, dvc_file, version):
         raise DataVersionError(
