@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from flows import preflight
 from flows.quiet import quiet_this_process
 from tasks.config import ConfigError, Params, load_params
 from tasks.layout import Layout
@@ -63,54 +64,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
-def _shown(path: Path) -> str:
-    """A path as the user typed it: relative to the working directory when inside it."""
+def _check(check, *args) -> None:
+    """Run a `flows.preflight` check; its refusal is one line and exit code 1."""
     try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
-def _require(layout: Layout, step: str) -> None:
-    """Fail with one line naming what to run when `step`'s inputs are absent (checked
-    before TensorFlow, TFDV or Beam are imported)."""
-    ingested = layout.vocab_path.is_file() and all(
-        layout.split_dir(split).is_dir() for split in ("train", "valid", "test")
-    )
-    needs = {
-        "ingest": [
-            (
-                layout.raw_dir.is_dir(),
-                f"no raw data at {_shown(layout.raw_dir)}",
-                "esmm data pull (or esmm data add FOLDER)",
-            )
-        ],
-        "validate": [(ingested, f"no ingested data at {_shown(layout.ingest_dir)}", "esmm ingest")],
-        "train": [(ingested, f"no ingested data at {_shown(layout.ingest_dir)}", "esmm ingest")],
-        "evaluate": [
-            (
-                layout.model_path.is_file(),
-                f"no trained model at {_shown(layout.model_path)}",
-                "esmm train",
-            ),
-            (ingested, f"no ingested data at {_shown(layout.ingest_dir)}", "esmm ingest"),
-        ],
-        "register": [
-            (
-                layout.model_path.is_file(),
-                f"no trained model at {_shown(layout.model_path)}",
-                "esmm train",
-            ),
-            (
-                layout.metrics_path.is_file(),
-                f"no evaluation at {_shown(layout.metrics_path)}",
-                "esmm evaluate",
-            ),
-        ],
-    }[step]
-    for present, what, fix in needs:
-        if not present:
-            _fail(f"{what}: run {fix} (or dvc repro {step})")
+        check(*args)
+    except preflight.PreflightError as err:
+        _fail(str(err))
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
@@ -265,7 +224,7 @@ def schema_update(params: Path = PARAMS) -> None:
 def ingest(params: Path = PARAMS) -> None:
     """Parse raw files into split Parquet tables, vocabularies and a quarantine report."""
     p = _params(params)
-    _require(Layout.from_config(p.paths), "ingest")
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "ingest")
     from tasks import steps
 
     report = _run(lambda: steps.ingest(p))
@@ -278,7 +237,7 @@ def validate(params: Path = PARAMS) -> None:
     each feature; writes report.txt and report.html either way."""
     p = _params(params)
     layout = Layout.from_config(p.paths)
-    _require(layout, "validate")
+    _check(preflight.require_inputs, layout, "validate")
     from tasks import steps
 
     try:
@@ -300,7 +259,7 @@ def train(
 ) -> None:
     """Train ESMM on the ingested train split (early stopping on the validation split)."""
     p = _params(params)
-    _require(Layout.from_config(p.paths), "train")
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "train")
     from tasks import steps
 
     result = _run(lambda: steps.train(p, resume=None if resume else False))
@@ -318,7 +277,7 @@ def evaluate(params: Path = PARAMS) -> None:
     step that fails on it.
     """
     p = _params(params)
-    _require(Layout.from_config(p.paths), "evaluate")
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "evaluate")
     from tasks import steps
     from tasks.evaluate import format_metrics
 
@@ -345,7 +304,7 @@ def register(params: Path = PARAMS) -> None:
     On a failed gate the champion stays and the command exits 1 listing the failed checks.
     """
     p = _params(params)
-    _require(Layout.from_config(p.paths), "register")
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "register")
     from tasks import steps
     from tasks.evaluate import GateRefusedError
 
@@ -410,7 +369,7 @@ def champions(params: Path = PARAMS) -> None:
 def retrain(params: Path = PARAMS) -> None:
     """Run the Prefect retraining flow end to end and print its summary."""
     p = _params(params)  # a bad params file fails here, before Prefect starts
-    _require(Layout.from_config(p.paths), "ingest")
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "ingest")
     from flows.retrain import retrain as retrain_flow
 
     summary = _run(lambda: retrain_flow(params_path=str(params)))
@@ -486,14 +445,14 @@ def serve(
 
     cfg = _params(params).register_
     if model_uri is None:  # before MLflow's server starts (and creates an empty mlflow.db)
-        _require_registry(cfg.tracking_uri, cfg.model_name)
+        _check(preflight.require_registry, cfg.tracking_uri, cfg.model_name)
     from serving.serve import serve_command  # MLflow and TensorFlow: seconds
-    from tasks.register import CHAMPION, champion_version, resolve_tracking_uri
+    from tasks.register import CHAMPION, resolve_tracking_uri
 
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     if model_uri is None:
-        _require_champion(tracking_uri, cfg.model_name, champion_version)
+        _check(preflight.require_champion, tracking_uri, cfg.model_name)
 
     env = {
         **os.environ,
@@ -508,27 +467,6 @@ def serve(
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)
-
-
-def _require_registry(tracking_uri: str, model_name: str) -> None:
-    """Fail at once when a SQLite registry file does not exist (no import of MLflow)."""
-    prefix = "sqlite:///"
-    if tracking_uri.startswith(prefix) and not Path(tracking_uri[len(prefix) :]).is_file():
-        _fail(
-            f"no model registry at {tracking_uri[len(prefix) :]} (register.tracking_uri), so no "
-            f"champion of {model_name!r}: run esmm retrain (or dvc repro, then esmm promote "
-            "VERSION), or pass --model-uri"
-        )
-
-
-def _require_champion(tracking_uri: str, model_name: str, champion_version) -> None:
-    """Fail with one line when the registry has no `champion` of `model_name` (a missing
-    SQLite file is not created by asking)."""
-    if champion_version(tracking_uri, model_name) is None:
-        _fail(
-            f"no champion of {model_name!r} in the registry at {tracking_uri}: run esmm retrain "
-            "(or dvc repro, then esmm promote VERSION), or pass --model-uri"
-        )
 
 
 @app.command()
@@ -567,18 +505,18 @@ def score(
             "skeleton files, each with its common_features_*.csv"
         )
     if model_uri is None:
-        _require_registry(p.register_.tracking_uri, p.register_.model_name)
+        _check(preflight.require_registry, p.register_.tracking_uri, p.register_.model_name)
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from serving.serve import load_keras_model, score_raw
-    from tasks.register import CHAMPION, champion_version, resolve_tracking_uri
+    from tasks.register import CHAMPION, resolve_tracking_uri
 
     cfg = p.register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     if model_uri is None:
-        _require_champion(tracking_uri, cfg.model_name, champion_version)
+        _check(preflight.require_champion, tracking_uri, cfg.model_name)
     mlflow.set_tracking_uri(tracking_uri)
     try:
         model = load_keras_model(uri)
@@ -587,20 +525,9 @@ def score(
     report = _run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size))
     typer.echo(report.summary())
     limit = p.ingest.max_quarantine_fraction if max_bad_fraction is None else max_bad_fraction
-    _check_scored(report.rows_scored, report.rows_read, limit, report.bad_lines_path)
-
-
-def _check_scored(scored: int, read: int, limit: float, bad_lines: Path) -> None:
-    """Fail when nothing was scored, or more than `limit` of the impressions were not."""
-    if not scored:
-        _fail(f"no impression could be scored ({read:,} lines read); reasons in {bad_lines}")
-    share = (read - scored) / read
-    if share > limit:
-        _fail(
-            f"{read - scored:,} of {read:,} impressions ({share:.2%}) could not be scored, above "
-            f"--max-bad-fraction {limit:.2%} (default ingest.max_quarantine_fraction); "
-            f"reasons in {bad_lines}"
-        )
+    _check(
+        preflight.check_scored, report.rows_scored, report.rows_read, limit, report.bad_lines_path
+    )
 
 
 def _run(step):

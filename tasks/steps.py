@@ -1,7 +1,8 @@
 """The pipeline steps, each one plain function of the configuration.
 
-These are the single implementations behind both entry points: the Prefect flow wraps each
-in a task (flows/retrain.py) and the CLI runs each as a `dvc.yaml` stage (`esmm <step>`).
+These are the single implementations behind both entry points: each is a `dvc.yaml` stage
+(`esmm <step>`), which `dvc repro` runs and the Prefect flow runs through DVC, one task per
+stage (flows/retrain.py), so both share one pipeline state.
 Paths come from `tasks.layout.Layout`, relative to the working directory (the repo root).
 """
 
@@ -31,7 +32,7 @@ from tasks.validate import ValidationResult, validate_data
 
 
 class StepFailed(RuntimeError):
-    """A step raised inside the retraining flow; the message names the step and the reason."""
+    """A stage failed inside the retraining flow; the message names the step and the reason."""
 
 
 @dataclass(frozen=True)

@@ -136,16 +136,12 @@ def test_score_where_nothing_could_be_scored_exits_non_zero(workdir, monkeypatch
     )
 
 
-def test_score_with_too_many_bad_lines_names_the_threshold(capsys):
-    import typer
+def test_score_with_too_many_bad_lines_names_the_threshold():
+    from flows.preflight import PreflightError, check_scored
 
-    from flows.cli import _check_scored
-
-    _check_scored(995, 1000, 0.01, Path("b.csv"))  # 0.5% bad: under 1%
-    with pytest.raises(typer.Exit) as refused:
-        _check_scored(900, 1000, 0.01, Path("b.csv"))
-    assert refused.value.exit_code == 1
-    assert "(10.00%) could not be scored, above --max-bad-fraction 1.00%" in capsys.readouterr().err
+    check_scored(995, 1000, 0.01, Path("b.csv"))  # 0.5% bad: under 1%
+    with pytest.raises(PreflightError, match=r"\(10.00%\) could not be scored, above --max-bad"):
+        check_scored(900, 1000, 0.01, Path("b.csv"))
 
 
 def test_version():
