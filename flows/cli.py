@@ -17,6 +17,7 @@ import typer
 
 from flows import preflight
 from flows.quiet import quiet_this_process
+from flows.stages import FLOW_ENV
 from tasks.config import ConfigError, Params, load_params
 from tasks.layout import Layout
 
@@ -314,7 +315,7 @@ def register(params: Path = PARAMS) -> None:
     )
     if not reg.gate_passed:
         _fail(f"{GateRefusedError(list(reg.gate_reasons))}\nthe champion is unchanged")
-    if "champion" not in reg.aliases:
+    if "champion" not in reg.aliases and not os.environ.get(FLOW_ENV):
         typer.echo(
             f"champion unchanged (register.promote: {p.register_.promote}); make this version "
             f"the champion with: esmm promote {reg.version}"

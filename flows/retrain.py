@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from aliccp.format import SPLITS
 from flows.stages import STAGES, failure_reason, run_stage
 from tasks import steps
 from tasks.config import ConfigError, Params, load_params
@@ -192,7 +193,7 @@ def summarise(params: Params, layout: Layout, previous_champion: str | None) -> 
     )
     return RunSummary(
         data_version=registration["data_version"],
-        impressions=ingested["split_rows"],
+        impressions={s: ingested["split_rows"][s] for s in SPLITS if s in ingested["split_rows"]},
         rows_quarantined=ingested["rows_quarantined"],
         validation=f"validation {passed}; rows profiled: {rows}",
         metrics=metrics,

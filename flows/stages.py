@@ -21,6 +21,8 @@ from pathlib import Path
 from flows.quiet import ANSI, quiet_environment
 
 STAGES = ("ingest", "validate", "train", "evaluate", "register")
+# Set for the stage commands the flow runs (`esmm register` then leaves promotion to it).
+FLOW_ENV = "ESMM_RETRAIN_FLOW"
 
 # A Keras progress line (`12/345 ...`), ours (`validate: ... ETA 3s`) or tqdm's (`x:  40%|`):
 # thinned.
@@ -51,7 +53,8 @@ class StageRun:
 
 
 def _keep(line: str) -> bool:
-    return bool(line.strip()) and not line.startswith(_HINTS + _NOISE)
+    text = line.strip()
+    return bool(text) and not text.startswith(_HINTS + _NOISE)
 
 
 def run_stage(
@@ -75,7 +78,7 @@ def run_stage(
         stderr=subprocess.STDOUT,
         text=True,
         bufsize=1,
-        env=quiet_environment(),
+        env=quiet_environment() | {FLOW_ENV: "1"},
     )
     last_progress = 0.0
     pending = ""  # the latest progress line not yet shown

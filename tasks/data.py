@@ -98,9 +98,7 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
         return RawData(version, "workspace")
     # DVC warns that the files are in no cache nor remote: expected on a fresh clone, where
     # the generator makes them next, so not shown.
-    dvc_logger = logging.getLogger("dvc")
-    level = dvc_logger.level
-    dvc_logger.setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
     try:
         repo.pull(targets=[str(dvc_file)])
         if not repo.status(targets=[str(dvc_file)]):
@@ -108,7 +106,7 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
     except DvcException:
         pass  # no remote, or the remote lacks this version: regenerate below
     finally:
-        dvc_logger.setLevel(level)
+        logging.disable(logging.NOTSET)
     synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed, profile=synth.profile)
     if not _matches(repo, dvc_file, version):
         raise DataVersionError(

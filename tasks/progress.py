@@ -39,6 +39,8 @@ class Progress:
         text = f"{self.step}: {done:,}/{self.total:,} {self.unit}"
         if self.total:
             text += f" ({done / self.total:.0%})"
+        if not done:  # nothing to estimate from yet (e.g. workers starting)
+            return text + f", started {_duration(elapsed)} ago"
         text += f", {rate:,.0f} {self.unit}/s"
         if rate > 0 and done < self.total:
             text += f", ETA {_duration((self.total - done) / rate)}"
@@ -63,6 +65,7 @@ class FileProgress(Progress):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("")
         self._stop = threading.Event()
+        self._shown = -1  # the count of the last line printed
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     def done(self) -> int:
@@ -73,7 +76,8 @@ class FileProgress(Progress):
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            print(self.line(self.done()), flush=True)
+            self._shown = self.done()
+            print(self.line(self._shown), flush=True)
 
     def __enter__(self) -> FileProgress:
         self._thread.start()
@@ -82,7 +86,7 @@ class FileProgress(Progress):
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        if exc[0] is None:
+        if exc[0] is None and self.done() != self._shown:
             print(self.line(self.done()), flush=True)
         self.path.unlink(missing_ok=True)
 

@@ -25,6 +25,7 @@ import random
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -265,14 +266,19 @@ def register_esmm(
             }
         )
         _log_history(history or {})
-        if raw_dir is not None:
-            _log_dataset(Path(raw_dir), data_version)
         for folder, path in artifacts or []:
             if Path(path).is_dir():
                 mlflow.log_artifacts(str(path), folder)
             elif Path(path).is_file():
                 mlflow.log_artifact(str(path), folder)
-        info = _log_model(model_path, cfg)
+        with warnings.catch_warnings():
+            # MLflow's advice to add type hints to a pyfunc's predict (ours takes raw records
+            # of any shape), and its note that a local folder matches two of its source types.
+            warnings.filterwarnings("ignore", message=r".*type hints", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*multiple ways", category=UserWarning)
+            if raw_dir is not None:
+                _log_dataset(Path(raw_dir), data_version)
+            info = _log_model(model_path, cfg)
     registered = mlflow.register_model(
         info.model_uri, cfg.model_name, tags=tags | _metric_tags(metrics, champion_metrics)
     )
