@@ -25,7 +25,13 @@ from tasks import steps
 from tasks.config import ConfigError, Params, load_params
 from tasks.evaluate import GateRefusedError, format_metrics, read_metrics
 from tasks.layout import Layout
-from tasks.register import CHAMPION, PromotionError, champion_version, resolve_tracking_uri
+from tasks.register import (
+    CHAMPION,
+    PromotionError,
+    champion_history,
+    champion_version,
+    resolve_tracking_uri,
+)
 from tasks.steps import StepFailed, read_oracle
 
 
@@ -62,12 +68,19 @@ stage_tasks = {name: _stage_task(name) for name in STAGES}
 @task(name="promote", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def promote_on_gate(params: Params, registration: dict) -> str | None:
     """Make the registered version `champion` when its gate passed (as `esmm promote` would);
-    returns the previous champion, or None when nothing moved."""
+    returns the previous champion, or None when nothing moved.
+
+    A version that was champion before is not promoted again: a run on unchanged inputs must
+    not undo an `esmm rollback` (or an `esmm promote` of another version) made since.
+    """
     cfg = params.register_
     uri = resolve_tracking_uri(cfg.tracking_uri)
     version = registration["version"]
     if not registration["gate_passed"] or champion_version(uri, cfg.model_name) == version:
         return None  # refused, or promoted already (register.promote: gate)
+    if any(event.version == version for event in champion_history(uri, cfg.model_name)):
+        get_run_logger().info(f"version {version} was champion before: not promoted again")
+        return None
     try:
         event = steps.promote(params, version, reason="gate passed in the retraining flow")
     except PromotionError as err:

@@ -84,6 +84,10 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(
     assert any("retraining flow" in v for k, v in history.items() if k.startswith("champion."))
     status = run([sys.executable, "-m", "dvc", "status"], project).stdout
     assert "Data and pipelines are up to date" in status, status
+    # A rollback stays: a later run on unchanged inputs does not promote version 2 again.
+    run([sys.executable, "-m", "flows.cli", "rollback", "--reason", "test"], project)
+    retrain(params_path="params.yaml")
+    assert str(client.get_model_version_by_alias("esmm", "champion").version) == "1"
 
 
 def test_failed_gate_registers_challenger_then_fails_the_run(
