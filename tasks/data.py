@@ -7,6 +7,8 @@ deterministic, so it reproduces exactly the version `data.dvc` names.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import shutil
@@ -96,11 +98,12 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
             )
         _push(repo, dvc_file)
         return RawData(version, "workspace")
-    # DVC warns that the files are in no cache nor remote: expected on a fresh clone, where
-    # the generator makes them next, so not shown.
+    # DVC warns that the files are in no cache nor remote, under empty progress bars: expected
+    # on a fresh clone, where the generator makes them next, so not shown.
     logging.disable(logging.WARNING)
     try:
-        repo.pull(targets=[str(dvc_file)])
+        with contextlib.redirect_stderr(io.StringIO()):
+            repo.pull(targets=[str(dvc_file)])
         if not repo.status(targets=[str(dvc_file)]):
             return RawData(version, "remote")
     except DvcException:

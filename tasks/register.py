@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import time
@@ -271,11 +272,7 @@ def register_esmm(
                 mlflow.log_artifacts(str(path), folder)
             elif Path(path).is_file():
                 mlflow.log_artifact(str(path), folder)
-        with warnings.catch_warnings():
-            # MLflow's advice to add type hints to a pyfunc's predict (ours takes raw records
-            # of any shape), and its note that a local folder matches two of its source types.
-            warnings.filterwarnings("ignore", message=r".*type hints", category=UserWarning)
-            warnings.filterwarnings("ignore", message=r".*multiple ways", category=UserWarning)
+        with _without_mlflow_notices():
             if raw_dir is not None:
                 _log_dataset(Path(raw_dir), data_version)
             info = _log_model(model_path, cfg)
@@ -307,6 +304,29 @@ def register_esmm(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "registration.json").write_text(json.dumps(asdict(registration), indent=2))
     return registration
+
+
+# MLflow's advice to add type hints to a pyfunc's predict (ours takes raw records of any
+# shape), and its note that a local folder matches two of its data set source types.
+_MLFLOW_NOTICES = re.compile(r"Add type hints to the `predict`|can be interpreted in multiple ways")
+
+
+@contextmanager
+def _without_mlflow_notices() -> Iterator[None]:
+    """Drop `_MLFLOW_NOTICES` warnings. Filters cannot: MLflow wraps the type-hint check in
+    its own `catch_warnings` with a "once" filter ahead of any of ours, so the notices are
+    dropped where warnings are shown."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not _MLFLOW_NOTICES.search(str(message)):
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _log_history(history: dict) -> None:
