@@ -10,14 +10,18 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import warnings
+from importlib import metadata
 from pathlib import Path
 
 import typer
 
+from flows import preflight
+from flows.quiet import quiet_this_process
 from flows.stack import deploy_to_pool, server_errors, stack_app
+from flows.stages import FLOW_ENV
 from stack.settings import load_settings
 from tasks.config import ConfigError, Params, load_params
+from tasks.layout import Layout
 
 app = typer.Typer(
     help="ESMM conversion-rate pipeline on Ali-CCP-format data.",
@@ -30,6 +34,22 @@ app.add_typer(data_app, name="data")
 schema_app = typer.Typer(help="The committed TFDV schemas (schema/*.pbtxt).", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
 app.add_typer(stack_app, name="stack")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"esmm {metadata.version('esmm-pipeline')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Show the version."
+    ),
+) -> None:
+    """ESMM conversion-rate pipeline on Ali-CCP-format data."""
+
 
 PARAMS = typer.Option(
     Path("params.yaml"), "--params", "-p", help="Parameters file (one section per step)."
@@ -46,6 +66,14 @@ def _params(path: Path) -> Params:
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
+
+
+def _check(check, *args) -> None:
+    """Run a `flows.preflight` check; its refusal is one line and exit code 1."""
+    try:
+        check(*args)
+    except preflight.PreflightError as err:
+        _fail(str(err))
 
 
 def _expected_errors() -> tuple[type[Exception], ...]:
@@ -166,7 +194,6 @@ def data_add(
 def _propose_schemas(params: Path) -> tuple[Path, Path, dict[str, str]]:
     """Infer schemas from the ingested training split and save them under
     <artifacts>/validate/proposed; returns (the committed schema dir, that folder, the texts)."""
-    from tasks.layout import Layout
     from tasks.validate import propose_schemas, write_schemas
 
     p = _params(params)
@@ -200,9 +227,11 @@ def schema_update(params: Path = PARAMS) -> None:
 @app.command()
 def ingest(params: Path = PARAMS) -> None:
     """Parse raw files into split Parquet tables, vocabularies and a quarantine report."""
+    p = _params(params)
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "ingest")
     from tasks import steps
 
-    report = _run(lambda: steps.ingest(_params(params)))
+    report = _run(lambda: steps.ingest(p))
     typer.echo(report.summary())
 
 
@@ -210,12 +239,13 @@ def ingest(params: Path = PARAMS) -> None:
 def validate(params: Path = PARAMS) -> None:
     """TFDV statistics, schema, drift and skew checks; exits non-zero on anomalies, naming
     each feature; writes report.txt and report.html either way."""
+    p = _params(params)
+    layout = Layout.from_config(p.paths)
+    _check(preflight.require_inputs, layout, "validate")
     from tasks import steps
-    from tasks.layout import Layout
 
-    layout = Layout.from_config(_params(params).paths)
     try:
-        typer.echo(_run(lambda: steps.validate(_params(params))).summary())
+        typer.echo(_run(lambda: steps.validate(p)).summary())
     finally:
         if layout.validate_report_html.is_file():
             typer.echo(f"reports: {layout.validate_report_text} and {layout.validate_report_html}")
@@ -232,9 +262,11 @@ def train(
     ),
 ) -> None:
     """Train ESMM on the ingested train split (early stopping on the validation split)."""
+    p = _params(params)
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "train")
     from tasks import steps
 
-    result = _run(lambda: steps.train(_params(params), resume=None if resume else False))
+    result = _run(lambda: steps.train(p, resume=None if resume else False))
     if result.resumed_from is not None:
         epoch, step = result.resumed_from
         typer.echo(f"resumed from the checkpoint at epoch {epoch + 1}, step {step}")
@@ -248,10 +280,12 @@ def evaluate(params: Path = PARAMS) -> None:
     Exits 0 on a refused model so that DVC records its metrics; `esmm register` is the
     step that fails on it.
     """
+    p = _params(params)
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "evaluate")
     from tasks import steps
     from tasks.evaluate import format_metrics
 
-    evaluation = _run(lambda: steps.evaluate(_params(params)))
+    evaluation = _run(lambda: steps.evaluate(p))
     typer.echo(format_metrics(evaluation.metrics, evaluation.oracle, evaluation.champion))
     if evaluation.champion is None:
         typer.echo("no champion yet: gate on the floors only")
@@ -268,19 +302,27 @@ def evaluate(params: Path = PARAMS) -> None:
 
 @app.command()
 def register(params: Path = PARAMS) -> None:
-    """Register the model as `challenger`; promote it to `champion` if the gate passed.
+    """Register the model as `challenger`; with `register.promote: gate`, also `champion`
+    if the gate passed (the default, never, leaves that to `esmm promote` or `esmm retrain`).
 
     On a failed gate the champion stays and the command exits 1 listing the failed checks.
     """
+    p = _params(params)
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "register")
     from tasks import steps
     from tasks.evaluate import GateRefusedError
 
-    reg = _run(lambda: steps.register(_params(params)))
+    reg = _run(lambda: steps.register(p))
     typer.echo(
         f"registered {reg.model_name} version {reg.version} ({', '.join(reg.aliases)}), data version {reg.data_version}"
     )
     if not reg.gate_passed:
         _fail(f"{GateRefusedError(list(reg.gate_reasons))}\nthe champion is unchanged")
+    if "champion" not in reg.aliases and not os.environ.get(FLOW_ENV):
+        typer.echo(
+            f"champion unchanged (register.promote: {p.register_.promote}); make this version "
+            f"the champion with: esmm promote {reg.version}"
+        )
 
 
 @app.command()
@@ -330,11 +372,13 @@ def champions(params: Path = PARAMS) -> None:
 @app.command()
 def retrain(params: Path = PARAMS) -> None:
     """Run the Prefect retraining flow end to end and print its summary."""
-    _params(params)  # a bad params file fails here, before Prefect starts
+    p = _params(params)  # a bad params file fails here, before Prefect starts
+    _check(preflight.require_inputs, Layout.from_config(p.paths), "ingest")
     from flows.retrain import retrain as retrain_flow
 
     summary = _run(lambda: retrain_flow(params_path=str(params)))
     typer.echo("\n" + summary.to_text())
+    typer.echo("pipeline state: dvc.lock (record it with git add dvc.lock; dvc push)")
 
 
 @app.command()
@@ -348,18 +392,21 @@ def schedule(
     With PREFECT_API_URL unset, a Prefect server (API and UI) is started on 127.0.0.1 for as
     long as this runs; set PREFECT_API_URL to use an existing server instead.
     """
-    from flows.schedule import deployment_name, local_server
-    from tasks.layout import Layout
-
     p = _params(params)
-    # A service manager stops us with SIGTERM: shut down like Ctrl-C, server included.
-    signal.signal(signal.SIGTERM, _interrupt)
     cfg = p.schedule.model_copy(
         update={k: v for k, v in {"cron": cron, "port": port}.items() if v is not None}
     )
+    from flows.schedule import check_schedule, deployment_name, local_server
+
+    try:  # before a server or a deployment starts
+        check_schedule(cfg)
+    except ValueError as err:
+        _fail(str(err))
     if (name := deploy_to_pool(cfg, params)) is not None:
         typer.echo(f"registered {name} (cron '{cfg.cron}') with the work pool; workers run it")
         return
+    # A service manager stops us with SIGTERM: shut down like Ctrl-C, server included.
+    signal.signal(signal.SIGTERM, _interrupt)
     if os.environ.get("PREFECT_API_URL"):
         typer.echo(f"deploying to the Prefect server at {os.environ['PREFECT_API_URL']}")
         _serve(cfg, params)
@@ -403,14 +450,20 @@ def serve(
     """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
     import subprocess
 
-    from serving.pyfunc import serve_command
+    cfg = _params(params).register_
+    if model_uri is None:  # before MLflow's server starts (and creates an empty mlflow.db)
+        _check(preflight.require_registry, cfg.tracking_uri, cfg.model_name)
+    from serving.pyfunc import serve_command  # MLflow: seconds
     from tasks.register import CHAMPION, resolve_tracking_uri
 
-    cfg = _params(params).register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    if model_uri is None:
+        _check(preflight.require_champion, tracking_uri, cfg.model_name)
+
     env = {
         **os.environ,
-        "MLFLOW_TRACKING_URI": resolve_tracking_uri(cfg.tracking_uri),
+        "MLFLOW_TRACKING_URI": tracking_uri,
         # MLflow starts its server as `uvicorn` from PATH: this environment's, even when
         # it is not activated (`.venv/bin/esmm serve`).
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -435,9 +488,31 @@ def score(
         help="Model to score with (default: models:/NAME@champion, NAME = register.model_name).",
     ),
     batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Impressions per model call."),
+    max_bad_fraction: float = typer.Option(
+        None,
+        "--max-bad-fraction",
+        min=0.0,
+        max=1.0,
+        help="Fail when a larger share of impressions cannot be scored "
+        "(default: ingest.max_quarantine_fraction).",
+    ),
     params: Path = PARAMS,
 ) -> None:
-    """Score raw Ali-CCP files in batch: sample_id, labels and p_ctr/p_cvr/p_ctcvr to Parquet."""
+    """Score raw Ali-CCP files in batch: sample_id, labels and p_ctr/p_cvr/p_ctcvr to Parquet.
+
+    Exits 1 when nothing could be scored, or a larger share of impressions than
+    --max-bad-fraction (the predictions and the bad-lines list are written either way).
+    """
+    p = _params(params)
+    if not raw_dir.is_dir():  # before MLflow and TensorFlow load (seconds)
+        _fail(f"no folder {raw_dir}: give a folder of sample_skeleton_*.csv[.gz] files")
+    if not any(raw_dir.glob("sample_skeleton_*.csv*")):
+        _fail(
+            f"no sample_skeleton_*.csv (or .csv.gz) in {raw_dir}: scoring reads raw Ali-CCP "
+            "skeleton files, each with its common_features_*.csv"
+        )
+    if model_uri is None:
+        _check(preflight.require_registry, p.register_.tracking_uri, p.register_.model_name)
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -445,15 +520,22 @@ def score(
     from serving.score import score_raw
     from tasks.register import CHAMPION, resolve_tracking_uri
 
-    cfg = _params(params).register_
+    cfg = p.register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    if model_uri is None:
+        _check(preflight.require_champion, tracking_uri, cfg.model_name)
     mlflow.set_tracking_uri(tracking_uri)
     try:
         model = load_keras_model(uri)
     except MlflowException as err:
         _fail(f"cannot load {uri} (tracking URI {tracking_uri}): {err.message}")
-    typer.echo(_run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size)).summary())
+    report = _run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size))
+    typer.echo(report.summary())
+    limit = p.ingest.max_quarantine_fraction if max_bad_fraction is None else max_bad_fraction
+    _check(
+        preflight.check_scored, report.rows_scored, report.rows_read, limit, report.bad_lines_path
+    )
 
 
 def _run(step):
@@ -464,16 +546,8 @@ def _run(step):
         _fail(str(err))
 
 
-def _quiet_third_party() -> None:
-    """Silence start-up noise that says nothing about this run (CUDA probing on a CPU
-    machine, Google client deprecation notices, a Keras notice about tf.data shuffling)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"google\..*")
-    warnings.filterwarnings("ignore", message=r"`shuffle=True` was passed", category=UserWarning)
-
-
 def main() -> None:
-    _quiet_third_party()
+    quiet_this_process()
     # With PREFECT_API_URL unset, a flow starts Prefect's temporary local server and waits
     # 20 s for it by default; on 2 busy cores (training beside it, a first database
     # migration) that timed out. Waiting longer costs nothing when it starts at once.

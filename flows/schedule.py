@@ -88,6 +88,32 @@ def local_server(host: str, port: int, log_path: Path, timeout: float = 180) -> 
             process.kill()
 
 
+def check_schedule(cfg: ScheduleConfig) -> None:
+    """Refuse a cron expression or time zone Prefect would refuse, before anything starts.
+
+    Raises:
+        ValueError: naming the setting, the value and the expected form.
+    """
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=cfg.cron, timezone=cfg.timezone)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        setting = "timezone" if "timezone" in problem["loc"] else "cron"
+        value = cfg.timezone if setting == "timezone" else cfg.cron
+        expected = (
+            "an IANA time zone such as UTC or Europe/Berlin"
+            if setting == "timezone"
+            else 'five fields "minute hour day month weekday", e.g. "0 2 * * *" for 02:00 daily'
+        )
+        flag = " (or --cron)" if setting == "cron" else ""
+        raise ValueError(
+            f"schedule.{setting}{flag} {value!r} is not valid: use {expected}"
+        ) from None
+
+
 def deployment_name(cfg: ScheduleConfig) -> str:
     """The full name `run_deployment` and `prefect deployment run` take."""
     from flows.retrain import retrain

@@ -182,6 +182,10 @@ class RegisterConfig(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "esmm"
     model_name: str = "esmm"
+    # What `esmm register` (the dvc.yaml stage) does with a model that passed the gate:
+    # never: `challenger` only (experiments never move `champion`); gate: also `champion`.
+    # The retraining flow promotes on the gate itself (flows/retrain.py).
+    promote: Literal["gate", "never"] = "never"
 
 
 class ScheduleConfig(_Section):
@@ -260,17 +264,36 @@ class ConfigError(ValueError):
     """A params file that cannot be used, with the offending keys named."""
 
 
+def monitor_names(variant: str) -> list[str]:
+    """The names Keras logs for a model variant, which `train.early_stopping.monitor` may name."""
+    second = "p_cvr" if variant == "base" else "p_ctcvr"
+    names = ["loss", "p_ctr_loss", f"{second}_loss", "p_ctr_auc", "p_ctcvr_auc"]
+    names.append("p_cvr_auc_clicked")
+    return names + [f"val_{name}" for name in names]
+
+
+def _yaml(path: Path) -> object:
+    """The parsed file; broken YAML is a ConfigError naming the file, line and problem."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix that line") from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and validate `params.yaml`.
 
     Raises:
-        ConfigError: the file is missing, is not a mapping, or has unknown or invalid keys;
-            the message names each key by its dotted path.
+        ConfigError: the file is missing, is not YAML or not a mapping, has unknown or invalid
+            keys (each named by its dotted path), or an early-stopping metric Keras never logs.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     if raw.get("preset") is not None and raw["preset"] not in PRESETS:
@@ -278,7 +301,7 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             f"{path}: preset: unknown preset {raw['preset']!r}; known presets: {sorted(PRESETS)}"
         )
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         problems = []
         for e in err.errors():
@@ -286,3 +309,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             reason = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
             problems.append(f"  {key}: {reason}")
         raise ConfigError(f"{path}: invalid parameters\n" + "\n".join(problems)) from None
+    stop = params.train.early_stopping
+    if stop is not None and stop.monitor not in monitor_names(params.model.variant):
+        raise ConfigError(
+            f"{path}: train.early_stopping.monitor: {stop.monitor!r} is not a metric training "
+            f"logs; use one of {', '.join(monitor_names(params.model.variant))}"
+        )
+    return params

@@ -7,6 +7,9 @@ deterministic, so it reproduces exactly the version `data.dvc` names.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -95,12 +98,18 @@ def ensure_raw_data(repo_root: Path, raw_dir: Path, synth: SynthConfig) -> RawDa
             )
         _push(repo, dvc_file)
         return RawData(version, "workspace")
+    # DVC warns that the files are in no cache nor remote, under empty progress bars: expected
+    # on a fresh clone, where the generator makes them next, so not shown.
+    logging.disable(logging.WARNING)
     try:
-        repo.pull(targets=[str(dvc_file)])
+        with contextlib.redirect_stderr(io.StringIO()):
+            repo.pull(targets=[str(dvc_file)])
         if not repo.status(targets=[str(dvc_file)]):
             return RawData(version, "remote")
     except DvcException:
         pass  # no remote, or the remote lacks this version: regenerate below
+    finally:
+        logging.disable(logging.NOTSET)
     synthesize_ali_ccp(raw_dir, synth.train, synth.test, synth.seed, profile=synth.profile)
     if not _matches(repo, dvc_file, version):
         raise DataVersionError(
@@ -120,13 +129,13 @@ def add_raw_data(repo_root: Path, raw_dir: Path, source: Path, link: bool = Fals
 
     Raises:
         IngestError: `source` lacks a raw file (the message names it).
+        DataVersionError: a raw file is not in the Ali-CCP format (`sniff_raw_files`);
+            nothing is copied and the data version is unchanged.
     """
     from dvc.repo import Repo
 
-    from tasks.ingest import find_raw_files
-
     source, raw_dir = Path(source), Path(raw_dir)
-    find_raw_files(source)
+    sniff_raw_files(source)
     incoming = raw_dir.with_name(f".{raw_dir.name}.incoming")
     shutil.rmtree(incoming, ignore_errors=True)
     shutil.copytree(source, incoming, copy_function=os.link if link else shutil.copy2)
@@ -138,6 +147,46 @@ def add_raw_data(repo_root: Path, raw_dir: Path, source: Path, link: bool = Fals
     dvc_file = dvc_file_for(raw_dir, repo_root)
     _push(repo, dvc_file)
     return RawData(data_version(dvc_file), "added")
+
+
+SNIFF_BYTES = 1 << 16  # of each raw file, read before anything is copied
+SNIFF_MAX_BAD = 0.5  # a file whose sniffed lines are mostly bad is not Ali-CCP data
+
+
+def sniff_raw_files(source: Path) -> None:
+    """Check that the four raw files of a folder look like Ali-CCP data: the first lines of
+    each are parsed by the ingest parser (a later bad line is ingestion's quarantine's job).
+
+    Raises:
+        IngestError: a raw file is missing.
+        DataVersionError: a file cannot be read (e.g. not really gzip) or is empty, or most
+            of its first lines are not in its format; the message names the file and why.
+    """
+    from tasks.ingest import find_raw_files, parse_block
+
+    for sources in find_raw_files(source).values():
+        for raw, kind in zip(sources, ("skeleton", "common"), strict=True):
+            try:
+                with raw.open() as fh:
+                    block = fh.read(SNIFF_BYTES)
+                    complete = len(block) < SNIFF_BYTES or not fh.read(1)
+            except (OSError, EOFError) as err:
+                raise DataVersionError(f"{raw}: cannot be read ({err}); {_UNCHANGED}") from None
+            if not complete:  # whole lines only
+                block = block[: block.rfind(b"\n") + 1]
+            if not block.strip():
+                raise DataVersionError(f"{raw}: no {kind} lines; {_UNCHANGED}")
+            parsed = parse_block(block, 0, kind)
+            bad = len(parsed.bad_reasons)
+            if bad > SNIFF_MAX_BAD * max(parsed.n_lines, 1):
+                reason = max(set(parsed.bad_reasons), key=parsed.bad_reasons.count)
+                raise DataVersionError(
+                    f"{raw}: not an Ali-CCP {kind} file: {bad} of its first {parsed.n_lines} "
+                    f"lines are bad (mostly: {reason}); {_UNCHANGED}"
+                )
+
+
+_UNCHANGED = "nothing was added and the data version is unchanged"
 
 
 @dataclass(frozen=True)

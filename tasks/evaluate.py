@@ -23,6 +23,7 @@ from sklearn.metrics import log_loss, roc_auc_score, roc_curve
 
 from models.features import CLICK_LABEL_KEY, CONVERSION_LABEL_KEY, SAMPLE_ID_KEY
 from tasks.config import EvaluateConfig
+from tasks.progress import Progress
 
 # metric name -> the EvaluateConfig floor that gates it
 GATED_METRICS: dict[str, str] = {
@@ -351,14 +352,22 @@ def evaluate_esmm(
     champion: Champion | None = None,
 ) -> EvaluationResult:
     """Score the candidate (and the champion, if any) on the test split; write
-    `metrics.json` (candidate metrics, champion metrics, deltas, verdict),
-    `by_position.json`, `predictions.parquet` and `plots/*.png`."""
+    `metrics.json` (candidate metrics, champion metrics, deltas, verdict), `headline.json`
+    (the part `dvc metrics show` prints), `by_position.json` and `.csv`,
+    `predictions.parquet` and `plots/*.png`."""
+    against = f" and champion version {champion.version}" if champion is not None else ""
+    print(f"evaluate: scoring the model{against} on {test_dir}", flush=True)
+    started = Progress("evaluate: scored", 0, "impressions")
     predictions = _predict(model_path, test_dir)
+    # The total is known once one model has scored the split: each model scores all of it.
+    started.total = len(predictions) * (2 if champion is not None else 1)
+    started.update(len(predictions), force=True)
     metrics = compute_metrics(predictions)
     champion_metrics = champion_predictions = None
     if champion is not None:
         try:
             champion_predictions = _predict(champion.model_path, test_dir)
+            started.update(started.total, force=True)
         except Exception as err:  # an incompatible champion must be named, not a traceback
             raise RuntimeError(
                 f"could not score champion version {champion.version} "
@@ -374,8 +383,38 @@ def evaluate_esmm(
     write_plots(predictions, out_dir / "plots", cfg.reliability_bins, champion_predictions)
     by_position = metrics_by_position(predictions, cfg.position_min_impressions)
     (out_dir / "by_position.json").write_text(_dumps(by_position))
-    write_metrics(out_dir / "metrics.json", metrics, champion_metrics, verdict)
+    write_position_table(out_dir / "by_position.csv", by_position)
+    document = write_metrics(out_dir / "metrics.json", metrics, champion_metrics, verdict)
+    write_headline(out_dir / "headline.json", document)
     return EvaluationResult(metrics, champion_metrics, verdict)
+
+
+def write_position_table(path: Path, by_position: dict[str, dict]) -> None:
+    """The per-position figures as a CSV table, one row per position (a DVC plot)."""
+    columns = ["impressions", "ctr_auc", "ctcvr_auc", "ctr_calibration"]
+    rows = ["position," + ",".join(columns)]
+    for position, row in by_position.items():
+        cells = ["" if _nan(row[c]) else f"{row[c]:.6g}" for c in columns]
+        rows.append(f"{position}," + ",".join(cells))
+    Path(path).write_text("\n".join(rows) + "\n")
+
+
+def _nan(value: object) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def write_headline(path: Path, document: dict) -> dict:
+    """The DVC metrics file (`dvc metrics show/diff`): the three headline AUCs, the verdict
+    and, against a champion, its version and the deltas; `metrics.json` has everything."""
+    aucs = ("ctr_auc", "ctcvr_auc", "cvr_auc_clicked")
+    headline = {k: document[k] for k in aucs} | {"gate_passed": document["gate_passed"]}
+    if "champion" in document:
+        # the champion's version and the deltas (its AUCs are in metrics.json): one row of a
+        # dozen columns at most
+        headline["champion"] = {"version": document["champion"]["version"]}
+        headline["delta"] = {k: document["delta"][k] for k in aucs}
+    Path(path).write_text(_dumps(headline))
+    return headline
 
 
 def write_metrics(path: Path, metrics: dict, champion: dict | None, verdict: GateVerdict) -> dict:

@@ -60,6 +60,11 @@ class Layout:
         return self.train_dir / "model.keras"
 
     @property
+    def history_path(self) -> Path:
+        """Per-epoch training metrics (`history.json`, one list per logged name)."""
+        return self.train_dir / "history.json"
+
+    @property
     def evaluate_dir(self) -> Path:
         return self.artifacts / "evaluate"
 
@@ -68,8 +73,30 @@ class Layout:
         return self.evaluate_dir / "metrics.json"
 
     @property
+    def headline_path(self) -> Path:
+        """The DVC metrics file: the headline AUCs, the verdict, the champion's and deltas."""
+        return self.evaluate_dir / "headline.json"
+
+    @property
     def by_position_path(self) -> Path:
         return self.evaluate_dir / "by_position.json"
+
+    @property
+    def by_position_table(self) -> Path:
+        """The per-position figures as a CSV table (a DVC plot: `dvc plots show`)."""
+        return self.evaluate_dir / "by_position.csv"
+
+    @property
+    def ingest_report_path(self) -> Path:
+        return self.ingest_dir / "report.json"
+
+    @property
+    def validate_summary_path(self) -> Path:
+        return self.validate_dir / "report.json"
+
+    @property
+    def registration_path(self) -> Path:
+        return self.register_dir / "registration.json"
 
     @property
     def plots_dir(self) -> Path:

@@ -22,11 +22,13 @@ import hashlib
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -251,9 +253,12 @@ def register_esmm(
     out_dir: Path,
     champion_metrics: dict | None = None,
     artifacts: list[tuple[str, Path]] | None = None,
+    history: dict | None = None,
+    raw_dir: Path | None = None,
 ) -> Registration:
     """Log params, metrics, artefacts and the model to MLflow; register it as a new version
-    with `challenger`, and promote it to `champion` (through `promote`) when the gate passed.
+    with `challenger`, and promote it to `champion` (through `promote`) when the gate passed
+    and `register.promote` is `gate`.
 
     Args:
         model_path: the trained `.keras` model.
@@ -264,6 +269,8 @@ def register_esmm(
         out_dir: where `registration.json` is written.
         champion_metrics: the champion's metrics on the same test split, if there was one.
         artifacts: (artefact folder, file or folder) pairs to log; missing ones are skipped.
+        history: training's `history.json` (per-epoch metrics, logged as steps 0, 1, ...).
+        raw_dir: the raw data folder, recorded as the run's input data set (`log_input`).
 
     Returns:
         The registered version, its aliases and the verdict.
@@ -294,12 +301,16 @@ def register_esmm(
                 if isinstance(v, int | float) and not isinstance(v, bool)
             }
         )
+        _log_history(history or {})
         for folder, path in artifacts or []:
             if Path(path).is_dir():
                 mlflow.log_artifacts(str(path), folder)
             elif Path(path).is_file():
                 mlflow.log_artifact(str(path), folder)
-        info = _log_model(model_path, cfg)
+        with _without_mlflow_notices():
+            if raw_dir is not None:
+                _log_dataset(Path(raw_dir), data_version)
+            info = _log_model(model_path, cfg)
     registered = mlflow.register_model(
         info.model_uri, cfg.model_name, tags=tags | _metric_tags(metrics, champion_metrics)
     )
@@ -307,7 +318,7 @@ def register_esmm(
     client = _client(tracking_uri)
     client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
     aliases, previous = [CHALLENGER], None
-    if verdict.passed:
+    if verdict.passed and cfg.promote == "gate":
         event = promote(
             tracking_uri, cfg.model_name, version, reason=f"gate passed in run {run.info.run_id}"
         )
@@ -328,6 +339,54 @@ def register_esmm(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "registration.json").write_text(json.dumps(asdict(registration), indent=2))
     return registration
+
+
+# MLflow's advice to add type hints to a pyfunc's predict (ours takes raw records of any
+# shape), and its note that a local folder matches two of its data set source types.
+_MLFLOW_NOTICES = re.compile(r"Add type hints to the `predict`|can be interpreted in multiple ways")
+
+
+@contextmanager
+def _without_mlflow_notices() -> Iterator[None]:
+    """Drop `_MLFLOW_NOTICES` warnings. Filters cannot: MLflow wraps the type-hint check in
+    its own `catch_warnings` with a "once" filter ahead of any of ours, so the notices are
+    dropped where warnings are shown."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not _MLFLOW_NOTICES.search(str(message)):
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def _log_history(history: dict) -> None:
+    """Per-epoch training metrics as MLflow steps (`history.json` holds one list per name),
+    so the MLflow UI draws learning curves as autologging would."""
+    import mlflow
+
+    for name, values in history.items():
+        if not isinstance(values, list):
+            continue  # best_epoch, recalibration, replicas: not per-epoch
+        for step, value in enumerate(values):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                mlflow.log_metric(name, float(value), step=step)
+
+
+def _log_dataset(raw_dir: Path, data_version: str) -> None:
+    """The raw data folder as the run's training input, with the DVC md5 as its digest."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = resolve_dataset_source(str(raw_dir.resolve()))
+    digest = data_version.removesuffix(".dir")
+    dataset = MetaDataset(source, name=f"{raw_dir.name}@{digest[:8]}", digest=digest)
+    mlflow.log_input(dataset, context="training", tags={"data_version": data_version})
 
 
 def _retrying(call, attempts: int = 20):

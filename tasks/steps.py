@@ -1,7 +1,8 @@
 """The pipeline steps, each one plain function of the configuration.
 
-These are the single implementations behind both entry points: the Prefect flow wraps each
-in a task (flows/retrain.py) and the CLI runs each as a `dvc.yaml` stage (`esmm <step>`).
+These are the single implementations behind both entry points: each is a `dvc.yaml` stage
+(`esmm <step>`), which `dvc repro` runs and the Prefect flow runs through DVC, one task per
+stage (flows/retrain.py), so both share one pipeline state.
 Paths come from `tasks.layout.Layout`, relative to the working directory (the repo root).
 """
 
@@ -31,7 +32,7 @@ from tasks.validate import ValidationResult, validate_data
 
 
 class StepFailed(RuntimeError):
-    """A step raised inside the retraining flow; the message names the step and the reason."""
+    """A stage failed inside the retraining flow; the message names the step and the reason."""
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,9 @@ def evaluate(params: Params) -> Evaluation:
 
 
 def register(params: Params) -> Registration:
-    """Register the evaluated model in MLflow with its data version, digests, metrics, plots
-    and verdict as `challenger`; promote it to `champion` when the gate passed."""
+    """Register the evaluated model in MLflow with its data version (also as its input data
+    set), digests, metrics, per-epoch training curves, plots and verdict as `challenger`;
+    promote it to `champion` when the gate passed and `register.promote` is `gate`."""
     layout = _layout(params)
     metrics, champion, verdict = read_metrics(layout.metrics_path)
     version = data_version(dvc_file_for(layout.raw_dir, layout.raw_dir.parent))
@@ -123,6 +125,7 @@ def register(params: Params) -> Registration:
         ("validation", layout.validate_report_html),
         ("validation", layout.validate_report_text),
     ]
+    history = json.loads(layout.history_path.read_text()) if layout.history_path.is_file() else {}
     return register_esmm(
         layout.model_path,
         metrics,
@@ -132,6 +135,8 @@ def register(params: Params) -> Registration:
         layout.register_dir,
         champion_metrics=champion,
         artifacts=artifacts,
+        history=history,
+        raw_dir=layout.raw_dir,
     )
 
 

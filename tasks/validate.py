@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from aliccp.format import SPLITS
 from models.features import (
@@ -48,6 +49,7 @@ from models.features import (
     wts_key,
 )
 from tasks.config import DriftConfig, ValidateConfig
+from tasks.progress import FileProgress, record
 
 TRAINING, SERVING = "TRAINING", "SERVING"  # schema environments
 TABLES: dict[str, str] = {"impressions": "impressions.parquet", "common": "common.parquet"}
@@ -190,6 +192,24 @@ def pipeline_options(cfg: ValidateConfig):
     return PipelineOptions([f"--runner={cfg.beam_runner}", *cfg.beam_options])
 
 
+def _tfdv():
+    """TFDV, imported without its notice that IPython is missing (its display helpers are
+    for notebooks; the reports here are built without them). TFDV is imported only where it
+    is used: it takes seconds and `esmm --help` must not wait for it."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        import tensorflow_data_validation as tfdv
+    return tfdv
+
+
+def _counted(table: pa.Table, progress_path: str) -> pa.RecordBatch:
+    """`to_tfdv_batch`, counting the rows for the progress line (runs in Beam's workers)."""
+    record(progress_path, table.num_rows)
+    return to_tfdv_batch(table)
+
+
 def generate_statistics(tables: dict[str, Path], out_dir: Path, cfg: ValidateConfig) -> dict:
     """TFDV statistics of several Parquet tables, computed in ONE Beam pipeline (one runner
     start-up, one branch per table); each saved as `out_dir/<name>.stats.binpb`.
@@ -198,7 +218,8 @@ def generate_statistics(tables: dict[str, Path], out_dir: Path, cfg: ValidateCon
         {name: DatasetFeatureStatisticsList}.
     """
     import apache_beam as beam
-    import tensorflow_data_validation as tfdv
+
+    tfdv = _tfdv()
     from apache_beam.io.parquetio import ReadFromParquetBatched
 
     out_dir = Path(out_dir)
@@ -206,12 +227,14 @@ def generate_statistics(tables: dict[str, Path], out_dir: Path, cfg: ValidateCon
     paths = {name: out_dir / f"{name}.stats.binpb" for name in tables}
     for path in paths.values():  # a fresh run, not Beam's warning about overwriting
         path.unlink(missing_ok=True)
-    with beam.Pipeline(options=pipeline_options(cfg)) as pipeline:
+    rows = sum(pq.ParquetFile(path).metadata.num_rows for path in tables.values())
+    progress = FileProgress("validate: statistics", rows, "rows", out_dir / ".progress")
+    with progress, beam.Pipeline(options=pipeline_options(cfg)) as pipeline:
         for name, parquet_path in tables.items():
             _ = (
                 pipeline
                 | f"Read[{name}]" >> ReadFromParquetBatched(str(parquet_path))
-                | f"ToRecordBatch[{name}]" >> beam.Map(to_tfdv_batch)
+                | f"ToRecordBatch[{name}]" >> beam.Map(_counted, str(progress.path))
                 | f"Statistics[{name}]" >> tfdv.GenerateStatistics(tfdv.StatsOptions())
                 | f"Write[{name}]" >> tfdv.WriteStatisticsToBinaryFile(str(paths[name]))
             )
@@ -240,7 +263,7 @@ def infer_schema(statistics, max_domain_size: int = 100, value_domains: bool = F
     value, multi-valued ones at least one. The bound on distinct ids is the larger of
     `_UNIQUE_HEADROOM` times the training count and `_UNIQUE_FLOOR`.
     """
-    import tensorflow_data_validation as tfdv
+    tfdv = _tfdv()
     from tensorflow_metadata.proto.v0 import schema_pb2
 
     schema = tfdv.infer_schema(
@@ -491,7 +514,7 @@ def validate_data(
     Raises:
         DataValidationError: anomalies were found (after the reports are written).
     """
-    import tensorflow_data_validation as tfdv
+    tfdv = _tfdv()
 
     from tasks.validate_report import write_reports
 
@@ -666,7 +689,8 @@ def validate_records(
     import tempfile
 
     import apache_beam as beam
-    import tensorflow_data_validation as tfdv
+
+    tfdv = _tfdv()
 
     schema = tfdv.load_schema_text(str(schema_path))
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import yaml
+
 from tests.conftest import make_project, run
 
 pytestmark = pytest.mark.timeout(900)
@@ -53,6 +54,41 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(
     assert run_data.tags["data_version"] == expected_version
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert run_data.params["train.epochs"] == str(params["train"]["epochs"])
+    # Per-epoch training metrics as steps (learning curves), the data set as the run's input.
+    epochs = len(json.loads((project / "artifacts/train/history.json").read_text())["loss"])
+    assert [m.step for m in client.get_metric_history(version.run_id, "loss")] == list(
+        range(epochs)
+    )
+    assert len(client.get_metric_history(version.run_id, "val_p_ctr_auc")) == epochs
+    (dataset,) = client.get_run(version.run_id).inputs.dataset_inputs
+    assert dataset.dataset.digest == expected_version.removesuffix(".dir")
+
+    # One pipeline state: the flow ran the dvc.yaml stages, so DVC finds nothing to do.
+    status = run([sys.executable, "-m", "dvc", "status"], project).stdout
+    assert "Data and pipelines are up to date" in status, status
+    assert "Running stage" not in _repro(project)
+    # A parameter change through `dvc repro` reruns only the stage that reads it (here the
+    # MLflow experiment: register alone, so no retraining in this test); the new version
+    # is `challenger` only (register.promote: never) ...
+    params["register"]["experiment"] = "esmm-again"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _repro(project)
+    assert "Running stage 'register'" in changed and changed.count("Running stage") == 1
+    assert client.get_registered_model("esmm").aliases["challenger"] in (2, "2")
+    assert str(client.get_model_version_by_alias("esmm", "champion").version) == "1"
+    # ... and the flow sees it: no stage reruns; it promotes version 2 on its gate.
+    again = retrain(params_path="params.yaml")
+    assert again.model_version == "2" and again.previous_champion == "1"
+    assert len(client.search_model_versions("name='esmm'")) == 2
+    assert str(client.get_model_version_by_alias("esmm", "champion").version) == "2"
+    history = client.get_registered_model("esmm").tags
+    assert any("retraining flow" in v for k, v in history.items() if k.startswith("champion."))
+    status = run([sys.executable, "-m", "dvc", "status"], project).stdout
+    assert "Data and pipelines are up to date" in status, status
+    # A rollback stays: a later run on unchanged inputs does not promote version 2 again.
+    run([sys.executable, "-m", "flows.cli", "rollback", "--reason", "test"], project)
+    retrain(params_path="params.yaml")
+    assert str(client.get_model_version_by_alias("esmm", "champion").version) == "1"
 
 
 def test_failed_gate_registers_challenger_then_fails_the_run(
@@ -138,9 +174,17 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
     metrics = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
     assert {"ctr_auc", "ctcvr_auc", "cvr_auc_clicked", "gate_passed"} <= set(metrics)
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
-    assert "ctr_auc" in shown
+    assert "ctr_auc" in shown and "position" not in shown  # the headline, readably
+    assert max(len(line) for line in shown.splitlines()) < 160, shown
+    # register.promote: never (the default): a passing model is `challenger` only.
+    registration = json.loads(
+        (project / "artifacts" / "register" / "registration.json").read_text()
+    )
+    assert registration["gate_passed"] and registration["aliases"] == ["challenger"]
 
     assert "Running stage" not in _repro(project)
+    # `esmm promote` makes it the champion the experiment below is compared with.
+    run([sys.executable, "-m", "flows.cli", "promote", "1", "--reason", "first model"], project)
 
     # An experiment with one parameter changed reruns training and what follows it only.
     run(["git", "add", "-A"], project)
@@ -157,9 +201,10 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
     )
     assert registration["version"] == "2"
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
-    assert "champion.ctr_auc" in shown and "delta.ctr_auc" in shown  # scored against v1
+    assert "champion.version" in shown and "delta.ctr_auc" in shown  # scored against v1
     run([sys.executable, "-m", "dvc", "plots", "show"], project)
-    assert "roc_ctr.png" in (project / "dvc_plots" / "index.html").read_text()
+    plots = (project / "dvc_plots" / "index.html").read_text()
+    assert "roc_ctr.png" in plots and "by_position.csv" in plots
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
     assert "0.002" in shown and "ctr_auc" in shown
 

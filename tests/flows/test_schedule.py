@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+
 from tests.conftest import make_project
 
 pytestmark = pytest.mark.timeout(900)

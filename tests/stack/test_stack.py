@@ -28,10 +28,10 @@ from unittest import mock
 import mlflow.artifacts
 import psutil
 import pytest
-from tests.conftest import make_project
 
 from stack import lifecycle, postgres, processes
 from stack.settings import read_env_file
+from tests.conftest import make_project
 
 pytestmark = pytest.mark.timeout(1500)
 

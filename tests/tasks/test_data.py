@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.conftest import REPO, SMALL, add_local_remote, make_project, run
 
 from aliccp.synth import synthesize_ali_ccp
 from tasks.config import SynthConfig, load_params
 from tasks.data import DataVersionError, data_version, ensure_raw_data
+from tests.conftest import REPO, SMALL, add_local_remote, make_project, run
 
 
 def test_default_data_regenerates_to_the_committed_version(tmp_path):

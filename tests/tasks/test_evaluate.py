@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest import make_project, run
 from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 
@@ -23,9 +22,11 @@ from tasks.evaluate import (
     gate,
     metrics_by_position,
     read_metrics,
+    write_headline,
     write_metrics,
     write_plots,
 )
+from tests.conftest import make_project, run
 
 
 def _frame(click, conversion, p_ctr, p_cvr) -> pd.DataFrame:
@@ -214,23 +215,32 @@ def test_plots_are_written_for_the_three_tasks(tmp_path):
 
 
 def test_metrics_file_works_with_dvc_metrics_show_and_diff(tmp_path, small_raw):
-    """metrics.json as written by the evaluate step: `dvc metrics show` lists the candidate,
-    the champion, the deltas and the verdict; `dvc metrics diff` shows the change."""
+    """headline.json as written by the evaluate step: `dvc metrics show` lists the
+    candidate's AUCs, the champion's, the deltas and the verdict, readably (not every
+    metric); `dvc metrics diff` shows the change; `dvc metrics show metrics.json` has all."""
     project = make_project(tmp_path / "project", small_raw)
     path = project / "artifacts" / "evaluate" / "metrics.json"
+    headline = path.with_name("headline.json")
     path.parent.mkdir(parents=True)
     metrics = {name: 0.7 for name in HEADLINE} | {"impressions": 100}
-    write_metrics(path, metrics, None, GateVerdict(True))
-    run(["git", "add", "-f", str(path)], project)
+    write_headline(headline, write_metrics(path, metrics, None, GateVerdict(True)))
+    run(["git", "add", "-f", str(path), str(headline)], project)
     run(["git", "commit", "-q", "-m", "metrics"], project)
     refused = GateVerdict(False, ["ctr_auc = 0.6000 regressed by 0.1000 against champion"])
-    write_metrics(path, metrics | {"ctr_auc": 0.6}, _champion("3"), refused)
+    document = write_metrics(path, metrics | {"ctr_auc": 0.6}, _champion("3"), refused)
+    write_headline(headline, document)
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
-    for column in ("ctr_auc", "champion.ctr_auc", "delta.ctr_auc", "gate_passed", "gate_summary"):
+    for column in ("ctr_auc", "champion.version", "delta.ctr_auc", "gate_passed"):
         assert column in shown
-    assert "regressed by 0.1000" in shown
+    assert "impressions" not in shown and "logloss" not in shown
+    assert max(len(line) for line in shown.splitlines()) < 200, shown
     diff = run([sys.executable, "-m", "dvc", "metrics", "diff"], project).stdout
     assert "ctr_auc" in diff and "-0.1" in diff
+    everything = run(
+        [sys.executable, "-m", "dvc", "metrics", "show", "artifacts/evaluate/metrics.json"],
+        project,
+    ).stdout
+    assert "champion.ctr_auc" in everything and "regressed by 0.1000" in everything
     assert read_metrics(path)[1]["version"] == "3" and read_metrics(path)[2] == refused
 
 

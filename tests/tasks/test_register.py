@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tests.conftest import REPO, SMALL_PARAMS
 from typer.testing import CliRunner
 
 from tasks.register import (
@@ -28,6 +27,7 @@ from tasks.register import (
     rollback,
     schema_digest,
 )
+from tests.conftest import REPO, SMALL_PARAMS
 
 pytestmark = pytest.mark.timeout(600)
 MODEL = "esmm"
@@ -265,7 +265,10 @@ def test_label_shuffled_model_is_refused_and_the_champion_stays(tmp_path, small_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = Params.model_validate(
         SMALL_PARAMS
-        | {"register": {"tracking_uri": uri}, "validate": {"schema_dir": str(REPO / "schema")}}
+        | {
+            "register": {"tracking_uri": uri, "promote": "gate"},
+            "validate": {"schema_dir": str(REPO / "schema")},
+        }
     )
     ingest_ali_ccp(small_raw, tmp_path / "ingest", params.ingest)
     test_split = tmp_path / "ingest" / "test"
@@ -317,3 +320,20 @@ def test_label_shuffled_model_is_refused_and_the_champion_stays(tmp_path, small_
     assert "evaluation/plots/roc_ctr.png" in logged
     _, champion_metrics, verdict = read_metrics(tmp_path / "bad-eval" / "metrics.json")
     assert champion_metrics["version"] == "1" and not verdict.passed
+
+    # register.promote: never (the default: dvc repro, dvc exp run): a model that passed the
+    # gate gets `challenger` only; `champion` stays where it was.
+    never = params.model_copy(
+        update={"register_": params.register_.model_copy(update={"promote": "never"})}
+    )
+    registration = register_esmm(
+        tmp_path / "good" / "model.keras",
+        good.metrics,
+        good.verdict,
+        "data-v1",
+        never,
+        tmp_path / "never-register",
+    )
+    assert registration.gate_passed and registration.aliases == ["challenger"]
+    aliases = client.get_registered_model(MODEL).aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"champion": "1", "challenger": "3"}
