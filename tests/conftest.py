@@ -84,6 +84,11 @@ def make_project(root: Path, raw: Path, overrides: dict | None = None) -> Path:
     return root
 
 
+def repro(project: Path) -> str:
+    """`dvc repro` in `project`; its output."""
+    return run([sys.executable, "-m", "dvc", "repro"], project).stdout
+
+
 def add_local_remote(project: Path, remote: Path) -> None:
     """Make a folder the project's default DVC remote."""
     run([sys.executable, "-m", "dvc", "remote", "add", "-q", "-d", "local", str(remote)], project)
@@ -94,3 +99,16 @@ def _merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_dvc_log_handlers():
+    """DVC's in-process CLI binds its log handlers to the streams of the test that first ran
+    it; pytest closes those, and DVC then fails to log in a later test of this process."""
+    yield
+    import logging
+
+    for name in ("dvc", "dvc_objects", "dvc_data"):  # the loggers dvc.logger.setup() equips
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import make_project, run
+from tests.conftest import make_project, repro, run
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -66,13 +66,13 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(
     # One pipeline state: the flow ran the dvc.yaml stages, so DVC finds nothing to do.
     status = run([sys.executable, "-m", "dvc", "status"], project).stdout
     assert "Data and pipelines are up to date" in status, status
-    assert "Running stage" not in _repro(project)
+    assert "Running stage" not in repro(project)
     # A parameter change through `dvc repro` reruns only the stage that reads it (here the
     # MLflow experiment: register alone, so no retraining in this test); the new version
     # is `challenger` only (register.promote: never) ...
     params["register"]["experiment"] = "esmm-again"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    changed = _repro(project)
+    changed = repro(project)
     assert "Running stage 'register'" in changed and changed.count("Running stage") == 1
     assert client.get_registered_model("esmm").aliases["challenger"] in (2, "2")
     assert str(client.get_model_version_by_alias("esmm", "champion").version) == "1"
@@ -151,81 +151,6 @@ def test_each_new_data_version_retrains_and_corrupt_data_fails_the_run(
     assert "step ingest failed" in state.message and "max_quarantine_fraction" in state.message
     assert client.get_model_version_by_alias("esmm", "champion").version == champion
     assert len(client.search_model_versions("name='esmm'")) == 2
-
-
-def _repro(project) -> str:
-    return run([sys.executable, "-m", "dvc", "repro"], project).stdout
-
-
-def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
-    """`dvc repro` runs all stages; a second run does nothing; a training parameter change
-    reruns training and what follows it, never ingestion or validation."""
-    # No floors and no regression check: this test is about what reruns, not the gate.
-    no_gate = {
-        "min_ctr_auc": 0.0,
-        "min_ctcvr_auc": 0.0,
-        "min_cvr_auc_clicked": 0.0,
-        "max_regression": {"ctr_auc": 1.0, "ctcvr_auc": 1.0, "cvr_auc_clicked": 1.0},
-    }
-    project = make_project(tmp_path / "project", small_raw, {"evaluate": no_gate})
-    first = _repro(project)
-    for stage in ("ingest", "validate", "train", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in first
-    metrics = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
-    assert {"ctr_auc", "ctcvr_auc", "cvr_auc_clicked", "gate_passed"} <= set(metrics)
-    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
-    assert "ctr_auc" in shown and "position" not in shown  # the headline, readably
-    assert max(len(line) for line in shown.splitlines()) < 160, shown
-    # register.promote: never (the default): a passing model is `challenger` only.
-    registration = json.loads(
-        (project / "artifacts" / "register" / "registration.json").read_text()
-    )
-    assert registration["gate_passed"] and registration["aliases"] == ["challenger"]
-
-    assert "Running stage" not in _repro(project)
-    # `esmm promote` makes it the champion the experiment below is compared with.
-    run([sys.executable, "-m", "flows.cli", "promote", "1", "--reason", "first model"], project)
-
-    # An experiment with one parameter changed reruns training and what follows it only.
-    run(["git", "add", "-A"], project)
-    run(["git", "commit", "-qm", "first repro"], project)
-    third = run(
-        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.002"], project
-    ).stdout
-    for stage in ("train", "evaluate", "register"):
-        assert f"Running stage '{stage}'" in third
-    for stage in ("ingest", "validate"):
-        assert f"Running stage '{stage}'" not in third
-    registration = json.loads(
-        (project / "artifacts" / "register" / "registration.json").read_text()
-    )
-    assert registration["version"] == "2"
-    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
-    assert "champion.version" in shown and "delta.ctr_auc" in shown  # scored against v1
-    run([sys.executable, "-m", "dvc", "plots", "show"], project)
-    plots = (project / "dvc_plots" / "index.html").read_text()
-    assert "roc_ctr.png" in plots and "by_position.csv" in plots
-    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
-    assert "0.002" in shown and "ctr_auc" in shown
-
-
-def test_flow_and_dvc_repro_give_the_same_metrics(
-    tmp_path, small_raw, prefect_harness, monkeypatch
-):
-    """Same data and parameters: the Prefect flow and `dvc repro` (separate processes, same
-    step functions) write identical metrics."""
-    from flows.retrain import retrain
-
-    by_flow = make_project(tmp_path / "flow", small_raw)
-    monkeypatch.chdir(by_flow)
-    retrain(params_path="params.yaml")
-    by_dvc = make_project(tmp_path / "dvc", small_raw)
-    _repro(by_dvc)
-    flow_metrics, dvc_metrics = (
-        json.loads((p / "artifacts" / "evaluate" / "metrics.json").read_text())
-        for p in (by_flow, by_dvc)
-    )
-    assert flow_metrics == dvc_metrics
 
 
 def test_run_summary_text_names_every_outcome():

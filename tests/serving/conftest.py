@@ -5,6 +5,7 @@ modules."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -69,18 +70,42 @@ def store(keras_model_path, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("mlflow")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
+    # MLflow's global URIs point at this store only while it registers the model and during
+    # each test that uses it (`_mlflow_uris_of_the_store`): other test files run in this
+    # process too, and an earlier in-process registration may have set the registry URI.
+    with _global_uris(tracking_uri):
         experiment = mlflow.create_experiment("serve", artifact_location=str(root / "mlruns"))
         with mlflow.start_run(experiment_id=experiment):
             info = log_serving_model(keras_model_path, registered_model_name=MODEL_NAME)
-        MlflowClient(tracking_uri).set_registered_model_alias(
+        MlflowClient(tracking_uri, registry_uri=tracking_uri).set_registered_model_alias(
             MODEL_NAME, "champion", info.registered_model_version
         )
-        yield {"root": root, "tracking_uri": tracking_uri, "info": info}
+    yield {"root": root, "tracking_uri": tracking_uri, "info": info}
+
+
+@contextlib.contextmanager
+def _global_uris(uri: str):
+    """MLflow's global tracking and registry URIs set to `uri`, restored afterwards."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_of_the_store(request):
+    """In a test that uses the store, MLflow's global URIs are the store's."""
+    if "store" not in request.fixturenames:
+        yield
+        return
+    with _global_uris(request.getfixturevalue("store")["tracking_uri"]):
+        yield
 
 
 def joined_table(reader: SplitReader, table):
