@@ -37,7 +37,7 @@ system-deps:
 			--no-install-recommends postgresql-15 iproute2 >/dev/null; fi
 
 test: setup system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
