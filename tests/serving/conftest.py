@@ -6,6 +6,7 @@ modules."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -85,17 +86,27 @@ def store(keras_model_path, tmp_path_factory):
 
 @contextlib.contextmanager
 def _global_uris(uri: str):
-    """MLflow's global tracking and registry URIs set to `uri`, restored afterwards."""
+    """MLflow's global tracking and registry URIs set to `uri`, then restored exactly: the
+    module state and the MLFLOW_*_URI variables that `mlflow.set_*_uri` also exports to
+    child processes (private attributes: MLflow has no public way to unset them)."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    saved_env = {name: os.environ.get(name) for name in names}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous[0])
-        mlflow.set_registry_uri(previous[1])
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)
