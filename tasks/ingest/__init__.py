@@ -35,21 +35,6 @@ The package, in the order data flows through it:
 
 from __future__ import annotations
 
-# The raw format contract lives in aliccp.format; these names stay importable from here.
-from aliccp.format import (
-    R_COLUMNS,
-    R_CONV_NO_CLICK,
-    R_DUP_KEY,
-    R_DUP_SAMPLE,
-    R_EMPTY,
-    R_ENTRY,
-    R_FEATURE_NUM,
-    R_LABEL,
-    R_UNKNOWN_KEY,
-    R_UTF8,
-    RAW_FILES,
-    SPLITS,
-)
 from tasks.ingest.keys import KnownKeys, SeenKeys, hash_keys, split_of
 from tasks.ingest.orchestrate import ingest_ali_ccp
 from tasks.ingest.parse import ParsedBlock, parse_block
@@ -59,18 +44,6 @@ from tasks.ingest.vocab import load_vocabularies
 from tasks.ingest.writers import common_schema, impression_schema
 
 __all__ = [
-    "RAW_FILES",
-    "R_COLUMNS",
-    "R_CONV_NO_CLICK",
-    "R_DUP_KEY",
-    "R_DUP_SAMPLE",
-    "R_EMPTY",
-    "R_ENTRY",
-    "R_FEATURE_NUM",
-    "R_LABEL",
-    "R_UNKNOWN_KEY",
-    "R_UTF8",
-    "SPLITS",
     "FileReport",
     "IngestError",
     "IngestReport",
