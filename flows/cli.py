@@ -513,21 +513,20 @@ def score(
         )
     if model_uri is None:
         _check(preflight.require_registry, p.register_.tracking_uri, p.register_.model_name)
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     from serving.pyfunc import load_keras_model
     from serving.score import score_raw
-    from tasks.register import CHAMPION, resolve_tracking_uri
+    from tasks.register import CHAMPION, mlflow_uris, resolve_tracking_uri
 
     cfg = p.register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     if model_uri is None:
         _check(preflight.require_champion, tracking_uri, cfg.model_name)
-    mlflow.set_tracking_uri(tracking_uri)
     try:
-        model = load_keras_model(uri)
+        with mlflow_uris(tracking_uri):
+            model = load_keras_model(uri)
     except MlflowException as err:
         _fail(f"cannot load {uri} (tracking URI {tracking_uri}): {err.message}")
     report = _run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size))

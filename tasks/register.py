@@ -117,6 +117,36 @@ def resolve_tracking_uri(uri: str, root: Path | None = None) -> str:
     return uri
 
 
+@contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """MLflow's global tracking and registry URIs (what its fluent API, `mlflow.start_run`
+    and `models:/` URIs use) set to `uri` for the block, then restored exactly.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to every later child process,
+    so a step run in a long-lived process (the flow, a test session, a notebook) would leave
+    its store behind for whatever comes next. MLflow has no public way to unset the URIs;
+    the module attributes below are the ones `set_*_uri` write (mlflow 3, pinned).
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
+    saved_env = {name: os.environ.get(name) for name in names}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def git_commit(cwd: Path | None = None) -> str:
     """The checked-out commit, or "unknown" outside a git repository."""
     try:
@@ -275,13 +305,45 @@ def register_esmm(
     Returns:
         The registered version, its aliases and the verdict.
     """
-    import mlflow
 
     cfg: RegisterConfig = params.register_
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     wait_for_server(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
+    with mlflow_uris(tracking_uri):
+        registration = _register(
+            model_path,
+            metrics,
+            verdict,
+            data_version,
+            params,
+            tracking_uri,
+            champion_metrics,
+            artifacts,
+            history,
+            raw_dir,
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "registration.json").write_text(json.dumps(asdict(registration), indent=2))
+    return registration
+
+
+def _register(
+    model_path: Path,
+    metrics: dict[str, float],
+    verdict: GateVerdict,
+    data_version: str,
+    params: Params,
+    tracking_uri: str,
+    champion_metrics: dict | None,
+    artifacts: list[tuple[str, Path]] | None,
+    history: dict | None,
+    raw_dir: Path | None,
+) -> Registration:
+    """register_esmm's MLflow calls, under `mlflow_uris(tracking_uri)`."""
+    import mlflow
+
+    cfg: RegisterConfig = params.register_
     mlflow.set_experiment(cfg.experiment)
     tags = {
         "data_version": data_version,
@@ -324,7 +386,7 @@ def register_esmm(
         )
         aliases.append(CHAMPION)
         previous = event.previous
-    registration = Registration(
+    return Registration(
         cfg.model_name,
         version,
         aliases,
@@ -335,10 +397,6 @@ def register_esmm(
         tuple(verdict.reasons),
         previous,
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "registration.json").write_text(json.dumps(asdict(registration), indent=2))
-    return registration
 
 
 # MLflow's advice to add type hints to a pyfunc's predict (ours takes raw records of any

@@ -112,3 +112,28 @@ def _no_stale_dvc_log_handlers():
         logger = logging.getLogger(name)
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_left_as_found():
+    """No test leaves MLflow's process-wide URIs changed (the MLFLOW_*_URI variables child
+    processes inherit, and MLflow's module state): a later test, or a server it starts,
+    would read another test's store."""
+    before = _mlflow_uris()
+    yield
+    after = _mlflow_uris()
+    if "module" in after:  # first imported in this test: unset before it
+        before.setdefault("module", (None, None))
+    else:  # the test dropped MLflow from sys.modules: only the variables remain to compare
+        before.pop("module", None)
+    assert after == before, f"this test left MLflow's URIs changed: {before} -> {after}"
+
+
+def _mlflow_uris() -> dict:
+    state = {"env": tuple(os.environ.get(f"MLFLOW_{n}_URI") for n in ("TRACKING", "REGISTRY"))}
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+
+        state["module"] = tracking_utils._tracking_uri, registry_utils._registry_uri
+    return state

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, make_project
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.conftest import REPO, make_project
 
 HEAVY = ("tensorflow", "keras", "apache_beam", "tensorflow_data_validation", "mlflow")
 

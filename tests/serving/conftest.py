@@ -5,8 +5,6 @@ modules."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from serving.records import table_to_records
 from tasks.config import IngestConfig
 from tasks.ingest import ingest_ali_ccp, load_vocabularies
 from tasks.inputs import SplitReader
+from tasks.register import mlflow_uris
 
 MODEL_NAME = "esmm"
 
@@ -74,7 +73,7 @@ def store(keras_model_path, tmp_path_factory):
     # MLflow's global URIs point at this store only while it registers the model and during
     # each test that uses it (`_mlflow_uris_of_the_store`): other test files run in this
     # process too, and an earlier in-process registration may have set the registry URI.
-    with _global_uris(tracking_uri):
+    with mlflow_uris(tracking_uri):
         experiment = mlflow.create_experiment("serve", artifact_location=str(root / "mlruns"))
         with mlflow.start_run(experiment_id=experiment):
             info = log_serving_model(keras_model_path, registered_model_name=MODEL_NAME)
@@ -84,38 +83,13 @@ def store(keras_model_path, tmp_path_factory):
     yield {"root": root, "tracking_uri": tracking_uri, "info": info}
 
 
-@contextlib.contextmanager
-def _global_uris(uri: str):
-    """MLflow's global tracking and registry URIs set to `uri`, then restored exactly: the
-    module state and the MLFLOW_*_URI variables that `mlflow.set_*_uri` also exports to
-    child processes (private attributes: MLflow has no public way to unset them)."""
-    import mlflow
-    from mlflow.tracking._model_registry import utils as registry_utils
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = tracking_utils._tracking_uri, registry_utils._registry_uri
-    saved_env = {name: os.environ.get(name) for name in names}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 @pytest.fixture(autouse=True)
 def _mlflow_uris_of_the_store(request):
     """In a test that uses the store, MLflow's global URIs are the store's."""
     if "store" not in request.fixturenames:
         yield
         return
-    with _global_uris(request.getfixturevalue("store")["tracking_uri"]):
+    with mlflow_uris(request.getfixturevalue("store")["tracking_uri"]):
         yield
 
 

@@ -268,7 +268,12 @@ def test_the_tracking_server_holds_the_champion_with_tags_metrics_and_artefacts(
             a.path for a in client.list_artifacts(run.info.run_id)
         }
         model_uri = client.get_model_version_download_uri("esmm", version.version)
-        model_files = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=model_uri)}
+        model_files = {
+            a.path
+            for a in mlflow.artifacts.list_artifacts(
+                artifact_uri=model_uri, tracking_uri=stack.settings["MLFLOW_TRACKING_URI"]
+            )
+        }
         assert any(f.rsplit("/", 1)[-1] == "MLmodel" for f in model_files), model_files
 
 

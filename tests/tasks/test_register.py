@@ -22,6 +22,7 @@ from tasks.register import (
     champion_history,
     champion_version,
     fetch_champion,
+    mlflow_uris,
     params_digest,
     promote,
     rollback,
@@ -224,18 +225,18 @@ def test_fetch_champion_finds_the_keras_file_anywhere_in_the_artifacts(tmp_path)
     nested = tmp_path / "logged" / "artifacts" / "deep"
     nested.mkdir(parents=True)
     (nested / "model.keras").write_bytes(b"keras zip")
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("fetch")  # not an experiment id left active by an earlier test
-    with mlflow.start_run() as run:
-        mlflow.log_artifacts(str(tmp_path / "logged"), "model")
+    with mlflow_uris(uri):
+        mlflow.set_experiment("fetch")  # not an experiment id left active by an earlier test
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(tmp_path / "logged"), "model")
     client = MlflowClient(uri, uri)
     client.create_registered_model(MODEL)
     client.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id)
     assert fetch_champion(cfg, tmp_path / "dl") is None  # registered, but no champion
     client.set_registered_model_alias(MODEL, CHAMPION, "1")
     # Another registry left as MLflow's process-wide default must not be read instead.
-    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'other.db'}")
-    champion = fetch_champion(cfg, tmp_path / "dl")
+    with mlflow_uris(f"sqlite:///{tmp_path / 'other.db'}"):
+        champion = fetch_champion(cfg, tmp_path / "dl")
     assert champion.version == "1" and champion.model_path.read_bytes() == b"keras zip"
 
 
@@ -254,6 +255,7 @@ def _shuffle_labels(split_dir: Path, seed: int) -> None:
 def test_label_shuffled_model_is_refused_and_the_champion_stays(tmp_path, small_raw):
     """A model trained on label-shuffled data, scored against the champion on the same test
     split in the same run, is refused; it is registered as `challenger` only."""
+    import mlflow
     from mlflow import MlflowClient
 
     from tasks.config import Params
@@ -272,6 +274,7 @@ def test_label_shuffled_model_is_refused_and_the_champion_stays(tmp_path, small_
     )
     ingest_ali_ccp(small_raw, tmp_path / "ingest", params.ingest)
     test_split = tmp_path / "ingest" / "test"
+    mlflow_tracking_uri_before = mlflow.get_tracking_uri()
 
     def train_evaluate_register(ingest_dir: Path, name: str):
         model = train_esmm(ingest_dir, tmp_path / name, params.model, params.train, verbose=0)
@@ -337,3 +340,7 @@ def test_label_shuffled_model_is_refused_and_the_champion_stays(tmp_path, small_
     assert registration.gate_passed and registration.aliases == ["challenger"]
     aliases = client.get_registered_model(MODEL).aliases
     assert {k: str(v) for k, v in aliases.items()} == {"champion": "1", "challenger": "3"}
+    # Registering left MLflow's process-wide URIs as they were: nothing points later steps,
+    # tests or child processes at this store.
+    assert uri not in (os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
+    assert mlflow_tracking_uri_before == mlflow.get_tracking_uri()
