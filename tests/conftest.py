@@ -76,6 +76,7 @@ def make_project(root: Path, raw: Path, overrides: dict | None = None) -> Path:
     shutil.copytree(raw, root / "data")
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q"], root)
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     run([sys.executable, "-m", "dvc", "add", "-q", "data"], root)
     with open(root / ".gitignore", "a") as fh:  # after dvc add's own `/data` entry
         fh.write("/artifacts/\nmlflow.db\nmlruns/\n__pycache__/\n")
@@ -137,3 +138,25 @@ def _mlflow_uris() -> dict:
 
         state["module"] = tracking_utils._tracking_uri, registry_utils._registry_uri
     return state
+
+
+# Test files whose shared fixtures take minutes (a team stack, pipeline runs): first in the
+# collection, so that under pytest-xdist they start at once and the short files fill in
+# around them.
+LONG_FIRST = ("tests/stack/", "tests/flows/")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test file is one pytest-xdist work unit (its module fixtures are built once),
+    unless its tests name a group of their own (`xdist_group`, e.g. the flow tests sharing
+    pipeline runs); the long files come first. `make test` runs `--dist loadgroup`."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid
+        return next((i for i, p in enumerate(LONG_FIRST) if path.startswith(p)), len(LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the order within each rank is kept

@@ -1,54 +1,39 @@
 """The same stages through `dvc repro` in a temporary git repo: what reruns, experiments, and
-the same metrics as the Prefect flow. (Apart from tests/flows/test_retrain.py so that the two
-files' flow runs go to different test workers.)"""
+the same metrics as the Prefect flow (the shared runs of tests/flows/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 
-from tests.conftest import make_project, repro, run
+from tests.conftest import repro, run
+from tests.flows.conftest import SHARED_RUNS
 
-pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = [pytest.mark.timeout(900), SHARED_RUNS]
 
 
-def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
+def test_dvc_repro_runs_every_stage_then_only_what_changed(repro_run):
     """`dvc repro` runs all stages; a second run does nothing; a training parameter change
     reruns training and what follows it, never ingestion or validation."""
-    # No floors and no regression check: this test is about what reruns, not the gate.
-    no_gate = {
-        "min_ctr_auc": 0.0,
-        "min_ctcvr_auc": 0.0,
-        "min_cvr_auc_clicked": 0.0,
-        "max_regression": {"ctr_auc": 1.0, "ctcvr_auc": 1.0, "cvr_auc_clicked": 1.0},
-    }
-    project = make_project(tmp_path / "project", small_raw, {"evaluate": no_gate})
-    first = repro(project)
+    project, first = repro_run.project, repro_run.output
     for stage in ("ingest", "validate", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in first
-    metrics = json.loads((project / "artifacts" / "evaluate" / "metrics.json").read_text())
+    metrics = repro_run.metrics
     assert {"ctr_auc", "ctcvr_auc", "cvr_auc_clicked", "gate_passed"} <= set(metrics)
     shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
     assert "ctr_auc" in shown and "position" not in shown  # the headline, readably
     assert max(len(line) for line in shown.splitlines()) < 160, shown
     # register.promote: never (the default): a passing model is `challenger` only.
-    registration = json.loads(
-        (project / "artifacts" / "register" / "registration.json").read_text()
-    )
+    registration = repro_run.registration
     assert registration["gate_passed"] and registration["aliases"] == ["challenger"]
 
+    # Bytecode Python writes beside the stages' code (without PYTHONDONTWRITEBYTECODE) is
+    # not a change of that code.
+    cache = project / "tasks" / "ingest" / "__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "parse.cpython-311.pyc").write_bytes(b"bytecode")
     assert "Running stage" not in repro(project)
     # `esmm promote` makes it the champion the experiment below is compared with.
     run([sys.executable, "-m", "flows.cli", "promote", "1", "--reason", "first model"], project)
@@ -76,20 +61,7 @@ def test_dvc_repro_runs_every_stage_then_only_what_changed(tmp_path, small_raw):
     assert "0.002" in shown and "ctr_auc" in shown
 
 
-def test_flow_and_dvc_repro_give_the_same_metrics(
-    tmp_path, small_raw, prefect_harness, monkeypatch
-):
+def test_flow_and_dvc_repro_give_the_same_metrics(flow_run, repro_run):
     """Same data and parameters: the Prefect flow and `dvc repro` (separate processes, same
     step functions) write identical metrics."""
-    from flows.retrain import retrain
-
-    by_flow = make_project(tmp_path / "flow", small_raw)
-    monkeypatch.chdir(by_flow)
-    retrain(params_path="params.yaml")
-    by_dvc = make_project(tmp_path / "dvc", small_raw)
-    repro(by_dvc)
-    flow_metrics, dvc_metrics = (
-        json.loads((p / "artifacts" / "evaluate" / "metrics.json").read_text())
-        for p in (by_flow, by_dvc)
-    )
-    assert flow_metrics == dvc_metrics
+    assert flow_run.metrics == repro_run.metrics

@@ -1,32 +1,22 @@
 """The retraining flow end to end under a real (temporary) Prefect server and a real
-SQLite MLflow registry, and the same stages through `dvc repro` in a temporary git repo."""
+SQLite MLflow registry: what it registers, a refused gate, new data versions, and the same
+pipeline state as `dvc repro`. The tests share one flow run (tests/flows/conftest.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
 import yaml
 
-from tests.conftest import make_project, repro, run
+from tests.conftest import repro, run
+from tests.flows.conftest import SHARED_RUNS, clone
 
-pytestmark = pytest.mark.timeout(900)
-
-
-@pytest.fixture(scope="module")
-def prefect_harness(tmp_path_factory):
-    from prefect.testing.utilities import prefect_test_harness
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = [pytest.mark.timeout(900), SHARED_RUNS]
 
 
-def test_flow_registers_model_with_aliases_metrics_and_data_version(
-    tmp_path, small_raw, prefect_harness, monkeypatch
-):
+def test_flow_registers_model_with_aliases_metrics_and_data_version(flow_run, monkeypatch):
     """One flow run: a new registered version, `challenger` (+ `champion` on a passed gate),
     the three AUCs logged, and the data.dvc md5 as its data-version tag."""
     from mlflow import MlflowClient
@@ -34,9 +24,8 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(
     from flows.retrain import retrain
     from tasks.data import data_version
 
-    project = make_project(tmp_path / "project", small_raw)
+    project, summary = flow_run.project, flow_run.summary
     monkeypatch.chdir(project)
-    summary = retrain(params_path="params.yaml")
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -91,17 +80,17 @@ def test_flow_registers_model_with_aliases_metrics_and_data_version(
     assert str(client.get_model_version_by_alias("esmm", "champion").version) == "1"
 
 
-def test_failed_gate_registers_challenger_then_fails_the_run(
-    tmp_path, small_raw, prefect_harness, monkeypatch
-):
+def test_failed_gate_registers_challenger_then_fails_the_run(flow_run, tmp_path, monkeypatch):
     """A model below a floor is registered as `challenger`, never becomes `champion`, and
-    the flow run fails with the failed checks after writing its registration."""
+    the flow run fails with the failed checks after writing its registration. (The flow's
+    trained model, in a new registry: only evaluate and register rerun.)"""
     from mlflow import MlflowClient
 
     from flows.retrain import retrain
     from tasks.evaluate import GateRefusedError
 
-    project = make_project(tmp_path / "project", small_raw, {"evaluate": {"min_ctr_auc": 0.999}})
+    params = {"evaluate": {"min_ctr_auc": 0.999}}
+    project = clone(flow_run, tmp_path / "project", registry=False, params=params)
     monkeypatch.chdir(project)
     with pytest.raises(GateRefusedError) as refused:
         retrain(params_path="params.yaml")
@@ -118,7 +107,7 @@ def test_failed_gate_registers_challenger_then_fails_the_run(
 
 
 def test_each_new_data_version_retrains_and_corrupt_data_fails_the_run(
-    tmp_path, small_raw, prefect_harness, monkeypatch
+    flow_run, tmp_path, monkeypatch
 ):
     """Two data versions give two model versions (the champion moves to the second only
     with a passed gate); a corrupt third batch fails the run at ingestion, naming the step
@@ -129,9 +118,9 @@ def test_each_new_data_version_retrains_and_corrupt_data_fails_the_run(
     from flows.retrain import retrain
     from tasks.data import add_raw_data, data_version
 
-    project = make_project(tmp_path / "project", small_raw)
+    project = clone(flow_run, tmp_path / "project")  # the first data version, model version 1
     monkeypatch.chdir(project)
-    first = retrain(params_path="params.yaml")
+    first = flow_run.summary
     assert first.model_version == "1"
 
     synthesize_ali_ccp(tmp_path / "batch2", 4000, 1500, seed=8)

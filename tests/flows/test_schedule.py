@@ -1,6 +1,7 @@
 """The scheduled deployment on a real Prefect server on loopback: `esmm schedule` starts the
 server, creates the cron deployment and serves it; a run triggered through the server
-completes and registers a model version."""
+completes and registers a model version. (In a copy of the shared flow run's project with
+a new MLflow experiment, so the triggered run's work is the register stage alone.)"""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import time
 
 import pytest
 
-from tests.conftest import make_project
+from tests.flows.conftest import SHARED_RUNS, clone
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), SHARED_RUNS]
 
 
 def _free_port() -> int:
@@ -38,7 +39,7 @@ def _wait_for_deployment(client_factory, name: str, timeout: float):
             time.sleep(1)
 
 
-def test_esmm_schedule_serves_a_cron_deployment_that_runs_and_registers(tmp_path, small_raw):
+def test_esmm_schedule_serves_a_cron_deployment_that_runs_and_registers(tmp_path, flow_run):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -46,7 +47,7 @@ def test_esmm_schedule_serves_a_cron_deployment_that_runs_and_registers(tmp_path
 
     from flows.schedule import wait_healthy
 
-    project = make_project(tmp_path / "project", small_raw)
+    project = clone(flow_run, tmp_path / "project", params={"register": {"experiment": "nightly"}})
     port = _free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
     env.pop("PREFECT_API_URL", None)  # the command must start its own server
@@ -79,6 +80,8 @@ def test_esmm_schedule_serves_a_cron_deployment_that_runs_and_registers(tmp_path
         log.close()
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     version = client.get_model_version_by_alias("esmm", "challenger")
-    assert str(version.version) == "1"
+    assert str(version.version) == "2"  # version 1 is the shared run's
+    run = client.get_run(version.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "nightly"
     with pytest.raises(OSError):  # the server went away with the command
         socket.create_connection(("127.0.0.1", port), timeout=2)

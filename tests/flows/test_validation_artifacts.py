@@ -3,20 +3,18 @@ a markdown artefact and a link to the self-contained HTML page (real temporary P
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from tasks.config import PathsConfig
 from tasks.layout import Layout
+from tests.flows.conftest import SHARED_RUNS
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.timeout(300), SHARED_RUNS]  # beside the shared Prefect server
 
 
-def test_reports_are_attached_to_the_flow_run(tmp_path, tmp_path_factory):
+def test_reports_are_attached_to_the_flow_run(tmp_path, prefect_harness):
     from prefect import flow
     from prefect.artifacts import Artifact
-    from prefect.testing.utilities import prefect_test_harness
 
     from flows.retrain import attach_validation_reports
 
@@ -29,11 +27,9 @@ def test_reports_are_attached_to_the_flow_run(tmp_path, tmp_path_factory):
     def attach() -> None:
         attach_validation_reports(layout)
 
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=120):
-        attach()
-        text = Artifact.get("esmm-validation-report", _sync=True)
-        link = Artifact.get("esmm-validation-report-html", _sync=True)
+    attach()
+    text = Artifact.get("esmm-validation-report", _sync=True)
+    link = Artifact.get("esmm-validation-report-html", _sync=True)
     assert text.type == "markdown" and "feature 'click'" in text.data
     # Prefect stores a link artefact as markdown: [text](uri).
     assert f"({layout.validate_report_html.resolve().as_uri()})" in link.data

@@ -306,20 +306,22 @@ def test_mlflow_artifacts_download_through_the_server_returns_the_model(
     assert (tmp_path / "model" / "MLmodel").is_file()
 
 
-def test_esmm_serve_serves_the_champion_from_the_servers_registry(stack, deployment_run):
+def test_esmm_serve_serves_the_champion_from_the_servers_registry(stack, deployment_run, tmp_path):
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port)],
-        cwd=stack.project,
-        env=stack.env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--port", str(port)],
+            cwd=stack.project,
+            env=stack.env,
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait(lambda: server.poll() is not None or _status(f"{url}/ping") == 200, 300, "esmm serve")
-        assert server.poll() is None, "esmm serve exited"
+        assert server.poll() is None, f"esmm serve exited:\n{log.read_text()[-3000:]}"
         record = {"features": {"101": [[17, 1.0]], "205": [[4031, 1.0]]}}
         body = json.dumps({"dataframe_records": [record]}).encode()
         request = urllib.request.Request(

@@ -10,26 +10,13 @@ import keras
 import numpy as np
 import pytest
 
-from models.config import ModelConfig, TowerConfig
 from tasks.checkpoints import steps_done
-from tasks.config import EarlyStoppingConfig, IngestConfig, TrainConfig
-from tasks.ingest import ingest_ali_ccp
+from tasks.config import EarlyStoppingConfig
 from tasks.inputs import SplitReader
 from tasks.train import train_esmm
+from tests.tasks.conftest import MODEL, TRAIN, TRAINING
 
-MODEL = ModelConfig(
-    embedding_dim=4,
-    ctr_tower=TowerConfig(units=[16]),
-    cvr_tower=TowerConfig(units=[16], dropout=0.1),
-)
-TRAIN = TrainConfig(batch_size=128, epochs=2, learning_rate=0.01, seed=1)
-
-
-@pytest.fixture(scope="module")
-def ingested(small_raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ingest")
-    ingest_ali_ccp(small_raw, out, IngestConfig(valid_fraction=0.15, min_count=1))
-    return out
+pytestmark = TRAINING  # beside the shared `uninterrupted` run
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -51,14 +38,6 @@ class Interrupt(keras.callbacks.Callback):
 
 def weights(model_path: Path) -> list[np.ndarray]:
     return [np.asarray(w) for w in keras.models.load_model(model_path).weights]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ingested, tmp_path_factory) -> tuple[Path, object]:
-    """The reference: two epochs without interruption."""
-    out = tmp_path_factory.mktemp("train")
-    cfg = TRAIN.model_copy(update={"early_stopping": None, "tensorboard": True})
-    return out, train_esmm(ingested, out, MODEL, cfg, verbose=0)
 
 
 def test_an_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(

@@ -3,24 +3,12 @@ step, padding, input threads (real files)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow as pa
-import pytest
 
 import models.esmm
 from models.features import COMMON_INDEX_KEY, SAMPLE_ID_KEY
-from tasks.config import IngestConfig
-from tasks.ingest import ingest_ali_ccp
 from tasks.inputs import CONTEXT_ROW_KEY, SplitReader, make_dataset, pad_fields, split_fields
-
-
-@pytest.fixture(scope="module")
-def ingested(small_raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ingest")
-    ingest_ali_ccp(small_raw, out, IngestConfig(valid_fraction=0.15, min_count=1))
-    return out
 
 
 def test_training_batches_hold_whole_contexts_once_each_and_replay_from_any_step(ingested):

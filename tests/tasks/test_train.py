@@ -13,33 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from models.config import ModelConfig, TowerConfig
 from models.features import CLICK_LABEL_KEY, OUTPUT_KEYS, SAMPLE_ID_KEY
-from tasks.config import IngestConfig, TrainConfig
-from tasks.ingest import ingest_ali_ccp, load_vocabularies
+from tasks.ingest import load_vocabularies
 from tasks.inputs import SplitReader, predict_split
 from tasks.train import compiled_model, initialise_logit_biases, train_esmm
+from tests.tasks.conftest import MODEL, TRAIN, TRAINING
 
-MODEL = ModelConfig(
-    embedding_dim=4,
-    ctr_tower=TowerConfig(units=[16]),
-    cvr_tower=TowerConfig(units=[16], dropout=0.1),
-)
-TRAIN = TrainConfig(batch_size=128, epochs=2, learning_rate=0.01, seed=1)
-
-
-@pytest.fixture(scope="module")
-def ingested(small_raw, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ingest")
-    ingest_ali_ccp(small_raw, out, IngestConfig(valid_fraction=0.15, min_count=1))
-    return out
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(ingested, tmp_path_factory) -> tuple[Path, object]:
-    out = tmp_path_factory.mktemp("train")
-    cfg = TRAIN.model_copy(update={"early_stopping": None, "tensorboard": True})
-    return out, train_esmm(ingested, out, MODEL, cfg, verbose=0)
+pytestmark = TRAINING  # beside the shared `uninterrupted` run
 
 
 def test_short_training_beats_a_constant_predictor_and_saves_a_raw_record_model(
