@@ -132,9 +132,15 @@ class RunSummary:
                 format_metrics(self.metrics, self.oracle, self.champion),
                 f"gate              {self._verdict()}",
                 f"registered        {self._registered()}",
-                f"MLflow UI         mlflow ui --backend-store-uri {self.tracking_uri}"
-                "  (then open http://127.0.0.1:5000)",
+                f"MLflow UI         {self._mlflow_ui()}",
             ]
+        )
+
+    def _mlflow_ui(self) -> str:
+        if self.tracking_uri.startswith(("http://", "https://")):  # a tracking server's own UI
+            return self.tracking_uri
+        return (
+            f"mlflow ui --backend-store-uri {self.tracking_uri}  (then open http://127.0.0.1:5000)"
         )
 
     def to_markdown(self) -> str:

@@ -140,20 +140,13 @@ def _mlflow_uris() -> dict:
     return state
 
 
-# Test files whose shared fixtures take minutes (a team stack, pipeline runs): first in the
-# collection, so that under pytest-xdist they start at once and the short files fill in
-# around them.
-LONG_FIRST = ("tests/stack/", "tests/flows/")
+# Test files whose shared fixtures take minutes (a team stack, pipeline runs).
+LONG_FIRST = ("tests/stack/test_stack.py", "tests/flows/test_retrain.py")
 
 
-@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Each test file is one pytest-xdist work unit (its module fixtures are built once),
-    unless its tests name a group of their own (`xdist_group`, e.g. the flow tests sharing
-    pipeline runs); the long files come first. `make test` runs `--dist loadgroup`."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    """The long files first: under pytest-xdist (`make test`: `--dist loadfile
+    --no-loadscope-reorder`) they start at once and the short files fill in around them."""
 
     def rank(item: pytest.Item) -> int:
         path = item.nodeid

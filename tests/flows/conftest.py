@@ -1,7 +1,8 @@
 """Shared pipeline runs of the flow tests: one retraining-flow run and one `dvc repro` of the
-same small project, made once per test session (each is minutes of real work: five stage
+same small project, made once per test session (each is a minute of real work: five stage
 processes, TensorFlow, TFDV, MLflow). A test that changes a project works on its own copy
-of the flow's project as it was right after the run (`clone`)."""
+of the flow's project as it was right after the run (`clone`). Their users are all in
+test_retrain.py, so that under pytest-xdist (`--dist loadfile`) one worker makes them."""
 
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ import pytest
 import yaml
 
 from tests.conftest import make_project, repro
-
-# One xdist worker holds the shared runs and every test that uses them (--dist loadgroup).
-SHARED_RUNS = pytest.mark.xdist_group("flow-runs")
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,28 @@
 """The retraining flow end to end under a real (temporary) Prefect server and a real
-SQLite MLflow registry: what it registers, a refused gate, new data versions, and the same
-pipeline state as `dvc repro`. The tests share one flow run (tests/flows/conftest.py)."""
+SQLite MLflow registry: what it registers, a refused gate, new data versions; the same
+stages through `dvc repro` in a temporary git repo (what reruns, experiments, the same
+metrics as the flow); and the scheduled deployment on a real Prefect server on loopback.
+The tests share one flow run and one `dvc repro` (tests/flows/conftest.py), so they live in
+one file: pytest-xdist (`--dist loadfile`) gives them one worker.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from tests.conftest import repro, run
-from tests.flows.conftest import SHARED_RUNS, clone
+from tests.flows.conftest import clone
 
-pytestmark = [pytest.mark.timeout(900), SHARED_RUNS]
+pytestmark = pytest.mark.timeout(900)
 
 
 def test_flow_registers_model_with_aliases_metrics_and_data_version(flow_run, monkeypatch):
@@ -180,3 +189,130 @@ def test_run_summary_text_names_every_outcome():
     ):
         assert expected in text
     assert "| ctr_auc | 0.7000 | 0.7700 | 0.7200 | -0.0200 |" in summary.to_markdown()
+
+
+# --- the same stages through dvc repro --------------------------------------------------
+
+
+def test_dvc_repro_runs_every_stage_then_only_what_changed(repro_run):
+    """`dvc repro` runs all stages; a second run does nothing; a training parameter change
+    reruns training and what follows it, never ingestion or validation."""
+    project, first = repro_run.project, repro_run.output
+    for stage in ("ingest", "validate", "train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in first
+    metrics = repro_run.metrics
+    assert {"ctr_auc", "ctcvr_auc", "cvr_auc_clicked", "gate_passed"} <= set(metrics)
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
+    assert "ctr_auc" in shown and "position" not in shown  # the headline, readably
+    assert max(len(line) for line in shown.splitlines()) < 160, shown
+    # register.promote: never (the default): a passing model is `challenger` only.
+    registration = repro_run.registration
+    assert registration["gate_passed"] and registration["aliases"] == ["challenger"]
+
+    # Bytecode Python writes beside the stages' code (without PYTHONDONTWRITEBYTECODE) is
+    # not a change of that code.
+    cache = project / "tasks" / "ingest" / "__pycache__"
+    cache.mkdir(exist_ok=True)
+    (cache / "parse.cpython-311.pyc").write_bytes(b"bytecode")
+    assert "Running stage" not in repro(project)
+    # `esmm promote` makes it the champion the experiment below is compared with.
+    run([sys.executable, "-m", "flows.cli", "promote", "1", "--reason", "first model"], project)
+
+    # An experiment with one parameter changed reruns training and what follows it only.
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "first repro"], project)
+    third = run(
+        [sys.executable, "-m", "dvc", "exp", "run", "-S", "train.learning_rate=0.002"], project
+    ).stdout
+    for stage in ("train", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in third
+    for stage in ("ingest", "validate"):
+        assert f"Running stage '{stage}'" not in third
+    registration = json.loads(
+        (project / "artifacts" / "register" / "registration.json").read_text()
+    )
+    assert registration["version"] == "2"
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], project).stdout
+    assert "champion.version" in shown and "delta.ctr_auc" in shown  # scored against v1
+    run([sys.executable, "-m", "dvc", "plots", "show"], project)
+    plots = (project / "dvc_plots" / "index.html").read_text()
+    assert "roc_ctr.png" in plots and "by_position.csv" in plots
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], project).stdout
+    assert "0.002" in shown and "ctr_auc" in shown
+
+
+def test_flow_and_dvc_repro_give_the_same_metrics(flow_run, repro_run):
+    """Same data and parameters: the Prefect flow and `dvc repro` (separate processes, same
+    step functions) write identical metrics."""
+    assert flow_run.metrics == repro_run.metrics
+
+
+# --- the scheduled deployment ----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_deployment(client_factory, name: str, timeout: float):
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with client_factory() as client:
+                return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def test_esmm_schedule_serves_a_cron_deployment_that_runs_and_registers(tmp_path, flow_run):
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.schedule import wait_healthy
+
+    project = clone(flow_run, tmp_path / "project", params={"register": {"experiment": "nightly"}})
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)  # the command must start its own server
+    log = open(tmp_path / "schedule.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "schedule", "--port", str(port), "--cron", "0 3 * * *"],
+        cwd=project,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_healthy(url, 240, proc)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            deployment = _wait_for_deployment(
+                lambda: get_client(sync_client=True), "esmm-retrain/nightly", 120
+            )
+            crons = [s.schedule.cron for s in deployment.schedules]
+            assert crons == ["0 3 * * *"] and deployment.schedules[0].active
+            flow_run = run_deployment("esmm-retrain/nightly", timeout=600, poll_interval=2)
+            assert flow_run.state.is_completed(), flow_run.state.message
+            assert flow_run.deployment_id == deployment.id
+    finally:
+        proc.send_signal(signal.SIGTERM)  # as a service manager stops it
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("esmm", "challenger")
+    assert str(version.version) == "2"  # version 1 is the shared run's
+    run = client.get_run(version.run_id)
+    assert client.get_experiment(run.info.experiment_id).name == "nightly"
+    with pytest.raises(OSError):  # the server went away with the command
+        socket.create_connection(("127.0.0.1", port), timeout=2)

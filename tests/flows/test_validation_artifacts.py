@@ -7,9 +7,8 @@ import pytest
 
 from tasks.config import PathsConfig
 from tasks.layout import Layout
-from tests.flows.conftest import SHARED_RUNS
 
-pytestmark = [pytest.mark.timeout(300), SHARED_RUNS]  # beside the shared Prefect server
+pytestmark = pytest.mark.timeout(300)
 
 
 def test_reports_are_attached_to_the_flow_run(tmp_path, prefect_harness):

@@ -27,6 +27,7 @@ from unittest import mock
 
 import mlflow.artifacts
 import psutil
+import pyarrow.parquet as pq
 import pytest
 
 from stack import lifecycle, postgres, processes
@@ -407,6 +408,36 @@ def test_promote_rollback_and_champions_against_the_stack(stack, deployment_run)
     refused = stack.esmm("rollback")  # only one champion so far
     assert refused.returncode == 1
     assert "no previous champion" in refused.stderr
+
+
+def test_esmm_score_scores_with_the_servers_champion(stack, deployment_run, small_raw, tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("sample_skeleton_test.csv", "common_features_test.csv"):
+        shutil.copy(small_raw / name, raw / name)
+    out = tmp_path / "predictions.parquet"
+    proc = stack.esmm("score", str(raw), "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "scored 1,500 of 1,500 impressions" in proc.stdout
+    assert pq.read_table(out).num_rows == 1500
+
+
+def test_esmm_retrain_runs_here_and_reports_to_the_servers(stack, deployment_run):
+    """`esmm retrain` in the team's repository: the flow runs in this command's process, the
+    stack's Prefect server records the run, and its MLflow server registers the model."""
+    from prefect.client.orchestration import get_client
+
+    with stack.client(), get_client(sync_client=True) as client:
+        runs_before = {r.id for r in client.read_flow_runs()}
+    versions_before = {v.version for v in _versions(stack)}
+    proc = stack.esmm("retrain", timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"MLflow UI         http://127.0.0.1:{stack.ports['mlflow']}" in proc.stdout
+    with stack.client(), get_client(sync_client=True) as client:
+        (run,) = [r for r in client.read_flow_runs() if r.id not in runs_before]
+        assert run.deployment_id is None and run.state.is_completed()  # not a worker's run
+        new = {v.version for v in _versions(stack)} - versions_before
+    assert len(new) == 1, new
 
 
 # --- faults -----------------------------------------------------------------------------

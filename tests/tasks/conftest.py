@@ -16,8 +16,6 @@ MODEL = ModelConfig(
     cvr_tower=TowerConfig(units=[16], dropout=0.1),
 )
 TRAIN = TrainConfig(batch_size=128, epochs=2, learning_rate=0.01, seed=1)
-# The training and checkpoint tests share `uninterrupted` on one xdist worker.
-TRAINING = pytest.mark.xdist_group("tasks-training")
 
 
 @pytest.fixture(scope="session")

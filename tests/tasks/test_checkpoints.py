@@ -14,9 +14,7 @@ from tasks.checkpoints import steps_done
 from tasks.config import EarlyStoppingConfig
 from tasks.inputs import SplitReader
 from tasks.train import train_esmm
-from tests.tasks.conftest import MODEL, TRAIN, TRAINING
-
-pytestmark = TRAINING  # beside the shared `uninterrupted` run
+from tests.tasks.conftest import MODEL, TRAIN
 
 
 class Interrupt(keras.callbacks.Callback):

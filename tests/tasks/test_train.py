@@ -17,9 +17,7 @@ from models.features import CLICK_LABEL_KEY, OUTPUT_KEYS, SAMPLE_ID_KEY
 from tasks.ingest import load_vocabularies
 from tasks.inputs import SplitReader, predict_split
 from tasks.train import compiled_model, initialise_logit_biases, train_esmm
-from tests.tasks.conftest import MODEL, TRAIN, TRAINING
-
-pytestmark = TRAINING  # beside the shared `uninterrupted` run
+from tests.tasks.conftest import MODEL, TRAIN
 
 
 def test_short_training_beats_a_constant_predictor_and_saves_a_raw_record_model(
