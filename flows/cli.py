@@ -450,14 +450,15 @@ def serve(
     """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
     import subprocess
 
-    cfg = _params(params).register_
-    if model_uri is None:  # before MLflow's server starts (and creates an empty mlflow.db)
-        _check(preflight.require_registry, cfg.tracking_uri, cfg.model_name)
-    from serving.pyfunc import serve_command  # MLflow: seconds
     from tasks.register import CHAMPION, resolve_tracking_uri
 
+    cfg = _params(params).register_
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)  # a team stack's server, if set
+    if model_uri is None:  # before MLflow's server starts (and creates an empty mlflow.db)
+        _check(preflight.require_registry, tracking_uri, cfg.model_name)
+    from serving.pyfunc import serve_command  # MLflow: seconds
+
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
-    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     if model_uri is None:
         _check(preflight.require_champion, tracking_uri, cfg.model_name)
 
@@ -511,17 +512,18 @@ def score(
             f"no sample_skeleton_*.csv (or .csv.gz) in {raw_dir}: scoring reads raw Ali-CCP "
             "skeleton files, each with its common_features_*.csv"
         )
+    from tasks.register import CHAMPION, mlflow_uris, resolve_tracking_uri
+
+    cfg = p.register_
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)  # a team stack's server, if set
     if model_uri is None:
-        _check(preflight.require_registry, p.register_.tracking_uri, p.register_.model_name)
+        _check(preflight.require_registry, tracking_uri, cfg.model_name)
     from mlflow.exceptions import MlflowException
 
     from serving.pyfunc import load_keras_model
     from serving.score import score_raw
-    from tasks.register import CHAMPION, mlflow_uris, resolve_tracking_uri
 
-    cfg = p.register_
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
-    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     if model_uri is None:
         _check(preflight.require_champion, tracking_uri, cfg.model_name)
     try:

@@ -74,7 +74,8 @@ def require_registry(tracking_uri: str, model_name: str) -> None:
     """
     if tracking_uri.startswith(SQLITE) and not Path(tracking_uri[len(SQLITE) :]).is_file():
         raise PreflightError(
-            f"no model registry at {tracking_uri[len(SQLITE) :]} (register.tracking_uri), so "
+            f"no model registry at {tracking_uri[len(SQLITE) :]} (register.tracking_uri, or "
+            "ESMM_TRACKING_URI for a tracking server), so "
             f"no champion of {model_name!r}: run esmm retrain (or dvc repro, then esmm "
             "promote VERSION), or pass --model-uri"
         )

@@ -305,98 +305,72 @@ def register_esmm(
     Returns:
         The registered version, its aliases and the verdict.
     """
+    import mlflow
 
     cfg: RegisterConfig = params.register_
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     wait_for_server(tracking_uri)
     with mlflow_uris(tracking_uri):
-        registration = _register(
-            model_path,
-            metrics,
-            verdict,
+        mlflow.set_experiment(cfg.experiment)
+        tags = {
+            "data_version": data_version,
+            "git_commit": git_commit(),
+            "params_digest": params_digest(params),
+            "schema_digest": schema_digest(Path(params.validate_.schema_dir)),
+            "gate_passed": str(verdict.passed).lower(),
+            "gate_reasons": "; ".join(verdict.reasons) or "all checks passed",
+        }
+        numeric = flatten(metrics) | flatten({"champion": champion_metrics or {}})
+        with mlflow.start_run(tags=tags) as run:
+            mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json")))
+            mlflow.log_metrics(
+                {
+                    k: float(v)
+                    for k, v in numeric.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
+            )
+            _log_history(history or {})
+            for folder, path in artifacts or []:
+                if Path(path).is_dir():
+                    mlflow.log_artifacts(str(path), folder)
+                elif Path(path).is_file():
+                    mlflow.log_artifact(str(path), folder)
+            with _without_mlflow_notices():
+                if raw_dir is not None:
+                    _log_dataset(Path(raw_dir), data_version)
+                info = _log_model(model_path, cfg)
+        registered = mlflow.register_model(
+            info.model_uri, cfg.model_name, tags=tags | _metric_tags(metrics, champion_metrics)
+        )
+        version = str(registered.version)
+        client = _client(tracking_uri)
+        client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+        aliases, previous = [CHALLENGER], None
+        if verdict.passed and cfg.promote == "gate":
+            event = promote(
+                tracking_uri,
+                cfg.model_name,
+                version,
+                reason=f"gate passed in run {run.info.run_id}",
+            )
+            aliases.append(CHAMPION)
+            previous = event.previous
+        registration = Registration(
+            cfg.model_name,
+            version,
+            aliases,
+            run.info.run_id,
             data_version,
-            params,
             tracking_uri,
-            champion_metrics,
-            artifacts,
-            history,
-            raw_dir,
+            verdict.passed,
+            tuple(verdict.reasons),
+            previous,
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "registration.json").write_text(json.dumps(asdict(registration), indent=2))
     return registration
-
-
-def _register(
-    model_path: Path,
-    metrics: dict[str, float],
-    verdict: GateVerdict,
-    data_version: str,
-    params: Params,
-    tracking_uri: str,
-    champion_metrics: dict | None,
-    artifacts: list[tuple[str, Path]] | None,
-    history: dict | None,
-    raw_dir: Path | None,
-) -> Registration:
-    """register_esmm's MLflow calls, under `mlflow_uris(tracking_uri)`."""
-    import mlflow
-
-    cfg: RegisterConfig = params.register_
-    mlflow.set_experiment(cfg.experiment)
-    tags = {
-        "data_version": data_version,
-        "git_commit": git_commit(),
-        "params_digest": params_digest(params),
-        "schema_digest": schema_digest(Path(params.validate_.schema_dir)),
-        "gate_passed": str(verdict.passed).lower(),
-        "gate_reasons": "; ".join(verdict.reasons) or "all checks passed",
-    }
-    numeric = flatten(metrics) | flatten({"champion": champion_metrics or {}})
-    with mlflow.start_run(tags=tags) as run:
-        mlflow.log_params(flatten(params.model_dump(by_alias=True, mode="json")))
-        mlflow.log_metrics(
-            {
-                k: float(v)
-                for k, v in numeric.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-        )
-        _log_history(history or {})
-        for folder, path in artifacts or []:
-            if Path(path).is_dir():
-                mlflow.log_artifacts(str(path), folder)
-            elif Path(path).is_file():
-                mlflow.log_artifact(str(path), folder)
-        with _without_mlflow_notices():
-            if raw_dir is not None:
-                _log_dataset(Path(raw_dir), data_version)
-            info = _log_model(model_path, cfg)
-    registered = mlflow.register_model(
-        info.model_uri, cfg.model_name, tags=tags | _metric_tags(metrics, champion_metrics)
-    )
-    version = str(registered.version)
-    client = _client(tracking_uri)
-    client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
-    aliases, previous = [CHALLENGER], None
-    if verdict.passed and cfg.promote == "gate":
-        event = promote(
-            tracking_uri, cfg.model_name, version, reason=f"gate passed in run {run.info.run_id}"
-        )
-        aliases.append(CHAMPION)
-        previous = event.previous
-    return Registration(
-        cfg.model_name,
-        version,
-        aliases,
-        run.info.run_id,
-        data_version,
-        tracking_uri,
-        verdict.passed,
-        tuple(verdict.reasons),
-        previous,
-    )
 
 
 # MLflow's advice to add type hints to a pyfunc's predict (ours takes raw records of any

@@ -86,7 +86,7 @@ def test_an_unknown_early_stopping_metric_fails_at_config_load_listing_the_names
 
 
 def test_serve_without_a_registered_model_leaves_no_database(workdir):
-    _fails(["serve"], "no model registry at mlflow.db", "esmm retrain")
+    _fails(["serve"], f"no model registry at {workdir / 'mlflow.db'}", "esmm retrain")
     assert not (workdir / "mlflow.db").exists()
 
 

@@ -429,7 +429,7 @@ def test_esmm_retrain_runs_here_and_reports_to_the_servers(stack, deployment_run
 
     with stack.client(), get_client(sync_client=True) as client:
         runs_before = {r.id for r in client.read_flow_runs()}
-    versions_before = {v.version for v in _versions(stack)}
+        versions_before = {v.version for v in _versions(stack)}
     proc = stack.esmm("retrain", timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"MLflow UI         http://127.0.0.1:{stack.ports['mlflow']}" in proc.stdout
