@@ -7,6 +7,7 @@ Stopping ends the whole process tree (a server's workers, a worker's flow runs).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 import urllib.error
@@ -89,14 +90,37 @@ def stop(directory: Path, names: list[str], timeout: float = 15) -> list[str]:
             p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = _wait_ended(procs, timeout)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    _wait_ended(alive, 10)
     return stopped
+
+
+def _wait_ended(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until each process has exited; those still running after `timeout`. A zombie has
+    exited: only its parent can reap it (a part started by another long-lived process, such
+    as a test session), so waiting for it to vanish would wait the whole timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.2)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            if proc.ppid() == os.getpid():
+                proc.wait(timeout=0)  # our own child: reap it
+            return False
+        return proc.is_running()
+    except (psutil.Error, psutil.TimeoutExpired):  # gone meanwhile
+        return False
 
 
 def wait_http(url: str, timeout: float, directory: Path, name: str) -> None:
