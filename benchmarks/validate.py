@@ -38,7 +38,7 @@ _CHILD = """
 import json, sys, time
 from pathlib import Path
 from tasks.config import ValidateConfig
-from tasks.validate import TABLES, generate_statistics
+from tasks.validate_stats import TABLES, generate_statistics
 from aliccp.format import SPLITS
 ingest, out, options = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 inputs = {f"{s}_{t}": ingest / s / f for t, f in TABLES.items() for s in SPLITS}

@@ -194,7 +194,7 @@ def data_add(
 def _propose_schemas(params: Path) -> tuple[Path, Path, dict[str, str]]:
     """Infer schemas from the ingested training split and save them under
     <artifacts>/validate/proposed; returns (the committed schema dir, that folder, the texts)."""
-    from tasks.validate import propose_schemas, write_schemas
+    from tasks.validate_schema import propose_schemas, write_schemas
 
     p = _params(params)
     proposed_dir = Layout.from_config(p.paths).validate_dir / "proposed"
@@ -206,7 +206,7 @@ def _propose_schemas(params: Path) -> tuple[Path, Path, dict[str, str]]:
 @schema_app.command("infer")
 def schema_infer(params: Path = PARAMS) -> None:
     """Propose schemas from the ingested training split and show the diff to the committed ones."""
-    from tasks.validate import schema_diff
+    from tasks.validate_schema import schema_diff
 
     schema_dir, proposed_dir, proposed = _propose_schemas(params)
     typer.echo(schema_diff(schema_dir, proposed) or "the proposed schemas equal the committed ones")
@@ -216,7 +216,7 @@ def schema_infer(params: Path = PARAMS) -> None:
 @schema_app.command("update")
 def schema_update(params: Path = PARAMS) -> None:
     """Accept a deliberate change: write the proposed schemas over schema_dir, showing the diff."""
-    from tasks.validate import schema_diff, write_schemas
+    from tasks.validate_schema import schema_diff, write_schemas
 
     schema_dir, _, proposed = _propose_schemas(params)
     typer.echo(schema_diff(schema_dir, proposed) or "no change")

@@ -220,15 +220,39 @@ def _table(header: list[str], rows: list[list[str]], classes: list[str] | None =
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def render_html(result, statistics) -> str:
-    """The self-contained HTML report."""
+_HEAD = (
+    "<!doctype html><html><head><meta charset='utf-8'><title>ESMM data validation</title>\n"
+    f"<style>{_CSS}</style></head><body>"
+)
+_RATE_HEADER = [
+    "data",
+    "rows",
+    "clicks",
+    "conversions",
+    "clicked conversions",
+    "CTR",
+    "CVR given click",
+]
+_COMPARISON_HEADER = ["kind", "table", "feature", "measure", "value", "threshold", "status"]
+_FEATURE_HEADER = [
+    "feature",
+    "type",
+    "present",
+    "values min",
+    "values mean",
+    "values max",
+    "unique",
+    "top value / summary",
+]
+
+
+def _html_summary(result) -> list[str]:
+    """The verdict, the data version, the rows profiled, the anomalies and the notes."""
     e = html.escape
     verdict = (
         '<span class="ok">passed</span>' if result.passed else '<span class="bad">FAILED</span>'
     )
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>ESMM data validation</title>",
-        f"<style>{_CSS}</style></head><body>",
         f"<h1>ESMM data validation: {verdict}</h1>",
         f"<p>Data version <code>{e(result.data_version or 'unknown')}</code>; drift measured "
         f"against <code>{e(result.previous_version or 'none')}</code>.<br>Rows profiled: "
@@ -240,95 +264,92 @@ def render_html(result, statistics) -> str:
     parts.append("</ul>")
     if result.notes:
         parts += ["<h2>Notes</h2><ul>"] + [f"<li>{e(n)}</li>" for n in result.notes] + ["</ul>"]
-    parts.append("<h2>Label rates</h2>")
-    parts.append(
-        _table(
-            [
-                "data",
-                "rows",
-                "clicks",
-                "conversions",
-                "clicked conversions",
-                "CTR",
-                "CVR given click",
-            ],
-            [
-                [
-                    k,
-                    f"{r.impressions:,}",
-                    f"{r.clicks:,}",
-                    f"{r.conversions:,}",
-                    f"{r.clicked_conversions:,}",
-                    f"{r.ctr:.4f}",
-                    f"{r.cvr:.4f}",
-                ]
-                for k, r in result.label_rates.items()
-            ],
-        )
-    )
-    parts.append("<h2>Drift and skew</h2>")
+    return parts
+
+
+def _html_label_rates(result) -> list[str]:
+    rows = [
+        [
+            k,
+            f"{r.impressions:,}",
+            f"{r.clicks:,}",
+            f"{r.conversions:,}",
+            f"{r.clicked_conversions:,}",
+            f"{r.ctr:.4f}",
+            f"{r.cvr:.4f}",
+        ]
+        for k, r in result.label_rates.items()
+    ]
+    return ["<h2>Label rates</h2>", _table(_RATE_HEADER, rows)]
+
+
+def _html_comparisons(result) -> list[str]:
     comps = _sorted(result.comparisons)
-    if comps:
-        parts.append(
-            _table(
-                ["kind", "table", "feature", "measure", "value", "threshold", "status"],
-                [
-                    [
-                        c.kind,
-                        c.table,
-                        c.feature,
-                        c.measure,
-                        f"{c.value:.4f}",
-                        f"{c.threshold:.4f}",
-                        "ok" if c.passed else "HIGH",
-                    ]
-                    for c in comps
-                ],
-                ["" if c.passed else "high" for c in comps],
-            )
-        )
-    else:
-        parts.append("<p>none measured</p>")
-    parts.append("<h2>Charts</h2>")
+    if not comps:
+        return ["<h2>Drift and skew</h2>", "<p>none measured</p>"]
+    rows = [
+        [
+            c.kind,
+            c.table,
+            c.feature,
+            c.measure,
+            f"{c.value:.4f}",
+            f"{c.threshold:.4f}",
+            "ok" if c.passed else "HIGH",
+        ]
+        for c in comps
+    ]
+    classes = ["" if c.passed else "high" for c in comps]
+    return ["<h2>Drift and skew</h2>", _table(_COMPARISON_HEADER, rows, classes)]
+
+
+def _html_charts(result, statistics) -> list[str]:
+    e = html.escape
+    parts = ["<h2>Charts</h2>"]
     for title, uri in _charts(result, statistics):
         parts.append(f"<h3>{e(title)}</h3><img alt='{e(title)}' src='{uri}'>")
-    parts.append("<h2>Statistics</h2>")
+    return parts
+
+
+def _html_statistics(statistics) -> list[str]:
+    """One folding section per split and table (the training splits open)."""
+    e = html.escape
+    parts = ["<h2>Statistics</h2>"]
     for key, stats in statistics.items():
-        rows = feature_rows(stats)
         split, table = key.split("_", 1)
         parts.append(
             f"<details{' open' if split == 'train' else ''}><summary>{e(split)}/{e(table)} "
             f"({sum(d.num_examples for d in stats.datasets):,} rows)</summary>"
         )
-        parts.append(
-            _table(
-                [
-                    "feature",
-                    "type",
-                    "present",
-                    "values min",
-                    "values mean",
-                    "values max",
-                    "unique",
-                    "top value / summary",
-                ],
-                [
-                    [
-                        r.name,
-                        r.kind,
-                        f"{r.present:.1%}",
-                        str(r.values_min),
-                        f"{r.values_mean:.2f}",
-                        str(r.values_max),
-                        "" if r.unique is None else f"{r.unique:,}",
-                        r.top,
-                    ]
-                    for r in rows
-                ],
-            )
-        )
+        rows = [
+            [
+                r.name,
+                r.kind,
+                f"{r.present:.1%}",
+                str(r.values_min),
+                f"{r.values_mean:.2f}",
+                str(r.values_max),
+                "" if r.unique is None else f"{r.unique:,}",
+                r.top,
+            ]
+            for r in feature_rows(stats)
+        ]
+        parts.append(_table(_FEATURE_HEADER, rows))
         parts.append("</details>")
-    parts.append("</body></html>")
+    return parts
+
+
+def render_html(result, statistics) -> str:
+    """The self-contained HTML report."""
+    parts = [
+        _HEAD,
+        *_html_summary(result),
+        *_html_label_rates(result),
+        *_html_comparisons(result),
+        *_html_charts(result, statistics),
+        *_html_statistics(statistics),
+        "</body></html>",
+    ]
     return "\n".join(parts)
 
 

@@ -236,7 +236,8 @@ def test_value_domains_list_the_training_ids(ingested, tmp_path):
     """With validate.value_domains a low-cardinality field also gets its ids as a domain."""
     import tensorflow_data_validation as tfdv
 
-    from tasks.validate import generate_statistics, infer_schema
+    from tasks.validate_schema import infer_schema
+    from tasks.validate_stats import generate_statistics
 
     stats = generate_statistics(
         {"train_common": ingested / "train" / "common.parquet"}, tmp_path, CFG
@@ -380,7 +381,7 @@ def test_reports_are_self_contained(tmp_path, ingested, schema_dir):
 def test_multi_process_statistics_equal_single_process(tmp_path, ingested):
     """The same data profiled by one in-memory process and by two Beam worker processes
     gives the same statistics (up to float summation order)."""
-    from tasks.validate import generate_statistics
+    from tasks.validate_stats import generate_statistics
 
     tables = {
         "train_impressions": ingested / "train" / "impressions.parquet",
@@ -420,7 +421,8 @@ def test_serving_records_without_labels_validate_in_the_serving_environment(
 ):
     """Records as a serving request sends them (no click/conversion) pass the SERVING
     environment of the schema; the TRAINING environment would require the labels."""
-    from tasks.validate import TRAINING, validate_records
+    from tasks.validate import validate_records
+    from tasks.validate_schema import TRAINING
 
     schema_path = schema_dir / "impressions.pbtxt"
     records = pq.read_table(ingested / "test" / "impressions.parquet").drop(["click", "conversion"])
@@ -432,7 +434,7 @@ def test_serving_records_without_labels_validate_in_the_serving_environment(
 
 
 def test_schema_diff_shows_a_deliberate_change(tmp_path, ingested):
-    from tasks.validate import propose_schemas, schema_diff
+    from tasks.validate_schema import propose_schemas, schema_diff
 
     proposed = propose_schemas(ingested, tmp_path / "proposed", CFG)
     schema_dir = tmp_path / "schema"
@@ -452,7 +454,7 @@ def test_jensen_shannon_noise_rules():
     where sampling alone would reach half the threshold."""
     from tensorflow_metadata.proto.v0 import statistics_pb2
 
-    from tasks.validate import unmeasurable_jensen_shannon
+    from tasks.validate_checks import unmeasurable_jensen_shannon
 
     def stats(unique: int, buckets: int, values: int):
         out = statistics_pb2.DatasetFeatureStatisticsList()
