@@ -16,7 +16,7 @@ from serving.records import table_to_records
 from tasks.config import IngestConfig
 from tasks.ingest import ingest_ali_ccp, load_vocabularies
 from tasks.inputs import SplitReader
-from tasks.register import mlflow_uris
+from tasks.tracking import mlflow_uris
 
 MODEL_NAME = "esmm"
 
