@@ -78,10 +78,10 @@ def _check(check, *args) -> None:
 
 def _expected_errors() -> tuple[type[Exception], ...]:
     """Errors that carry a message for the user rather than a traceback."""
+    from tasks.champion import PromotionError
     from tasks.data import DataVersionError
     from tasks.evaluate import GateRefusedError
     from tasks.ingest import IngestError
-    from tasks.register import PromotionError
     from tasks.steps import StepFailed
     from tasks.validate import DataValidationError
 
@@ -450,7 +450,8 @@ def serve(
     """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
     import subprocess
 
-    from tasks.register import CHAMPION, resolve_tracking_uri
+    from tasks.champion import CHAMPION
+    from tasks.tracking import resolve_tracking_uri
 
     cfg = _params(params).register_
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)  # a team stack's server, if set
@@ -512,7 +513,8 @@ def score(
             f"no sample_skeleton_*.csv (or .csv.gz) in {raw_dir}: scoring reads raw Ali-CCP "
             "skeleton files, each with its common_features_*.csv"
         )
-    from tasks.register import CHAMPION, mlflow_uris, resolve_tracking_uri
+    from tasks.champion import CHAMPION
+    from tasks.tracking import mlflow_uris, resolve_tracking_uri
 
     cfg = p.register_
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)  # a team stack's server, if set

@@ -88,7 +88,7 @@ def require_champion(tracking_uri: str, model_name: str) -> None:
         PreflightError: naming the registry and how to make a champion.
     """
     # MLflow (and the registry module's evaluation imports) load here only, when needed.
-    from tasks.register import champion_version
+    from tasks.champion import champion_version
 
     if champion_version(tracking_uri, model_name) is None:
         raise PreflightError(

@@ -22,17 +22,12 @@ from prefect.cache_policies import NO_CACHE
 from aliccp.format import SPLITS
 from flows.stages import STAGES, failure_reason, run_stage
 from tasks import steps
+from tasks.champion import CHAMPION, PromotionError, champion_history, champion_version
 from tasks.config import ConfigError, Params, load_params
 from tasks.evaluate import GateRefusedError, format_metrics, read_metrics
 from tasks.layout import Layout
-from tasks.register import (
-    CHAMPION,
-    PromotionError,
-    champion_history,
-    champion_version,
-    resolve_tracking_uri,
-)
 from tasks.steps import StepFailed, read_oracle
+from tasks.tracking import resolve_tracking_uri
 
 
 def _stage_task(name: str):

@@ -192,7 +192,7 @@ def initialise_from_cooccurrence(
     `model.interest_match`; `dim` = `model.embedding_dim`) from `cooccurrence_tables`."""
     # Not at the top: models.esmm imports Keras, and tasks.train (which the `esmm` CLI
     # imports at start-up) imports this module.
-    from models.esmm import EmbeddingBag
+    from models.layers import EmbeddingBag
 
     done = []
     for cross in crosses:

@@ -13,20 +13,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import register as registry
+from tasks import champion as registry
+from tasks.champion import ChampionEvent, champion_history, fetch_champion
 from tasks.config import Params
 from tasks.data import DataVersionError, data_version, dvc_file_for, training_window
 from tasks.evaluate import GateVerdict, evaluate_esmm, read_metrics
 from tasks.ingest import IngestReport, ingest_ali_ccp
 from tasks.layout import Layout
-from tasks.register import (
-    ChampionEvent,
-    Registration,
-    champion_history,
-    fetch_champion,
-    register_esmm,
-    resolve_tracking_uri,
-)
+from tasks.register import Registration, register_esmm
+from tasks.tracking import resolve_tracking_uri
 from tasks.train import TrainResult, train_esmm
 from tasks.validate import ValidationResult, validate_data
 

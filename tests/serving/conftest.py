@@ -16,7 +16,7 @@ from serving.records import table_to_records
 from tasks.config import IngestConfig
 from tasks.ingest import ingest_ali_ccp, load_vocabularies
 from tasks.inputs import SplitReader
-from tasks.register import mlflow_uris
+from tasks.tracking import mlflow_uris
 
 MODEL_NAME = "esmm"
 
@@ -32,7 +32,8 @@ def ingested(small_raw, tmp_path_factory) -> Path:
 @pytest.fixture(scope="package")
 def keras_model_path(ingested, tmp_path_factory) -> Path:
     """A small ESMM over the ingested vocabularies, embeddings scaled up so ids matter."""
-    from models.esmm import EmbeddingBag, build_esmm
+    from models.esmm import build_esmm
+    from models.layers import EmbeddingBag
 
     config = ModelConfig(embedding_dim=4, ctr_tower={"units": [8]}, cvr_tower={"units": [8]})
     model = build_esmm(config, load_vocabularies(ingested / "vocab.parquet"), seed=5)

@@ -15,19 +15,18 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from tasks.register import (
+from tasks.champion import (
     CHAMPION,
     LOCK_SUFFIX,
     PromotionError,
     champion_history,
     champion_version,
     fetch_champion,
-    mlflow_uris,
-    params_digest,
     promote,
     rollback,
-    schema_digest,
 )
+from tasks.register import params_digest, schema_digest
+from tasks.tracking import mlflow_uris
 from tests.conftest import REPO, SMALL_PARAMS
 
 pytestmark = pytest.mark.timeout(600)
@@ -114,7 +113,7 @@ def test_rollback_walks_back_through_the_champion_history(tmp_path, empty_db):
 _RACER = """
 import sys, time
 from pathlib import Path
-from tasks.register import PromotionError, promote
+from tasks.champion import PromotionError, promote
 uri, version, ready, go = sys.argv[1:5]
 Path(ready).touch()
 while not Path(go).exists():
@@ -168,7 +167,7 @@ def test_a_stale_lock_is_broken(tmp_path, empty_db, monkeypatch):
     """A lock left by a crashed process does not block promotions for ever."""
     from mlflow import MlflowClient
 
-    import tasks.register as register
+    import tasks.champion as register
 
     uri = _registry(tmp_path, [True], empty_db)
     MlflowClient(uri, uri).create_registered_model(MODEL + LOCK_SUFFIX)
