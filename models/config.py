@@ -37,7 +37,7 @@ class ModelConfig(_Section):
     interactions: bool = True
     # Feed each tower the match of the user's interest (history categories 109_14 + profile
     # category 121) with the item category (206): the dot and the element-wise product
-    # (embedding_dim + 1 inputs; models.esmm.InterestMatch), from a second half of columns
+    # (embedding_dim + 1 inputs; models.layers.InterestMatch), from a second half of columns
     # of those three fields' tables, which then are 2 * embedding_dim wide
     interest_match: bool = True
     # Feed the towers each field's log1p(weight total) and log1p(entry count), e.g. the

@@ -122,7 +122,7 @@ def client_settings(cfg: StackConfig, secret: dict[str, str]) -> dict[str, str]:
         "MLFLOW_TRACKING_USERNAME": "admin",
         "MLFLOW_TRACKING_PASSWORD": secret["MLFLOW_ADMIN_PASSWORD"],
         # Fail within seconds when a server is down (the default retries for minutes);
-        # registration waits for a restarting tracking server itself (tasks/register.py).
+        # registration waits for a restarting tracking server itself (tasks/tracking.py).
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
         WORK_POOL_ENV: cfg.pool,
