@@ -419,8 +419,7 @@ def ctr_auc_without_parts(split: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-# Longer than 80 lines: the command-line options, then the run's steps in order.
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -430,15 +429,15 @@ def main() -> None:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--support", type=int, default=256, help="prior support points")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    from benchmarks.machine import machine_info, write_record
 
-    start = time.perf_counter()
-    world, bias, splits = replay(args.train, args.test, args.seed, args.profile)
+def _genies(world, bias, splits: dict, seed: int, support: int) -> dict:
+    """The test AUCs of the oracle and of each genie, the taste the data reveal, and how
+    much of the items' own effects the genie's posterior means carry."""
     train, test = splits["train"], splits["test"]
-    rng = np.random.default_rng(args.seed)
-    pick = rng.choice(len(world.item_ctr), size=args.support, replace=False)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(world.item_ctr), size=support, replace=False)
     support_ctr, support_cvr = world.item_ctr[pick], world.item_cvr[pick]
     posterior = item_posteriors(train, support_ctr, support_cvr, bias, len(world.item_ctr))
     noise = world.profile.context_noise
@@ -470,7 +469,29 @@ def main() -> None:
         np.einsum("ij,ij->i", taste[test_users], world.item_taste[test["item"]]),
         test["taste_ctr"],
     )[0, 1]
-    # Item effects known too: only the context noise integrated out.
+    no_noise = _items_known(world, test, bias, noise)
+    # How much of the items' own effects the genie's posterior means carry (a model's
+    # coefficients on the same parts are in `decompose.py`'s record).
+    item, clicked = test["item"], test["click"]
+    item_share = {
+        "item_ctr": learnt_share((posterior @ support_ctr)[item], test["item_ctr"]),
+        "item_cvr_clicked": learnt_share(
+            (posterior @ support_cvr)[item][clicked], test["item_cvr"][clicked]
+        ),
+    }
+    return {
+        "oracle": oracle,
+        "genie": genie,
+        "data_genie": data_genie,
+        "taste_corr": taste_corr,
+        "category_genie": category_genie,
+        "no_noise": no_noise,
+        "item_share": item_share,
+    }
+
+
+def _items_known(world, test: dict, bias, noise) -> dict[str, float]:
+    """The AUCs with the item effects known too: only the context noise integrated out."""
     a = test["known_ctr"] + world.item_ctr[test["item"]]
     b = test["known_cvr"] + world.item_cvr[test["item"]]
     items_known = genie_predict(
@@ -481,19 +502,20 @@ def main() -> None:
         bias,
         noise,
     )
-    no_noise = aucs(click, conv, *items_known)
+    return aucs(test["click"], test["conversion"], *items_known)
+
+
+def _record(args: argparse.Namespace, world, splits: dict, found: dict, start: float) -> dict:
+    """The JSON record of a run: its settings, the data's coverage and the genies' AUCs
+    (`found`, from `_genies`) with their gaps to the oracle."""
+    from benchmarks.machine import machine_info
+
+    train, test = splits["train"], splits["test"]
+    oracle, genie = found["oracle"], found["genie"]
+    data_genie, category_genie = found["data_genie"], found["category_genie"]
     without = ctr_auc_without_parts(test)
-    # How much of the items' own effects the genie's posterior means carry (a model's
-    # coefficients on the same parts are in `decompose.py`'s record).
-    item, clicked = test["item"], test["click"]
-    item_share = {
-        "item_ctr": learnt_share((posterior @ support_ctr)[item], test["item_ctr"]),
-        "item_cvr_clicked": learnt_share(
-            (posterior @ support_cvr)[item][clicked], test["item_cvr"][clicked]
-        ),
-    }
     seen = np.bincount(train["item"], minlength=len(world.item_ctr))
-    record = {
+    return {
         "benchmark": "attainable",
         "machine": machine_info(),
         "profile": args.profile,
@@ -504,22 +526,34 @@ def main() -> None:
         "train_impressions_per_item_median": float(np.median(seen[seen > 0])),
         "test_impressions_with_unseen_item": float(np.mean(seen[test["item"]] == 0)),
         "oracle": {m: round(v, 4) for m, v in oracle.items()},
-        "without_context_noise": {m: round(v, 4) for m, v in no_noise.items()},
+        "without_context_noise": {m: round(v, 4) for m, v in found["no_noise"].items()},
         "genie": {m: round(v, 4) for m, v in genie.items()},
         "irreducible_gap": {m: round(oracle[m] - genie[m], 4) for m in METRICS},
         "genie_users_from_data": {m: round(v, 4) for m, v in data_genie.items()},
         "gap_users_from_data": {m: round(oracle[m] - data_genie[m], 4) for m in METRICS},
-        "test_taste_correlation_users_from_data": round(float(taste_corr), 4),
+        "test_taste_correlation_users_from_data": round(float(found["taste_corr"]), 4),
         "genie_items_by_category": {m: round(v, 4) for m, v in category_genie.items()},
         "gap_items_by_category": {m: round(oracle[m] - category_genie[m], 4) for m in METRICS},
         "ctr_auc_of_the_true_logit_without": without,
-        "genie_item_effect_coefficients": {k: round(v, 3) for k, v in item_share.items()},
+        "genie_item_effect_coefficients": {k: round(v, 3) for k, v in found["item_share"].items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def main() -> None:
+    """Replay the data, score the oracle and the genies, record and print the result."""
+    args = _arguments()
+
+    from benchmarks.machine import write_record
+
+    start = time.perf_counter()
+    world, bias, splits = replay(args.train, args.test, args.seed, args.profile)
+    found = _genies(world, bias, splits, args.seed, args.support)
+    record = _record(args, world, splits, found, start)
     print(json.dumps(record, indent=2))
     path = write_record(args.out, f"attainable-{args.profile}-{args.train}", record)
     print(f"wrote {path}")
-    if not math.isfinite(genie["ctr_auc"]):
+    if not math.isfinite(found["genie"]["ctr_auc"]):
         raise SystemExit("genie AUC is not finite")
 
 

@@ -196,8 +196,8 @@ def _regressions(path: Path, model, first_id: bool, args, test: dict[str, np.nda
     }
 
 
-# Longer than 80 lines: the command-line options, then the run's steps in order.
-def main() -> None:
+def _arguments() -> tuple[argparse.Namespace, list[tuple[Path, bool]]]:
+    """The options, and the models to score as (path, fed the first id only)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -228,6 +228,65 @@ def main() -> None:
     runs = [(path, False) for path in args.model] + [(path, True) for path in args.first_id_model]
     if not runs:
         parser.error("give at least one --model or --first-id-model")
+    return args, runs
+
+
+def _add_tables(args: argparse.Namespace, entries: list[dict], loaded: list, world, splits) -> dict:
+    """Add each model's `category_tables` (and its interest tables') to its entry; returns
+    the references: the co-occurrence start of params.yaml's model (every entry) and the
+    true category tastes themselves (padded to the same size)."""
+    from aliccp.synth import feature_id_ranges
+    from benchmarks.attainable import category_means
+    from tasks.config import load_params
+    from tasks.cooccurrence import cooccurrence_tables
+    from tasks.ingest import load_vocabularies
+    from tasks.inputs import SplitReader
+
+    vocab = load_vocabularies(args.split.parent / "vocab.parquet")
+    ranges = feature_id_ranges(args.train, args.seed, args.profile)
+    for entry, model in zip(entries, loaded, strict=True):
+        tables = model_tables(model)
+        entry["category_tables"] = category_tables(tables, vocab, ranges, world, splits)
+        if (interest := model_tables(model, "interest")) is not None:
+            entry["interest_tables"] = category_tables(interest, vocab, ranges, world, splits)
+    model_cfg = load_params(REPO / "params.yaml").model
+    start = cooccurrence_tables(
+        SplitReader(args.split.parent / "train"),
+        vocab,
+        "508",
+        model_cfg.embedding_dim,
+        model_cfg.cooccurrence_scale,
+    )
+    truth = category_means(world, world.item_taste)
+    told = {
+        f: np.vstack([truth[:1] * 0, truth[vocab[f] - ranges[f].start]]) for f in ("109_14", "206")
+    }
+    return {
+        "cooccurrence_start": category_tables(
+            {"109_14": start.history, "206": start.item}, vocab, ranges, world, splits
+        ),
+        "true_category_tastes": category_tables(told, vocab, ranges, world, splits),
+    }
+
+
+def _mean_coefficients(entries: list[dict]) -> dict:
+    """Per kind of input (every entry, first id), each regression's mean coefficients."""
+    return {
+        kind: {
+            key: {
+                part: round(float(np.mean([e[key]["coefficients"][part] for e in same])), 3)
+                for part in same[0][key]["coefficients"]
+            }
+            for key in _REGRESSIONS
+        }
+        for kind, first_id in (("every_entry", False), ("first_id", True))
+        if (same := [e for e in entries if e["first_id_only"] == first_id])
+    }
+
+
+def main() -> None:
+    """Replay the split, regress each model's logits on the true parts, record and print."""
+    args, runs = _arguments()
 
     from benchmarks.machine import machine_info, write_record
 
@@ -238,43 +297,7 @@ def main() -> None:
         _regressions(path, model, first_id, args, test)
         for (path, first_id), model in zip(runs, loaded, strict=True)
     ]
-    reference = None
-    if args.tables:
-        from aliccp.synth import feature_id_ranges
-        from benchmarks.attainable import category_means
-        from tasks.config import load_params
-        from tasks.cooccurrence import cooccurrence_tables
-        from tasks.ingest import load_vocabularies
-        from tasks.inputs import SplitReader
-
-        vocab = load_vocabularies(args.split.parent / "vocab.parquet")
-        ranges = feature_id_ranges(args.train, args.seed, args.profile)
-        for entry, model in zip(entries, loaded, strict=True):
-            tables = model_tables(model)
-            entry["category_tables"] = category_tables(tables, vocab, ranges, world, splits)
-            if (interest := model_tables(model, "interest")) is not None:
-                entry["interest_tables"] = category_tables(interest, vocab, ranges, world, splits)
-        # References: the co-occurrence start of params.yaml's model (every entry) and the
-        # true category tastes themselves (padded to the same size).
-        model_cfg = load_params(REPO / "params.yaml").model
-        start = cooccurrence_tables(
-            SplitReader(args.split.parent / "train"),
-            vocab,
-            "508",
-            model_cfg.embedding_dim,
-            model_cfg.cooccurrence_scale,
-        )
-        truth = category_means(world, world.item_taste)
-        told = {
-            f: np.vstack([truth[:1] * 0, truth[vocab[f] - ranges[f].start]])
-            for f in ("109_14", "206")
-        }
-        reference = {
-            "cooccurrence_start": category_tables(
-                {"109_14": start.history, "206": start.item}, vocab, ranges, world, splits
-            ),
-            "true_category_tastes": category_tables(told, vocab, ranges, world, splits),
-        }
+    reference = _add_tables(args, entries, loaded, world, splits) if args.tables else None
     record = {
         "benchmark": "decompose",
         "machine": machine_info(),
@@ -290,17 +313,7 @@ def main() -> None:
         record.update(entries[0])
     else:
         record["models"] = entries
-        record["mean_coefficients"] = {
-            kind: {
-                key: {
-                    part: round(float(np.mean([e[key]["coefficients"][part] for e in same])), 3)
-                    for part in same[0][key]["coefficients"]
-                }
-                for key in _REGRESSIONS
-            }
-            for kind, first_id in (("every_entry", False), ("first_id", True))
-            if (same := [e for e in entries if e["first_id_only"] == first_id])
-        }
+        record["mean_coefficients"] = _mean_coefficients(entries)
     print(json.dumps(record, indent=2))
     print(f"wrote {write_record(args.out, f'decompose-{args.train}', record, args.tag)}")
 

@@ -169,8 +169,7 @@ def seed_summary(per_seed: list[list[dict]]) -> list[dict]:
     return summary
 
 
-# Longer than 80 lines: the command-line options, then the run's steps in order.
-def main() -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -200,10 +199,11 @@ def main() -> None:
         nargs="*",
         help="train every run once per seed (train.seed) and summarise across the seeds",
     )
-    args = parser.parse_args()
+    return parser
 
-    import models.esmm  # noqa: F401  (custom layers)
-    from benchmarks.machine import machine_info, write_record
+
+def _params(args: argparse.Namespace):
+    """The params file with `--preset` (its model keys then apply) and `--set` overrides."""
     from tasks.config import Params
 
     raw_params = yaml.safe_load(args.params.read_text())
@@ -220,8 +220,69 @@ def main() -> None:
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = yaml.safe_load(value)
-    params = Params.model_validate(raw_params)
+    return Params.model_validate(raw_params)
 
+
+def _one_size(
+    args: argparse.Namespace, params, n_train: int, train_seeds: list[int]
+) -> tuple[list[dict], int, dict | None]:
+    """Every run on the data of one train size (or of `--raw`), once per training seed;
+    the rows (each printed when ready), the train impressions and the data's oracle.json."""
+    root = prepare(args.work, n_train, args.test, args.seed, params.ingest, args.profile, args.raw)
+    ingest = root / f"ingest-{params.ingest.min_count}"
+    oracle_path = (args.raw or root / "raw") / "oracle.json"
+    oracle_file = json.loads(oracle_path.read_text()) if oracle_path.is_file() else None
+    oracle = oracle_file["test"] if oracle_file else None
+    if args.raw is not None:  # the size of the data set given
+        n_train = json.loads((ingest / "report.json").read_text())["split_rows"]["train"]
+    rows, per_seed = [], []
+    for train_seed in train_seeds:
+        train_cfg = params.train.model_copy(update={"seed": train_seed})
+        label = {"train_seed": train_seed} if args.train_seeds else {}
+        seed_rows, n = _train_and_score(
+            args, params.model, train_cfg, ingest, root, n_train, oracle, label
+        )
+        per_seed.append(seed_rows)
+        rows.extend(seed_rows)
+    if args.train_seeds and len(train_seeds) > 1:
+        for row in seed_summary(per_seed):
+            row["train_impressions"] = n_train
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if oracle:
+        oracle_row = {
+            "run": "oracle",
+            "train_impressions": n_train,
+            **{m: round(oracle[m], 4) for m in METRICS},
+            **{f"{m}_se": round(auc_se(oracle[m], *n[m]), 4) for m in METRICS},
+        }
+        rows.append(oracle_row)
+        print(json.dumps(oracle_row), flush=True)
+    return rows, n_train, oracle_file
+
+
+def _record_name(args: argparse.Namespace, sizes: list[int], n_train: int) -> tuple[str, str]:
+    """The result file's name and tag (a profile other than the default, or the --raw
+    folder, is named in the tag)."""
+    kind = "curve" if args.curve else "table"
+    tag = args.tag
+    if args.raw is not None:
+        tag = args.raw.resolve().name + (f"-{tag}" if tag else "")
+    elif args.profile != "default" and not tag.startswith(args.profile):
+        tag = f"{args.profile}-{tag}" if tag else args.profile
+    size = n_train if args.raw is not None else max(sizes)
+    return f"quality-{kind}-{size}", tag
+
+
+def main() -> None:
+    """Train and score every run at each size, record and print the rows."""
+    parser = _parser()
+    args = parser.parse_args()
+
+    import models.esmm  # noqa: F401  (custom layers)
+    from benchmarks.machine import machine_info, write_record
+
+    params = _params(args)
     if args.raw is not None and args.curve:
         parser.error("--curve generates data of each size; it does not apply with --raw")
     sizes = args.curve or [args.train]
@@ -229,38 +290,8 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     for n_train in sizes:
-        root = prepare(
-            args.work, n_train, args.test, args.seed, params.ingest, args.profile, args.raw
-        )
-        ingest = root / f"ingest-{params.ingest.min_count}"
-        oracle_path = (args.raw or root / "raw") / "oracle.json"
-        oracle_file = json.loads(oracle_path.read_text()) if oracle_path.is_file() else None
-        oracle = oracle_file["test"] if oracle_file else None
-        if args.raw is not None:  # the size of the data set given
-            n_train = json.loads((ingest / "report.json").read_text())["split_rows"]["train"]
-        per_seed = []
-        for train_seed in train_seeds:
-            train_cfg = params.train.model_copy(update={"seed": train_seed})
-            label = {"train_seed": train_seed} if args.train_seeds else {}
-            seed_rows, n = _train_and_score(
-                args, params.model, train_cfg, ingest, root, n_train, oracle, label
-            )
-            per_seed.append(seed_rows)
-            rows.extend(seed_rows)
-        if args.train_seeds and len(train_seeds) > 1:
-            for row in seed_summary(per_seed):
-                row["train_impressions"] = n_train
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        if oracle:
-            oracle_row = {
-                "run": "oracle",
-                "train_impressions": n_train,
-                **{m: round(oracle[m], 4) for m in METRICS},
-                **{f"{m}_se": round(auc_se(oracle[m], *n[m]), 4) for m in METRICS},
-            }
-            rows.append(oracle_row)
-            print(json.dumps(oracle_row), flush=True)
+        size_rows, n_train, oracle_file = _one_size(args, params, n_train, train_seeds)
+        rows.extend(size_rows)
 
     record = {
         "benchmark": "quality",
@@ -278,14 +309,8 @@ def main() -> None:
         ),
         "rows": rows,
     }
-    kind = "curve" if args.curve else "table"
-    tag = args.tag  # a profile other than the default is named in the file name too
-    if args.raw is not None:
-        tag = args.raw.resolve().name + (f"-{tag}" if tag else "")
-    elif args.profile != "default" and not tag.startswith(args.profile):
-        tag = f"{args.profile}-{tag}" if tag else args.profile
-    size = n_train if args.raw is not None else max(sizes)
-    path = write_record(args.out, f"quality-{kind}-{size}", record, tag)
+    name, tag = _record_name(args, sizes, n_train)
+    path = write_record(args.out, name, record, tag)
     print(f"wrote {path}")
 
 

@@ -125,8 +125,7 @@ def time_fit(model, dataset, steps: int, warmup: int, repeats: int) -> list[floa
     ]
 
 
-# Longer than 80 lines: the command-line options, then the run's steps in order.
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     from aliccp.synth import PROFILES
 
     parser = argparse.ArgumentParser(
@@ -151,31 +150,21 @@ def main() -> None:
         type=int,
         help="training steps per call into TF (default: train.steps_per_execution)",
     )
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def _time_settings(args: argparse.Namespace, model_cfg, train_cfg, batch_size: int, ingest: Path):
+    """Samples/s of the four settings (every entry or first id, real input or in memory)
+    and each kind of input's FLOPs per sample; the results and the last model built."""
     import keras
     import numpy as np
-    import tensorflow as tf
 
     from benchmarks.first_id import FirstIdReader
-    from benchmarks.machine import machine_info, write_record
-    from tasks.config import Params
     from tasks.ingest import load_vocabularies
     from tasks.inputs import SplitReader, make_dataset
     from tasks.train import compiled_model
 
-    load_before = os.getloadavg()
-    params = Params.model_validate({"preset": args.preset})
-    model_cfg, train_cfg = params.model, params.train
-    if args.steps_per_execution:
-        train_cfg = train_cfg.model_copy(update={"steps_per_execution": args.steps_per_execution})
-    batch_size = args.batch_size or train_cfg.batch_size
-    ingest = prepare(args.work, args.train, args.seed, args.profile)
     vocab = load_vocabularies(ingest / "vocab.parquet")
-    deterministic = train_cfg.deterministic and not args.no_determinism
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-
     results: dict[str, dict] = {}
     for first_id_only in (False, True):
         reader = (FirstIdReader if first_id_only else SplitReader)(ingest / "train")
@@ -207,6 +196,13 @@ def main() -> None:
                 flops["flops_per_sample"] * entry["samples_per_s"] / 1e9, 1
             )
         results["first_id" if first_id_only else "all_entries"] = flops
+    return results, model
+
+
+def _matmul_reference(model, model_cfg, batch_size: int) -> tuple[list[float], list[int]]:
+    """GFLOP/s of three plain matmuls of the first layer's shape (printed with their
+    median), and that shape (batch, inputs, units)."""
+    import numpy as np
 
     first_units = model_cfg.ctr_tower.units[0]
     inputs = int(model.get_layer("ctr_dense_0").kernel.shape[0])  # the first layer's inputs
@@ -215,6 +211,31 @@ def main() -> None:
     print(
         f"plain matmul ({batch_size} x {inputs}) x ({inputs} x {first_units}): {matmul:.1f} GFLOP/s"
     )
+    return matmuls, [batch_size, inputs, first_units]
+
+
+def main() -> None:
+    """Time the four settings and the plain matmul, record and print the result."""
+    args = _arguments()
+
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks.machine import machine_info, write_record
+    from tasks.config import Params
+
+    load_before = os.getloadavg()
+    params = Params.model_validate({"preset": args.preset})
+    model_cfg, train_cfg = params.model, params.train
+    if args.steps_per_execution:
+        train_cfg = train_cfg.model_copy(update={"steps_per_execution": args.steps_per_execution})
+    batch_size = args.batch_size or train_cfg.batch_size
+    ingest = prepare(args.work, args.train, args.seed, args.profile)
+    deterministic = train_cfg.deterministic and not args.no_determinism
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    results, model = _time_settings(args, model_cfg, train_cfg, batch_size, ingest)
+    matmuls, shape = _matmul_reference(model, model_cfg, batch_size)
     for key in ("all_entries", "first_id"):
         f = results[key]
         print(
@@ -235,9 +256,9 @@ def main() -> None:
         "deterministic": deterministic,
         "steps_per_execution": train_cfg.steps_per_execution,
         "results": results,
-        "plain_matmul_first_layer_gflops_per_s": round(matmul, 1),
+        "plain_matmul_first_layer_gflops_per_s": round(float(np.median(matmuls)), 1),
         "plain_matmul_runs_gflops_per_s": [round(x, 1) for x in matmuls],
-        "plain_matmul_shape": [batch_size, inputs, first_units],
+        "plain_matmul_shape": shape,
         "model": model_cfg.model_dump(mode="json"),
     }
     path = write_record(args.out, f"train-{args.train}", record, args.tag)

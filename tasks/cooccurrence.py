@@ -92,6 +92,75 @@ def _top_eigenvectors(matrix, k: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return np.maximum(values[order], 0.0), vectors * np.where(signs == 0, 1.0, signs)
 
 
+def _sampled_contexts(n_contexts: int, max_contexts: int, rng: np.random.Generator) -> np.ndarray:
+    """Bool per context: in the sample (all of them when there are at most `max_contexts`)."""
+    keep = np.ones(n_contexts, dtype=bool)
+    if n_contexts > max_contexts:
+        keep[:] = False
+        keep[rng.choice(n_contexts, size=max_contexts, replace=False)] = True
+    return keep
+
+
+def _documents(
+    reader: SplitReader,
+    vocab: Mapping[str, np.ndarray],
+    history_field: str,
+    item_field: str,
+    keep: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(document, token) of every known id in the sampled contexts: the history ids as
+    tokens 1 .. len(history vocab), the item ids after them (offset by the history table's
+    rows); OOV ids left out."""
+    n_history = len(vocab[history_field]) + 1
+    doc_of_context = np.cumsum(keep) - 1  # sampled context -> document number
+    docs, tokens = [], []
+    parent, ids = _flat(reader.common[ids_key(history_field)])
+    docs.append(doc_of_context[parent[keep[parent]]])
+    tokens.append(_rows(vocab[history_field], ids[keep[parent]]))
+    for g in range(reader.impressions.metadata.num_row_groups):
+        table = reader.read_row_group(g, columns=[COMMON_INDEX_KEY, ids_key(item_field)])
+        context = reader.index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
+        parent, ids = _flat(table[ids_key(item_field)])
+        ctx = context[parent]
+        sampled = (ctx >= 0) & keep[np.maximum(ctx, 0)]
+        docs.append(doc_of_context[ctx[sampled]])
+        tokens.append(n_history + _rows(vocab[item_field], ids[sampled]))
+    doc, token = np.concatenate(docs), np.concatenate(tokens)
+    known = (token != 0) & (token != n_history)  # OOV buckets carry no identity
+    return doc[known], token[known]
+
+
+def _ppmi(doc: np.ndarray, token: np.ndarray, n_docs: int, n_tokens: int) -> tuple[Any, np.ndarray]:
+    """The positive PMI matrix of tokens sharing documents (diagonal left out), and each
+    token's document frequency."""
+    import scipy.sparse as sp
+
+    incidence = sp.csr_matrix(
+        (np.ones(len(doc)), (doc, token)), shape=(n_docs, n_tokens), dtype=np.float64
+    )
+    incidence.data[:] = 1.0  # presence in a context, whatever the count
+    counts = (incidence.T @ incidence).tocoo()
+    frequency = np.asarray(incidence.sum(axis=0)).ravel()
+    pmi = np.log(counts.data * n_docs / (frequency[counts.row] * frequency[counts.col]))
+    positive = (pmi > 0) & (counts.row != counts.col)
+    ppmi = sp.csr_matrix(
+        (pmi[positive], (counts.row[positive], counts.col[positive])), shape=(n_tokens, n_tokens)
+    )
+    return ppmi, frequency
+
+
+def _scaled_vectors(ppmi, seen: np.ndarray, dim: int, scale: float, seed: int) -> np.ndarray:
+    """`dim` columns of the PPMI factorisation (eigenvectors times the root of their
+    eigenvalues), scaled so the seen rows' entries have standard deviation `scale`."""
+    n_tokens = ppmi.shape[0]
+    values, vectors = _top_eigenvectors(ppmi, dim, seed)
+    vectors = vectors * np.sqrt(values)
+    if vectors.shape[1] < dim:  # tiny vocabularies: pad the missing dimensions with zeros
+        vectors = np.hstack([vectors, np.zeros((n_tokens, dim - vectors.shape[1]))])
+    spread = vectors[seen].std() if seen.any() else 0.0
+    return vectors * (scale / spread if spread > 0 else 0.0)
+
+
 def cooccurrence_tables(
     reader: SplitReader,
     vocab: Mapping[str, np.ndarray],
@@ -113,6 +182,12 @@ def cooccurrence_tables(
         scale: the standard deviation of the returned rows' entries (over seen ids).
         max_contexts: at most this many contexts are sampled (seeded).
         seed: draws the sample and the eigensolver's start.
+
+    Returns:
+        The initial rows of both tables, which of them were seen, and the sample's size.
+
+    Raises:
+        ValueError: `cross` is not a cross of the format.
     """
     if cross not in CROSSES:
         raise ValueError(
@@ -121,52 +196,13 @@ def cooccurrence_tables(
     start = time.perf_counter()
     history_field, item_field = CROSSES[cross]
     n_history, n_item = len(vocab[history_field]) + 1, len(vocab[item_field]) + 1
-    common = reader.common
-    n_contexts = common.num_rows
     rng = np.random.default_rng([seed, int(cross)])
-    keep = np.ones(n_contexts, dtype=bool)
-    if n_contexts > max_contexts:
-        keep[:] = False
-        keep[rng.choice(n_contexts, size=max_contexts, replace=False)] = True
-    doc_of_context = np.cumsum(keep) - 1  # sampled context -> document number
-
-    docs, tokens = [], []
-    parent, ids = _flat(common[ids_key(history_field)])
-    docs.append(doc_of_context[parent[keep[parent]]])
-    tokens.append(_rows(vocab[history_field], ids[keep[parent]]))
-    for g in range(reader.impressions.metadata.num_row_groups):
-        table = reader.read_row_group(g, columns=[COMMON_INDEX_KEY, ids_key(item_field)])
-        context = reader.index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
-        parent, ids = _flat(table[ids_key(item_field)])
-        ctx = context[parent]
-        sampled = (ctx >= 0) & keep[np.maximum(ctx, 0)]
-        docs.append(doc_of_context[ctx[sampled]])
-        tokens.append(n_history + _rows(vocab[item_field], ids[sampled]))
-    doc, token = np.concatenate(docs), np.concatenate(tokens)
-    known = (token != 0) & (token != n_history)  # OOV buckets carry no identity
-    doc, token = doc[known], token[known]
-
-    import scipy.sparse as sp
-
+    keep = _sampled_contexts(reader.common.num_rows, max_contexts, rng)
+    doc, token = _documents(reader, vocab, history_field, item_field, keep)
     n_docs, n_tokens = int(keep.sum()), n_history + n_item
-    incidence = sp.csr_matrix(
-        (np.ones(len(doc)), (doc, token)), shape=(n_docs, n_tokens), dtype=np.float64
-    )
-    incidence.data[:] = 1.0  # presence in a context, whatever the count
-    counts = (incidence.T @ incidence).tocoo()
-    frequency = np.asarray(incidence.sum(axis=0)).ravel()
-    pmi = np.log(counts.data * n_docs / (frequency[counts.row] * frequency[counts.col]))
-    positive = (pmi > 0) & (counts.row != counts.col)
-    ppmi = sp.csr_matrix(
-        (pmi[positive], (counts.row[positive], counts.col[positive])), shape=(n_tokens, n_tokens)
-    )
-    values, vectors = _top_eigenvectors(ppmi, dim, seed)
-    vectors = vectors * np.sqrt(values)
-    if vectors.shape[1] < dim:  # tiny vocabularies: pad the missing dimensions with zeros
-        vectors = np.hstack([vectors, np.zeros((n_tokens, dim - vectors.shape[1]))])
+    ppmi, frequency = _ppmi(doc, token, n_docs, n_tokens)
     seen = frequency > 0
-    spread = vectors[seen].std() if seen.any() else 0.0
-    vectors = vectors * (scale / spread if spread > 0 else 0.0)
+    vectors = _scaled_vectors(ppmi, seen, dim, scale, seed)
     return CooccurrenceTables(
         cross=cross,
         history=vectors[:n_history].astype(np.float32),
