@@ -1,7 +1,7 @@
 """Statistics throughput of the validation step: one Beam process against all cores.
 
 Generates (once, cached under --work) and ingests a data set, then times
-`tasks.validate.generate_statistics` over every split and table, the Beam pipeline the
+`tasks.validate_stats.generate_statistics` over every split and table, the Beam pipeline the
 validate step runs, once per runner setting:
 
 - `in_memory`: DirectRunner, one process;
@@ -76,7 +76,7 @@ def _git_commit() -> str:
         ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
     )
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "tasks/validate.py"],
+        ["git", "status", "--porcelain", "tasks/validate_stats.py"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -226,7 +226,7 @@ def initialise_from_cooccurrence(
     """Set the seen rows of each cross's history and item tables (every tower's copy in
     ESMM-NS and BASE; both halves of a table made twice as wide by
     `model.interest_match`; `dim` = `model.embedding_dim`) from `cooccurrence_tables`."""
-    # Not at the top: models.esmm imports Keras, and tasks.train (which the `esmm` CLI
+    # Not at the top: models.layers imports Keras, and tasks.train (which the `esmm` CLI
     # imports at start-up) imports this module.
     from models.layers import EmbeddingBag
 
