@@ -92,10 +92,7 @@ def train_esmm(
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     train_cfg = _fit_settings(train_cfg, strategy)
     ckpt_dir = out_dir / "checkpoints"
-    fingerprint = run_fingerprint(ingest_dir, model_cfg, train_cfg)
-    if split_reader is not SplitReader:  # fed other inputs, a run is another run
-        fingerprint += f"-{split_reader.__qualname__}"
-    fingerprint += f"-replicas{replicas}" * (strategy is not None)
+    fingerprint = _fingerprint(ingest_dir, model_cfg, train_cfg, split_reader, strategy)
     state = load_state(ckpt_dir, fingerprint, train_cfg.resume if resume is None else resume)
     resumed_from = resumed_position(state)
 
@@ -113,16 +110,10 @@ def train_esmm(
         return _distributed(
             strategy,
             lambda shard: make_dataset(
-                train,
-                batch_size,
-                train_cfg.seed,
-                variant=model_cfg.variant,
-                epoch=epoch,
-                start=start * replicas,
-                stop=n_batches * replicas,
-                shard=shard,
+                train, batch_size, train_cfg.seed, variant=model_cfg.variant, epoch=epoch,
+                start=start * replicas, stop=n_batches * replicas, shard=shard,
             ),
-        )
+        )  # fmt: skip
 
     fit_args = {
         "validation_data": validation,
@@ -142,6 +133,23 @@ def train_esmm(
     shifts = recalibrate(model, valid) if train_cfg.recalibrate and valid.num_rows else None
     model_path = _save(model, out_dir, state, shifts, replicas)
     return TrainResult(model_path, state["epoch"], state["history"], resumed_from)
+
+
+def _fingerprint(
+    ingest_dir: Path,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    split_reader: type[SplitReader],
+    strategy: Any,
+) -> str:
+    """What a checkpoint must match to be resumed: the configs and data, the reader (fed
+    other inputs, a run is another run) and the number of replicas."""
+    fingerprint = run_fingerprint(ingest_dir, model_cfg, train_cfg)
+    if split_reader is not SplitReader:
+        fingerprint += f"-{split_reader.__qualname__}"
+    if strategy is not None:
+        fingerprint += f"-replicas{strategy.num_replicas_in_sync}"
+    return fingerprint
 
 
 def recalibrate(model: Any, split: Path | SplitReader) -> dict[str, float]:

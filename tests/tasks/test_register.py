@@ -251,6 +251,8 @@ def _shuffle_labels(split_dir: Path, seed: int) -> None:
 
 
 @pytest.mark.slow  # two trainings and two model registrations: about a minute
+# Over 80 lines: one scenario whose steps build on each other (a champion, a refused
+# challenger, then register.promote: never), each step asserted where it happens.
 def test_label_shuffled_model_is_refused_and_the_champion_stays(tmp_path, small_raw):
     """A model trained on label-shuffled data, scored against the champion on the same test
     split in the same run, is refused; it is registered as `challenger` only."""
