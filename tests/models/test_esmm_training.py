@@ -36,6 +36,13 @@ from tests.models.esmm_data import (
 # --- Targets --------------------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same global seeds (Keras initialisers, shuffling): a fit
+    must not depend on which tests ran earlier in this process (pytest-xdist mixes them)."""
+    keras.utils.set_random_seed(0)
+
+
 def test_esmm_targets_are_click_and_click_times_conversion():
     """Labels: p_ctr = click, p_ctcvr = click * conversion, float32, no p_cvr key."""
     targets = esmm_targets([1, 0, 1, 0], [1, 1, 0, 0])
@@ -300,7 +307,7 @@ def test_variants_learn_and_round_trip_through_keras_files(vocabularies, variant
     saved model (same three outputs) reloads with identical predictions."""
     train_x, train_click, train_conv = make_planted_dataset(6000, vocabularies, seed=10)
     test_x, test_click, test_conv = make_planted_dataset(3000, vocabularies, seed=11)
-    model = build_esmm(SMALL_CONFIG.model_copy(update={"variant": variant}), vocabularies)
+    model = build_esmm(SMALL_CONFIG.model_copy(update={"variant": variant}), vocabularies, seed=0)
     compile_esmm(model, CompileConfig(learning_rate=0.02))
     model.fit(
         train_x,
