@@ -450,7 +450,6 @@ def serve(
     """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
     import subprocess
 
-    from tasks.champion import CHAMPION
     from tasks.tracking import resolve_tracking_uri
 
     cfg = _params(params).register_
@@ -458,6 +457,7 @@ def serve(
     if model_uri is None:  # before MLflow's server starts (and creates an empty mlflow.db)
         _check(preflight.require_registry, tracking_uri, cfg.model_name)
     from serving.pyfunc import serve_command  # MLflow: seconds
+    from tasks.champion import CHAMPION
 
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     if model_uri is None:
@@ -513,7 +513,6 @@ def score(
             f"no sample_skeleton_*.csv (or .csv.gz) in {raw_dir}: scoring reads raw Ali-CCP "
             "skeleton files, each with its common_features_*.csv"
         )
-    from tasks.champion import CHAMPION
     from tasks.tracking import mlflow_uris, resolve_tracking_uri
 
     cfg = p.register_
@@ -524,6 +523,7 @@ def score(
 
     from serving.pyfunc import load_keras_model
     from serving.score import score_raw
+    from tasks.champion import CHAMPION
 
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     if model_uri is None:
