@@ -51,6 +51,7 @@ class TrainResult:
     resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint, if any
 
 
+# Over 80 lines only with its docstring (the arguments, 35 lines); the body is about 50.
 def train_esmm(
     ingest_dir: Path,
     out_dir: Path,
@@ -110,10 +111,16 @@ def train_esmm(
         return _distributed(
             strategy,
             lambda shard: make_dataset(
-                train, batch_size, train_cfg.seed, variant=model_cfg.variant, epoch=epoch,
-                start=start * replicas, stop=n_batches * replicas, shard=shard,
+                train,
+                batch_size,
+                train_cfg.seed,
+                variant=model_cfg.variant,
+                epoch=epoch,
+                start=start * replicas,
+                stop=n_batches * replicas,
+                shard=shard,
             ),
-        )  # fmt: skip
+        )
 
     fit_args = {
         "validation_data": validation,

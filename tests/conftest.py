@@ -69,10 +69,8 @@ def make_project(root: Path, raw: Path, overrides: dict | None = None) -> Path:
     for item in ("dvc.yaml", "tasks", "models", "flows", "aliccp", "serving", "schema"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / item)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in {**SMALL_PARAMS, **(overrides or {})}.items():
-        params[section] = _merge(params.get(section) or {}, values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    merge_params(root, {**SMALL_PARAMS, **(overrides or {})})
     shutil.copytree(raw, root / "data")
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q"], root)
@@ -83,6 +81,15 @@ def make_project(root: Path, raw: Path, overrides: dict | None = None) -> Path:
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "project"], root)
     return root
+
+
+def merge_params(project: Path, overrides: dict) -> None:
+    """Merge `overrides` (section -> values, nested) into the project's params.yaml."""
+    path = project / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in overrides.items():
+        params[section] = _merge(params.get(section) or {}, values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def repro(project: Path) -> str:

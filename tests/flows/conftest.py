@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import make_project, repro
+from tests.conftest import make_project, merge_params, repro
 
 
 @pytest.fixture(scope="session")
@@ -86,10 +85,7 @@ def clone(run: FlowRun, dest: Path, *, registry: bool = True, params: dict | Non
         (dest / "mlflow.db").unlink()
         shutil.rmtree(dest / "mlruns", ignore_errors=True)
     if params:
-        current = yaml.safe_load((dest / "params.yaml").read_text())
-        for section, values in params.items():
-            current[section] = {**(current.get(section) or {}), **values}
-        (dest / "params.yaml").write_text(yaml.safe_dump(current, sort_keys=False))
+        merge_params(dest, params)
     return dest
 
 
