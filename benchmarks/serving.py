@@ -1,22 +1,28 @@
-"""Serving latency: the served model over HTTP on loopback, single records and batches of 100.
+"""Serving latency and throughput over HTTP on loopback: candidate requests against record
+requests with the same candidates, concurrency, and fuzzing under load.
 
-Generates raw data (`aliccp.synth`), ingests it for vocabularies and realistic request
-records (test split, user and impression fields), builds the `params.yaml` model (weights do
-not change latency, so it is not trained), logs it with `serving.pyfunc.log_serving_model`
-to a scratch SQLite store as `esmm@champion`, starts `esmm serve` (a real `mlflow models
-serve --env-manager local`) on 127.0.0.1 and times sequential requests from one client on a
-keep-alive connection: client-side wall time per request, from sending the JSON body to
-having parsed the JSON answer. Requests use `{"dataframe_records": [...]}`; batches are also
-timed as `{"inputs": [...]}`, which MLflow deep-copies while parsing (slower). The same
-payloads through the pyfunc model in process give the share of the latency that is HTTP and
-MLflow's request handling.
+Generates raw data (`aliccp.synth`, realistic profile by default: about 500 user-side
+entries per context), ingests it for vocabularies and request contents, builds the
+`params.yaml` model (weights do not change latency, so it is not trained), registers it in a
+scratch SQLite store as `esmm@champion`, starts `esmm serve` on 127.0.0.1 and measures, with
+the bounded load generator of `benchmarks/serving_load.py` (a fixed number of requests and
+a time limit each):
 
-    python -m benchmarks.serving                       # realistic profile, 300 singles, 60 batches
-    python -m benchmarks.serving --profile default
+1. one client, 100 candidates per request: the candidate form (one context + 100
+   candidates) against the record form (100 whole records: that context with each
+   candidate), the same candidates, in the same run; their latency ratio;
+2. one client, 1,000 candidates per request (candidate form);
+3. 4 concurrent clients, 100-candidate requests: candidates/s and latency;
+4. fuzzing: 10,000 seeded malformed, oversized and valid requests from 2 clients; every
+   answer's status by kind, the valid requests' latency, and the server's RSS before and
+   after;
+5. the model alone in process on the same 100-candidate inputs (what HTTP and parsing add).
+
+    python -m benchmarks.serving                       # ~5 min on 2 cores
     python -m benchmarks.serving --markdown            # the table rows, from benchmarks/results/
 
-Writes a JSON record (machine, date, load averages before and after, commit) to
-benchmarks/results/.
+Writes a JSON record (machine, date, load averages before and after, commit, targets met)
+to benchmarks/results/ (`serving-candidates-<profile>-<date>.json`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,19 +44,26 @@ import numpy as np
 import yaml
 
 from benchmarks.machine import machine_info, write_record
+from benchmarks.serving_load import bounded_load, fuzz_bodies
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+TARGETS = {  # issue 25
+    "candidates_100_p50_ms": 10.0,
+    "candidates_100_p99_ms": 30.0,
+    "candidates_1000_p50_ms": 40.0,
+    "concurrent_4_candidates_per_s": 10_000.0,
+    "concurrent_4_p99_ms": 60.0,
+}
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
     ms = np.asarray(seconds) * 1000
     return {
         "n": len(ms),
-        "median_ms": round(float(np.median(ms)), 2),
+        "p50_ms": round(float(np.median(ms)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "mean_ms": round(float(ms.mean()), 2),
-        "min_ms": round(float(ms.min()), 2),
         "max_ms": round(float(ms.max()), 2),
     }
 
@@ -67,8 +79,61 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start_server(work: Path, tracking_uri: str, port: int) -> subprocess.Popen:
-    (work / "params.yaml").write_text(yaml.safe_dump({"register": {"tracking_uri": tracking_uri}}))
+def _build(args: argparse.Namespace, work: Path) -> tuple[str, list[dict]]:
+    """Data, an untrained params.yaml model registered as esmm@champion, and request records
+    (user and impression fields) of the test split; the tracking URI and the records."""
+    import mlflow
+
+    from aliccp.synth import synthesize_ali_ccp
+    from models.esmm import build_esmm
+    from serving.pyfunc import log_serving_model
+    from serving.records import table_to_records
+    from tasks.config import IngestConfig, load_params
+    from tasks.ingest import ingest_ali_ccp, load_vocabularies
+    from tasks.inputs import SplitReader
+    from tasks.tracking import mlflow_client, mlflow_uris
+
+    params = load_params(args.params)
+    synthesize_ali_ccp(work / "raw", args.train, args.test, args.seed, profile=args.profile)
+    ingest_ali_ccp(work / "raw", work / "ingest", IngestConfig(min_count=params.ingest.min_count))
+    model = build_esmm(params.model, load_vocabularies(work / "ingest" / "vocab.parquet"))
+    model.save(work / "model.keras")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    with mlflow_uris(uri):
+        experiment = mlflow.create_experiment("bench", artifact_location=str(work / "mlruns"))
+        with mlflow.start_run(experiment_id=experiment):
+            info = log_serving_model(work / "model.keras", registered_model_name="esmm")
+    mlflow_client(uri).set_registered_model_alias("esmm", "champion", info.registered_model_version)
+
+    reader = SplitReader(work / "ingest" / "test")
+    records: list[dict] = []
+    for table in reader.tables(4096):
+        common, rows = reader.contexts(table)
+        contexts = common.take(rows)
+        for name in contexts.column_names:
+            if name.startswith(("ids_", "wts_")):
+                table = table.append_column(name, contexts[name])
+        records += table_to_records(table)
+        if len(records) >= args.candidates_max:
+            break
+    return uri, records
+
+
+def _requests(records: list[dict], n: int) -> tuple[dict, list[dict]]:
+    """The candidate request for `n` candidates (the context of median size: as many user-side
+    entries as a typical user has) and the equivalent records (that context joined to each
+    candidate)."""
+    from models.features import COMMON_FIELDS
+
+    sizes = np.array([sum(len(v) for f, v in r.items() if f in COMMON_FIELDS) for r in records])
+    typical = records[int(np.argmin(np.abs(sizes - np.median(sizes))))]
+    context = {f: v for f, v in typical.items() if f in COMMON_FIELDS}
+    candidates = [{f: v for f, v in r.items() if f not in COMMON_FIELDS} for r in records[:n]]
+    return {"context": context, "candidates": candidates}, [{**context, **c} for c in candidates]
+
+
+def _start_server(work: Path, uri: str, port: int) -> subprocess.Popen:
+    (work / "params.yaml").write_text(yaml.safe_dump({"register": {"tracking_uri": uri}}))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -99,164 +164,124 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 30
     raise SystemExit(f"no /ping answer in {timeout} s:\n{log.read_text()}")
 
 
-def _time_requests(session, url: str, bodies: list[str], warmup: int) -> list[float]:
-    times = []
-    for i, body in enumerate(bodies):
-        start = time.perf_counter()
-        response = session.post(
-            f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        response.json()
-        elapsed = time.perf_counter() - start
-        if response.status_code != 200:
-            raise SystemExit(f"request failed {response.status_code}: {response.text[:500]}")
-        if i >= warmup:
-            times.append(elapsed)
-    return times
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
 
 
-def _time_in_process(model, payloads: list[list[dict]], warmup: int) -> list[float]:
-    times = []
-    for i, payload in enumerate(payloads):
-        start = time.perf_counter()
-        model.predict(payload)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+def _timed(url: str, body: bytes, n: int, clients: int = 1, warmup: int = 10) -> dict[str, Any]:
+    """`warmup` untimed requests, then `n` timed ones (time limit 300 s); all must be 200."""
+    bounded_load(url, [(body, "valid")], clients=clients, max_requests=warmup, time_limit=120)
+    load = bounded_load(url, [(body, "valid")], clients=clients, max_requests=n, time_limit=300)
+    failed = [a.status for a in load.answers if a.status != 200]
+    if failed:
+        raise SystemExit(f"{len(failed)} requests failed: {sorted(set(failed))}")
+    return {
+        **_percentiles([a.seconds for a in load.answers]),
+        "clients": clients,
+        "requests_per_s": round(len(load.answers) / load.seconds, 1),
+        "body_bytes": len(body),
+    }
 
 
-# The project, MLflow and requests are imported inside the functions below: aliccp.synth
-# (scikit-learn), models.esmm (Keras) and MLflow take seconds to import, and `--markdown`
-# needs none of them.
+def _fuzz(url: str, pid: int, request: dict, n: int) -> dict[str, Any]:
+    from tasks.config import ServeConfig
+
+    limits = ServeConfig()
+    bodies = fuzz_bodies(request, n, 11, limits.max_candidates, limits.max_body_bytes)
+    rss_before = _rss_mib(pid)
+    load = bounded_load(url, bodies, clients=2, max_requests=n, time_limit=600)
+    by_kind: dict[str, dict[str, int]] = {}
+    for a in load.answers:
+        counts = by_kind.setdefault(a.kind, {})
+        counts[str(a.status)] = counts.get(str(a.status), 0) + 1
+    valid = [a.seconds for a in load.answers if a.kind == "valid" and a.status == 200]
+    return {
+        "requests": len(load.answers),
+        "seconds": round(load.seconds, 1),
+        "status_by_kind": by_kind,
+        "server_errors_5xx": sum(a.status >= 500 for a in load.answers),
+        "valid_latency_during_fuzzing": _percentiles(valid),
+        "rss_mib_before": rss_before,
+        "rss_mib_after": _rss_mib(pid),
+    }
 
 
-def _build_model(args: argparse.Namespace, params: Any, work: Path) -> Path:
-    """Raw data, its ingested vocabularies and test split, and an untrained model file."""
-    from aliccp.synth import synthesize_ali_ccp
-    from models.esmm import build_esmm
-    from tasks.config import IngestConfig
-    from tasks.ingest import ingest_ali_ccp, load_vocabularies
-
-    synthesize_ali_ccp(work / "raw", args.train, args.test, args.seed, profile=args.profile)
-    ingest_ali_ccp(work / "raw", work / "ingest", IngestConfig(min_count=params.ingest.min_count))
-    model = build_esmm(params.model, load_vocabularies(work / "ingest" / "vocab.parquet"))
-    model.save(work / "model.keras")
-    return work / "model.keras"
-
-
-def _request_records(split_dir: Path, n_records: int) -> list[dict]:
-    """At least `n_records` request records (user and impression fields) of an ingested split."""
-    from serving.records import table_to_records
-    from tasks.inputs import SplitReader
-
-    reader = SplitReader(split_dir)
-    records = []
-    for table in reader.tables(4096):
-        common, rows = reader.contexts(table)
-        contexts = common.take(rows)  # one user-side row per impression
-        joined = table
-        for name in contexts.column_names:
-            if name.startswith(("ids_", "wts_")):
-                joined = joined.append_column(name, contexts[name])
-        records += table_to_records(joined)
-        if len(records) >= n_records:
-            break
-    return records
-
-
-def _register_champion(work: Path, model_path: Path) -> str:
-    """Log the served model to a scratch SQLite store as esmm@champion; its tracking URI."""
+def _in_process(request: dict, uri: str, n: int = 200) -> dict[str, float]:
     import mlflow
-    from mlflow import MlflowClient
 
-    from serving.pyfunc import log_serving_model
+    from serving.candidates import candidates_to_inputs
+    from tasks.tracking import mlflow_uris
 
-    tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.create_experiment("bench", artifact_location=str(work / "mlruns"))
-    with mlflow.start_run(experiment_id=experiment):
-        info = log_serving_model(model_path, registered_model_name="esmm")
-    MlflowClient(tracking_uri).set_registered_model_alias(
-        "esmm", "champion", info.registered_model_version
-    )
-    return tracking_uri
-
-
-def _time_server(
-    work: Path, tracking_uri: str, singles: list, batches: list, warmup: int
-) -> tuple[float, list[float], list[float], list[float]]:
-    """Start `esmm serve`; its start-up time and the times of the singles, the batches and
-    the batches in the `inputs` form."""
-    import requests
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start_server(work, tracking_uri, port)
-    try:
-        startup = _wait_ready(proc, url, work / "server.log")
-        print(f"server ready after {startup:.1f} s", flush=True)
-        with requests.Session() as session:
-            single_s = _time_requests(
-                session, url, [json.dumps({"dataframe_records": p}) for p in singles], warmup
-            )
-            batch_s = _time_requests(
-                session, url, [json.dumps({"dataframe_records": p}) for p in batches], warmup
-            )
-            batch_inputs_s = _time_requests(
-                session, url, [json.dumps({"inputs": p}) for p in batches], warmup
-            )
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    return startup, single_s, batch_s, batch_inputs_s
+    with mlflow_uris(uri):
+        model = mlflow.pyfunc.load_model("models:/esmm@champion").unwrap_python_model().keras_model
+    times = []
+    for i in range(n + 10):
+        start = time.perf_counter()
+        model.predict_batch(candidates_to_inputs(request["context"], request["candidates"]))
+        if i >= 10:
+            times.append(time.perf_counter() - start)
+    return _percentiles(times)
 
 
 def run(args: argparse.Namespace) -> dict:
-    import mlflow
-
-    from tasks.config import load_params
-
     load_before = os.getloadavg()
-    params = load_params(args.params)
     work = Path(tempfile.mkdtemp(prefix="esmm-serving-bench-"))
     print(f"work folder {work}", flush=True)
-    model_path = _build_model(args, params, work)
-
-    n_records = args.singles + args.batches * args.batch_size + 2 * args.warmup * args.batch_size
-    records = _request_records(work / "ingest" / "test", n_records)
-    entries = [sum(len(v) for v in r.values()) for r in records]
-    behaviour = [sum(len(pairs) for f, pairs in r.items() if f.endswith("_14")) for r in records]
-
-    tracking_uri = _register_champion(work, model_path)
-
-    singles = [[{"features": records[i % len(records)]}] for i in range(args.warmup + args.singles)]
-    batches = []
-    for b in range(args.warmup + args.batches):
-        start = (b * args.batch_size) % max(1, len(records) - args.batch_size)
-        batches.append([{"features": r} for r in records[start : start + args.batch_size]])
-
-    startup, single_s, batch_s, batch_inputs_s = _time_server(
-        work, tracking_uri, singles, batches, args.warmup
-    )
-
-    pyfunc = mlflow.pyfunc.load_model("models:/esmm@champion")
-    local_single = _time_in_process(pyfunc, singles, args.warmup)
-    local_batch = _time_in_process(pyfunc, batches, args.warmup)
+    uri, records = _build(args, work)
+    req100, records100 = _requests(records, 100)
+    req1000, _ = _requests(records, args.candidates_max)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start_server(work, uri, port)
+    out: dict[str, Any] = {}
+    try:
+        out["server_startup_s"] = round(_wait_ready(proc, url, work / "server.log"), 1)
+        out["rss_mib_after_start"] = _rss_mib(proc.pid)
+        body100 = json.dumps(req100).encode()
+        print("candidate form, 100 candidates, 1 client", flush=True)
+        out["candidates_100"] = _timed(url, body100, args.requests)
+        print("record form, the same 100 candidates, 1 client", flush=True)
+        records_body = json.dumps({"dataframe_records": [{"features": r} for r in records100]})
+        out["records_100"] = _timed(url, records_body.encode(), args.requests // 3)
+        print(f"candidate form, {args.candidates_max} candidates, 1 client", flush=True)
+        out["candidates_1000"] = _timed(url, json.dumps(req1000).encode(), args.requests // 2)
+        print("candidate form, 100 candidates, 4 clients", flush=True)
+        out["concurrent_4"] = _timed(url, body100, args.requests * 4, clients=4)
+        print(f"fuzzing: {args.fuzz} requests, 2 clients", flush=True)
+        out["fuzz"] = _fuzz(url, proc.pid, req100, args.fuzz)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    out["in_process_candidates_100"] = _in_process(req100, uri)
     if not args.keep:
         shutil.rmtree(work)
 
-    dirty = _git(
-        "status",
-        "--porcelain",
-        "--",
-        "tasks",
-        "models",
-        "flows",
-        "serving",
-        "benchmarks/serving.py",
+    c100, r100, c1000, conc = (
+        out["candidates_100"],
+        out["records_100"],
+        out["candidates_1000"],
+        out["concurrent_4"],
     )
+    conc["candidates_per_s"] = round(conc["requests_per_s"] * 100)
+    measured = {
+        "candidates_100_p50_ms": c100["p50_ms"],
+        "candidates_100_p99_ms": c100["p99_ms"],
+        "candidates_1000_p50_ms": c1000["p50_ms"],
+        "concurrent_4_candidates_per_s": conc["candidates_per_s"],
+        "concurrent_4_p99_ms": conc["p99_ms"],
+    }
+    met = {
+        k: (v >= TARGETS[k] if k.endswith("_per_s") else v <= TARGETS[k])
+        for k, v in measured.items()
+    }
+    context_entries = sum(len(v) for v in req100["context"].values())
+    candidate_entries = np.mean([sum(len(v) for v in c.values()) for c in req100["candidates"]])
+    dirty = _git("status", "--porcelain", "--", "serving", "models", "benchmarks/serving.py")
     return {
-        "benchmark": "serving",
+        "benchmark": "serving-candidates",
         "machine": machine_info(),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
@@ -264,43 +289,35 @@ def run(args: argparse.Namespace) -> dict:
         "uncommitted": dirty.splitlines() if dirty else [],
         "profile": args.profile,
         "data": {"train": args.train, "test": args.test, "seed": args.seed},
-        "model": params.model.model_dump(mode="json"),
-        "record_entries": {
-            "mean": round(float(np.mean(entries)), 1),
-            "median": float(np.median(entries)),
-            "max": int(np.max(entries)),
-            "behaviour_mean": round(float(np.mean(behaviour)), 1),
-        },
-        "server": {"command": "esmm serve (mlflow models serve --env-manager local, 1 worker)"},
-        "server_startup_s": round(startup, 1),
-        "warmup_requests": args.warmup,
-        "http_single": _percentiles(single_s),
-        f"http_batch_{args.batch_size}": _percentiles(batch_s),
-        f"http_batch_{args.batch_size}_inputs_format": _percentiles(batch_inputs_s),
-        "in_process_pyfunc_single": _percentiles(local_single),
-        f"in_process_pyfunc_batch_{args.batch_size}": _percentiles(local_batch),
-        "batch_records_per_s": round(args.batch_size / statistics.median(batch_s)),
+        "server": "esmm serve (FastAPI on uvicorn, 1 worker)",
+        "context_entries": context_entries,
+        "candidate_entries_mean": round(float(candidate_entries), 1),
+        **out,
+        "record_over_candidate_p50_ratio": round(r100["p50_ms"] / c100["p50_ms"], 1),
+        "targets": TARGETS,
+        "measured": measured,
+        "met": met,
     }
 
 
 def markdown_rows(results: Path = RESULTS) -> str:
     rows = []
-    for path in sorted(results.glob("serving-*.json")):
+    for path in sorted(results.glob("serving-candidates-*.json")):
         r = json.loads(path.read_text())
         m = r["machine"]
-        missing = {"median_ms": "n/a", "p99_ms": "n/a"}
-        single, inputs = r["http_single"], r["http_batch_100_inputs_format"]
-        batch = r.get("http_batch_100", missing)  # absent from runs that sent only `inputs`
-        local_single, local_batch = r["in_process_pyfunc_single"], r["in_process_pyfunc_batch_100"]
+        c, rec, k, conc = (
+            r["candidates_100"],
+            r["records_100"],
+            r["candidates_1000"],
+            r["concurrent_4"],
+        )
         rows.append(
-            f"| {m['date'][:10]} | {m['cores']} cores, {m['cpu'].split()[0]} "
-            f"{' '.join(m['cpu'].split()[1:2])} | {r['commit'][:7]} | {r['profile']} "
-            f"({r['record_entries']['mean']:.0f} entries/record) "
-            f"| {single['median_ms']} / {single['p99_ms']} "
-            f"| {batch['median_ms']} / {batch['p99_ms']} "
-            f"| {inputs['median_ms']} / {inputs['p99_ms']} "
-            f"| {local_single['median_ms']} / {local_batch['median_ms']} "
-            f"| {r['batch_records_per_s']:,} "
+            f"| {m['date'][:10]} | {m['cpu']} | {r['commit'][:7]} "
+            f"| {c['p50_ms']} / {c['p99_ms']} | {rec['p50_ms']} / {rec['p99_ms']} "
+            f"({r['record_over_candidate_p50_ratio']}x) | {k['p50_ms']} / {k['p99_ms']} "
+            f"| {conc['candidates_per_s']:,} / {conc['p99_ms']} "
+            f"| {r['fuzz']['server_errors_5xx']} / {r['fuzz']['rss_mib_before']}"
+            f"->{r['fuzz']['rss_mib_after']} MiB "
             f"| {' '.join(str(x) for x in r['load_average_before'])} |"
         )
     return "\n".join(rows)
@@ -313,32 +330,23 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--profile", default="realistic", help="aliccp.synth data profile")
     parser.add_argument("--train", type=int, default=20_000, help="impressions for vocabularies")
-    parser.add_argument("--test", type=int, default=8_000, help="impressions to draw requests from")
+    parser.add_argument("--test", type=int, default=4_000, help="impressions for the requests")
     parser.add_argument("--seed", type=int, default=2018)
-    parser.add_argument("--singles", type=int, default=300, help="timed single-record requests")
-    parser.add_argument("--batches", type=int, default=60, help="timed batch requests")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10, help="untimed requests of each kind")
+    parser.add_argument("--requests", type=int, default=300, help="timed 1-client requests")
+    parser.add_argument("--candidates-max", type=int, default=1000, help="the large request")
+    parser.add_argument("--fuzz", type=int, default=10_000, help="fuzzing requests")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the scratch work folder")
-    parser.add_argument("--markdown", action="store_true", help="print the README table rows")
+    parser.add_argument("--markdown", action="store_true", help="print the table rows")
     args = parser.parse_args()
     if args.markdown:
         print(markdown_rows(args.out))
         return
     record = run(args)
-    path = write_record(args.out, f"serving-{args.profile}", record)
-    for key in (
-        "http_single",
-        f"http_batch_{args.batch_size}",
-        f"http_batch_{args.batch_size}_inputs_format",
-        "in_process_pyfunc_single",
-        f"in_process_pyfunc_batch_{args.batch_size}",
-    ):
-        p = record[key]
-        print(
-            f"{key:<32} median {p['median_ms']:8.2f} ms   p99 {p['p99_ms']:8.2f} ms   (n={p['n']})"
-        )
+    path = write_record(args.out, f"serving-candidates-{args.profile}", record)
+    print(json.dumps({k: record[k] for k in ("measured", "met")}, indent=1))
+    print(f"record/candidate p50 ratio: {record['record_over_candidate_p50_ratio']}x")
+    print(f"fuzz: {json.dumps(record['fuzz'])}")
     print(
         f"load average before {record['load_average_before']}, after {record['load_average_after']}"
     )

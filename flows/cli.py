@@ -440,42 +440,110 @@ def serve(
         "--model-uri",
         help="Model to serve (default: models:/NAME@champion, NAME = register.model_name).",
     ),
+    follow: str = typer.Option(
+        None,
+        "--follow",
+        metavar="ALIAS",
+        help="Serve whatever ALIAS (e.g. champion) points to, switching when it moves.",
+    ),
+    follow_interval: float = typer.Option(
+        None,
+        "--follow-interval",
+        min=0.1,
+        help="Seconds between alias lookups (default: serve.follow_interval_s).",
+    ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it to the network."
     ),
     port: int = typer.Option(5001, "--port", help="Port to listen on."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Server worker processes."),
+    workers: int = typer.Option(
+        None, "--workers", min=1, help="Server processes (default: serve.workers)."
+    ),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
     params: Path = PARAMS,
 ) -> None:
-    """Serve a registered model over HTTP (`mlflow models serve`, this environment)."""
-    import subprocess
+    """Serve a registered model over HTTP: candidate and record requests (docs/serving.md).
 
+    POST /invocations takes {"context": {...}, "candidates": [...]} (one user, many
+    candidates) or {"dataframe_records": [{"features": {...}}, ...]}; every answer names the
+    model version. GET /ping, GET /health.
+    """
     from tasks.tracking import resolve_tracking_uri
 
-    cfg = _params(params).register_
+    p = _params(params)
+    cfg = p.register_
+    if model_uri is not None and follow is not None:
+        _fail("give --model-uri or --follow, not both")
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)  # a team stack's server, if set
-    if model_uri is None:  # before MLflow's server starts (and creates an empty mlflow.db)
+    if model_uri is None:  # before MLflow (seconds) and a server start
         _check(preflight.require_registry, tracking_uri, cfg.model_name)
-    from serving.pyfunc import serve_command  # MLflow: seconds
-    from tasks.champion import CHAMPION
+        _check(preflight.require_alias, tracking_uri, cfg.model_name, follow or "champion")
+    import uvicorn
 
-    uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
+    from serving.app import SETTINGS_ENV, ServeSettings
+
+    settings = ServeSettings(
+        tracking_uri=tracking_uri,
+        model_name=cfg.model_name,
+        model_uri=None if follow else (model_uri or f"models:/{cfg.model_name}@champion"),
+        follow=follow,
+        follow_interval_s=follow_interval or p.serve.follow_interval_s,
+        max_candidates=p.serve.max_candidates,
+        max_body_bytes=p.serve.max_body_bytes,
+    )
+    os.environ[SETTINGS_ENV] = settings.to_env()  # read by each server process
+    what = f"{follow} of {cfg.model_name} (followed)" if follow else settings.model_uri
+    typer.echo(f"serving {what} on http://{host}:{port}/invocations (Ctrl-C stops it)", err=True)
+    uvicorn.run(
+        "serving.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers or p.serve.workers,
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", help="Folder to write (must not exist)."),
+    fmt: str = typer.Option(
+        "savedmodel", "--format", help="Export format: savedmodel (TensorFlow Serving)."
+    ),
+    model_uri: str = typer.Option(
+        None,
+        "--model-uri",
+        help="Model to export (default: models:/NAME@champion, NAME = register.model_name).",
+    ),
+    params: Path = PARAMS,
+) -> None:
+    """Export a registered model for other servers: a TensorFlow SavedModel whose
+    `serving_default` signature takes one context and its candidates (docs/serving.md)."""
+    if fmt != "savedmodel":
+        _fail(f"unknown --format {fmt!r}: the one export format is savedmodel")
+    if out.exists():
+        _fail(f"{out} exists: give a new folder to export to")
+    from tasks.tracking import mlflow_uris, resolve_tracking_uri
+
+    cfg = _params(params).register_
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     if model_uri is None:
-        _check(preflight.require_champion, tracking_uri, cfg.model_name)
+        _check(preflight.require_registry, tracking_uri, cfg.model_name)
+        _check(preflight.require_alias, tracking_uri, cfg.model_name, "champion")
+    from mlflow.exceptions import MlflowException
 
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking_uri,
-        # MLflow starts its server as `uvicorn` from PATH: this environment's, even when
-        # it is not activated (`.venv/bin/esmm serve`).
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
-    typer.echo(f"serving {uri} on http://{host}:{port}/invocations (Ctrl-C stops it)", err=True)
+    from serving.export import export_saved_model
+    from serving.follow import load_model
+
+    uri = model_uri or f"models:/{cfg.model_name}@champion"
     try:
-        code = subprocess.run(serve_command(uri, host, port, workers), env=env).returncode
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+        with mlflow_uris(tracking_uri):
+            model = load_model(uri, None, tracking_uri).keras_model
+    except MlflowException as err:
+        _fail(f"cannot load {uri} (tracking URI {tracking_uri}): {err.message}")
+    export_saved_model(model, out, source=uri)
+    typer.echo(f"exported {uri} as a TensorFlow SavedModel to {out} (signature serving_default)")
 
 
 @app.command()
@@ -527,7 +595,7 @@ def score(
 
     uri = model_uri or f"models:/{cfg.model_name}@{CHAMPION}"
     if model_uri is None:
-        _check(preflight.require_champion, tracking_uri, cfg.model_name)
+        _check(preflight.require_alias, tracking_uri, cfg.model_name, "champion")
     try:
         with mlflow_uris(tracking_uri):
             model = load_keras_model(uri)

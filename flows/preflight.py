@@ -81,20 +81,27 @@ def require_registry(tracking_uri: str, model_name: str) -> None:
         )
 
 
-def require_champion(tracking_uri: str, model_name: str) -> None:
-    """Refuse when the registry has no `champion` of `model_name`.
+def require_alias(tracking_uri: str, model_name: str, alias: str = "champion") -> None:
+    """Refuse when the registry has no `alias` (e.g. `champion`) of `model_name`.
 
     Raises:
-        PreflightError: naming the registry and how to make a champion.
+        PreflightError: naming the registry and how to set the alias.
     """
-    # MLflow (and the registry module's evaluation imports) load here only, when needed.
-    from tasks.champion import champion_version
+    from mlflow.exceptions import MlflowException  # MLflow: seconds, only when needed
 
-    if champion_version(tracking_uri, model_name) is None:
-        raise PreflightError(
-            f"no champion of {model_name!r} in the registry at {tracking_uri}: run esmm "
-            "retrain (or dvc repro, then esmm promote VERSION), or pass --model-uri"
+    from tasks.tracking import mlflow_client
+
+    try:
+        mlflow_client(tracking_uri).get_model_version_by_alias(model_name, alias)
+    except MlflowException as err:
+        how = (
+            "run esmm retrain (or dvc repro, then esmm promote VERSION), or pass --model-uri"
+            if alias == "champion"
+            else "set it (esmm promote moves champion; MLflow's set_registered_model_alias any)"
         )
+        raise PreflightError(
+            f"no {alias} of {model_name!r} in the registry at {tracking_uri}: {how}"
+        ) from err
 
 
 def check_scored(scored: int, read: int, limit: float, bad_lines: Path) -> None:

@@ -2,14 +2,13 @@
 
 The served model is MLflow models-from-code: `serving/serving_model.py` (the file MLflow
 runs to load it) wraps the trained `.keras` file, which is logged as its artifact; requests
-are records in the format of `serving.records`. MLflow is imported inside the functions that
-need it: importing MLflow takes seconds, and `esmm serve` imports this module only to build
-the `mlflow models serve` command line it runs in a subprocess.
+are records in the format of `serving.records` (`mlflow models serve` serves it so; `esmm
+serve` loads the same model into its own server, `serving.app`). MLflow is imported inside
+the functions that need it: importing MLflow takes seconds.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,24 +94,3 @@ def load_keras_model(model_uri: str) -> Any:
     import mlflow
 
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().keras_model
-
-
-def serve_command(model_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
-    """The `mlflow models serve` command line serving `model_uri` from this environment."""
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "models",
-        "serve",
-        "--model-uri",
-        model_uri,
-        "--env-manager",
-        "local",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--workers",
-        str(workers),
-    ]

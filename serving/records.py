@@ -8,23 +8,25 @@ list of `[id, weight]` pairs, where `id` is the raw feature id (a JSON integer, 
 fields). Single-valued fields are lists of one pair. A field absent from the impression is
 omitted or given as `[]` (both mean the same); an unknown field name is an error. Ids the
 model has no embedding for go to its out-of-vocabulary bucket. On the wire each record is
-the object under `"features"`, in MLflow's `dataframe_records` request form:
+the object under `"features"`, in MLflow's `dataframe_records` request form (`esmm serve`,
+`serving.app`, also takes the ranking form, one context and its candidates:
+`serving.candidates`):
 
     curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' -d '
       {"dataframe_records": [{"features": {"101": [[17, 1.0]], "205": [[4031, 1.0]],
                                            "109_14": [[88, 3.0], [90, 1.0]], "301": [[1, 1.0]]}}]}'
-    {"predictions": [{"p_ctr": 0.041, "p_cvr": 0.012, "p_ctcvr": 0.00049}]}
+    {"predictions": [{"p_ctr": 0.041, "p_cvr": 0.012, "p_ctcvr": 0.00049}], "model_version": "3"}
 
-`{"inputs": [...]}` with the same records works too, but MLflow deep-copies that form while
-parsing it, which makes batches slower (see benchmarks/serving.md). A malformed request is
-answered 400 with a message naming the record, field, entry and what is wrong. The model
-signature (`serving.pyfunc.serving_signature`) declares `features` as an object whose
-properties are the 23 fields (optional, values `Any`): MLflow's schema check then rejects
-unknown fields by name, and this module checks the values, with clearer messages than
-MLflow's typed arrays give (and an `[int, float]` pair has no MLflow type).
+`{"inputs": [...]}` with the same records works too. A malformed request is answered 400
+with a message naming the record, field, entry and what is wrong. The registered pyfunc
+model's signature (`serving.pyfunc.serving_signature`) declares `features` as an object
+whose properties are the 23 fields (optional, values `Any`), and this module checks the
+values, with clearer messages than MLflow's typed arrays give (and an `[int, float]` pair
+has no MLflow type).
 
-Model inputs are built from records or from raw files (`serving.score`) by one function,
-`table_to_inputs`.
+Model inputs from records (`records_to_arrays`) are padded as `tasks.inputs.pad_fields` pads
+a training batch; from raw files (`serving.score`) they are built by `table_to_inputs`. Both
+give the same arrays (tests/serving/test_records.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from models.features import ALL_FIELDS, OUTPUT_KEYS, ids_key, wts_key
+from models.features import ALL_FIELDS, COMMON_FIELDS, OUTPUT_KEYS, ids_key, wts_key
 from tasks.inputs import pad_fields, split_fields
 
 FEATURES_KEY = "features"  # the request column holding each record's field -> pairs object
@@ -61,40 +63,61 @@ class InvalidRecordError(ValueError):
     """A request record is malformed; the message names record, field, entry and problem."""
 
 
-def records_to_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
-    """Validate records (field -> `[id, weight]` pairs) into `ids_F`/`wts_F` list columns.
+def records_to_arrays(
+    records: Sequence[Mapping[str, Any]],
+    fields: Sequence[str] = ALL_FIELDS,
+    label: str = "record",
+    indexed: bool = True,
+) -> dict[str, np.ndarray]:
+    """Validate records (field -> `[id, weight]` pairs) into padded `ids_F`/`wts_F` arrays.
+
+    Args:
+        records: the records, each mapping field names to lists of `[id, weight]` pairs.
+        fields: the fields a record may hold (all 23 by default; a candidate request's
+            context holds the user-side ones, its candidates the impression-side ones).
+        label: what a record is called in messages (`record 3, field '205', ...`).
+        indexed: name records by label and index; False for a single one (`context`).
+
+    Returns:
+        For each of `fields`, `ids_F` (int64) and `wts_F` (float32), one row per record,
+        padded with id 0 and weight 0 to the field's longest list (at least 1 wide), as
+        `tasks.inputs.pad_fields` pads a training batch.
 
     Raises:
         InvalidRecordError: no records, or any malformed record; the message lists the
             first problems, each naming the record index, field and entry.
     """
     if isinstance(records, Mapping | str | bytes) or not isinstance(records, Sequence):
-        raise InvalidRecordError(f"records must be a list of objects, got {type(records).__name__}")
+        raise InvalidRecordError(f"{label}s must be a list of objects, got {_describe(records)}")
     if len(records) == 0:
-        raise InvalidRecordError("the request holds no records")
+        raise InvalidRecordError(f"the request holds no {label}s")
+    allowed = frozenset(fields)
     problems: list[str] = []
-    ids: dict[str, list[int]] = {f: [] for f in ALL_FIELDS}
-    wts: dict[str, list[float]] = {f: [] for f in ALL_FIELDS}
-    lengths = {f: np.zeros(len(records), dtype=np.int32) for f in ALL_FIELDS}
+    ids: dict[str, list[int]] = {f: [] for f in fields}
+    wts: dict[str, list[float]] = {f: [] for f in fields}
+    lengths = {f: np.zeros(len(records), dtype=np.int32) for f in fields}
     for i, record in enumerate(records):
-        if not isinstance(record, Mapping):
+        this = f"{label} {i}" if indexed else label
+        if type(record) is not dict and not isinstance(record, Mapping):  # exact type: fast
             problems.append(
-                f"record {i}: must be an object mapping field names to [id, weight] pairs, "
+                f"{this}: must be an object mapping field names to [id, weight] pairs, "
                 f"got {_describe(record)}"
             )
             continue
         for name, entries in record.items():
-            where = f"record {i}, field {name!r}"
-            if name not in _FIELDS:
-                problems.append(f"{where}: unknown field; fields are {', '.join(ALL_FIELDS)}")
+            where = f"{this}, field {name!r}"
+            if name not in allowed:
+                problems.append(f"{where}: {_misplaced(name, fields)}")
                 continue
-            if isinstance(entries, str | bytes | Mapping) or not isinstance(
-                entries, Sequence | np.ndarray
+            if type(entries) is not list and (
+                isinstance(entries, str | bytes | Mapping)
+                or not isinstance(entries, Sequence | np.ndarray)
             ):
                 problems.append(
                     f"{where}: must be a list of [id, weight] pairs, got {_describe(entries)}"
                 )
                 continue
+            field_ids, field_wts = ids[name], wts[name]
             for j, pair in enumerate(entries):
                 # Fast path for what JSON decodes to: exact types, no ABC checks.
                 if type(pair) is list and len(pair) == 2:
@@ -104,15 +127,15 @@ def records_to_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
                         and 0 <= fid < _MAX_ID
                         and (type(weight) is float and weight - weight == 0 or type(weight) is int)
                     ):  # w - w == 0 only for finite w
-                        ids[name].append(fid)
-                        wts[name].append(weight)
+                        field_ids.append(fid)
+                        field_wts.append(weight)
                         continue
                 problem = _pair_problem(pair)
                 if problem:
                     problems.append(f"{where}, entry {j}: {problem}")
                     continue
-                ids[name].append(int(pair[0]))
-                wts[name].append(float(pair[1]))
+                field_ids.append(int(pair[0]))
+                field_wts.append(float(pair[1]))
             lengths[name][i] = len(entries)
         if len(problems) >= _MAX_PROBLEMS:
             break
@@ -122,23 +145,38 @@ def records_to_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
         raise InvalidRecordError(
             f"invalid request, {len(shown)} problem(s){more}: " + "; ".join(shown)
         )
-    columns = {}
-    for f in ALL_FIELDS:
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths[f])]).astype(np.int32))
-        columns[ids_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(ids[f], pa.int64()))
-        columns[wts_key(f)] = pa.ListArray.from_arrays(offsets, pa.array(wts[f], pa.float32()))
-    return pa.table(columns)
+    arrays = {}
+    for f in fields:
+        width = max(int(lengths[f].max(initial=0)), 1)
+        arrays[ids_key(f)] = ids_out = np.zeros((len(records), width), np.int64)
+        arrays[wts_key(f)] = wts_out = np.zeros((len(records), width), np.float32)
+        if ids[f]:
+            filled = np.arange(width) < lengths[f][:, None]  # row-major: the entries' order
+            ids_out[filled] = ids[f]
+            wts_out[filled] = wts[f]
+    return arrays
+
+
+def _misplaced(name: str, fields: Sequence[str]) -> str:
+    """Why a field name is not allowed where it was found."""
+    if name in _FIELDS:
+        side, home = (
+            ("a user-side", "the context")
+            if name in COMMON_FIELDS
+            else ("an impression-side", "each candidate")
+        )
+        return f"{side} field, which belongs in {home}"
+    return f"unknown field; fields are {', '.join(fields)}"
 
 
 def table_to_inputs(table: pa.Table) -> dict[str, np.ndarray]:
     """Model inputs from a table with the `ids_F`/`wts_F` list columns of every field.
 
-    The one place serving and scoring build model inputs: ragged lists are padded per
-    batch with id 0 and weight 0, as in training (`tasks.inputs.pad_fields`), and every record
-    is its own user context (`models.esmm.per_impression_inputs`).
+    Batch scoring's path (`serving.score`): ragged lists are padded per batch with id 0 and
+    weight 0, as in training (`tasks.inputs.pad_fields`), and every record is its own user
+    context (`models.esmm.per_impression_inputs`).
     """
-    # models.esmm imports Keras (seconds): local, so importing this module stays Keras-free
-    # (`esmm serve` imports it only to build the server's command line).
+    # models.esmm imports Keras (seconds): local, so importing this module stays Keras-free.
     from models.esmm import per_impression_inputs
 
     inputs = split_fields(ALL_FIELDS, *pad_fields(table, ALL_FIELDS))  # (rows, longest list)
@@ -146,12 +184,15 @@ def table_to_inputs(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 def records_to_inputs(records: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """Model inputs from request records (see the module docstring for their format).
+    """Model inputs from request records (see the module docstring for their format): every
+    record is its own user context (`models.esmm.per_impression_inputs`).
 
     Raises:
         InvalidRecordError: a malformed request, named precisely.
     """
-    return table_to_inputs(records_to_table(records))
+    from models.esmm import per_impression_inputs  # Keras: seconds, see table_to_inputs
+
+    return per_impression_inputs(records_to_arrays(records))
 
 
 def table_to_records(table: pa.Table) -> list[dict[str, list[list[float]]]]:

@@ -196,6 +196,16 @@ class ScheduleConfig(_Section):
     port: int = Field(4200, gt=0, lt=65536)
 
 
+class ServeConfig(_Section):
+    # A candidate request's candidates, or a record request's records; more is a 422.
+    max_candidates: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)  # a larger request body is a 413
+    # `esmm serve --follow ALIAS`: how often the alias is looked up in the registry; a move
+    # is served within this (plus the new model's load time, seconds).
+    follow_interval_s: float = Field(10.0, gt=0, le=3600)
+    workers: int = Field(1, ge=1)  # server processes, each with its own copy of the model
+
+
 # Named presets (`preset: paper` at the top of params.yaml): values applied under the
 # file's own keys, so a key written in params.yaml overrides the preset's value.
 _PAPER_TOWER = {"units": [360, 200, 80], "activation": "relu"}
@@ -245,6 +255,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
     schedule: ScheduleConfig = ScheduleConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="before")
     @classmethod

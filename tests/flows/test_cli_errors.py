@@ -90,6 +90,15 @@ def test_serve_without_a_registered_model_leaves_no_database(workdir):
     assert not (workdir / "mlflow.db").exists()
 
 
+def test_serve_and_export_refuse_contradictory_or_unknown_options(workdir):
+    _fails(["serve", "--model-uri", "models:/esmm/1", "--follow", "champion"], "not both")
+    _fails(["export", "--out", "x", "--format", "onnx"], "unknown --format 'onnx'")
+    (workdir / "x").mkdir()
+    _fails(["export", "--out", "x"], "x exists: give a new folder")
+    _fails(["export", "--out", "y"], f"no model registry at {workdir / 'mlflow.db'}")
+    assert not (workdir / "mlflow.db").exists()
+
+
 def test_schedule_refuses_a_bad_cron_before_starting_anything(workdir):
     _fails(["schedule", "--cron", "every night"], "schedule.cron (or --cron) 'every night'")
     assert not (workdir / "artifacts").exists()  # no server was started (its log lives there)
