@@ -21,7 +21,7 @@ import math
 import os
 from typing import Any
 
-from tasks.config import TrainConfig
+from tasks.config import ConfigError, TrainConfig
 
 TF_CONFIG = "TF_CONFIG"
 
@@ -35,26 +35,26 @@ def configure_worker(train_cfg: TrainConfig, worker_index: int | None) -> None:
             leaves the cluster to `TF_CONFIG`.
 
     Raises:
-        ValueError: a worker index without `train.distribute: multi_worker`, an index out of
+        ConfigError: a worker index without `train.distribute: multi_worker`, an index out of
             range of `train.workers`, or one that contradicts a `TF_CONFIG` already set.
     """
     if worker_index is None:
         return
     if train_cfg.distribute != "multi_worker":
-        raise ValueError(
+        raise ConfigError(
             f"--worker-index {worker_index} needs train.distribute: multi_worker "
             f"(it is {train_cfg.distribute!r})"
         )
     if os.environ.get(TF_CONFIG):
         task = _parsed_tf_config()["task"]
         if task.get("index") != worker_index:
-            raise ValueError(
+            raise ConfigError(
                 f"--worker-index {worker_index} contradicts TF_CONFIG's task {task}: set one"
             )
         return
     workers = train_cfg.workers
     if not 0 <= worker_index < len(workers):
-        raise ValueError(
+        raise ConfigError(
             f"--worker-index {worker_index} is not an index of train.workers ({len(workers)} "
             "listed: host:port of each worker, the chief first)"
         )
@@ -72,20 +72,20 @@ def _parsed_tf_config() -> dict[str, Any]:
     """`TF_CONFIG`, checked for what a worker needs.
 
     Raises:
-        ValueError: unset, not JSON, or without a cluster and this process's task.
+        ConfigError: unset, not JSON, or without a cluster and this process's task.
     """
     raw = os.environ.get(TF_CONFIG, "")
     if not raw:
-        raise ValueError(
+        raise ConfigError(
             "train.distribute: multi_worker needs a cluster: set TF_CONFIG, or list the "
             "workers in train.workers and start each with `esmm train --worker-index N`"
         )
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"TF_CONFIG is not JSON: {err}") from None
+        raise ConfigError(f"TF_CONFIG is not JSON: {err}") from None
     if not isinstance(config, dict) or "cluster" not in config or "task" not in config:
-        raise ValueError(f"TF_CONFIG needs 'cluster' and 'task' entries, got {raw!r}")
+        raise ConfigError(f"TF_CONFIG needs 'cluster' and 'task' entries, got {raw!r}")
     return config
 
 
@@ -96,7 +96,7 @@ def multi_worker_strategy() -> Any:
     every worker of the cluster has started.
 
     Raises:
-        ValueError: `TF_CONFIG` is missing or malformed.
+        ConfigError: `TF_CONFIG` is missing or malformed.
     """
     _parsed_tf_config()
     import tensorflow as tf
