@@ -201,10 +201,10 @@ def _validate(ingest: Path, work: Path, portable: list[str], rows: int) -> dict:
     return out
 
 
-def _score(raw: Path, model: Path, work: Path, portable: list[str]) -> dict:
-    score_dir = work / "score-raw"
+def _score(raw: Path, model: Path, work: Path, portable: list[str], pair: str) -> dict:
+    score_dir = work / f"score-raw-{pair}"
     score_dir.mkdir(exist_ok=True)
-    for name in ("sample_skeleton_test.csv", "common_features_test.csv"):
+    for name in (f"sample_skeleton_{pair}.csv", f"common_features_{pair}.csv"):
         if not (score_dir / name).exists():
             (score_dir / name).symlink_to(raw / name)
     out = {}
@@ -233,6 +233,12 @@ def main() -> None:
     )
     parser.add_argument("--impressions", type=int, default=200_000, help="train impressions")
     parser.add_argument("--test-impressions", type=int, default=50_000, help="scored impressions")
+    parser.add_argument(
+        "--parts", default="training,validation,scoring", help="comma-separated parts to run"
+    )
+    parser.add_argument(
+        "--score-pair", default="test", choices=("test", "train"), help="raw file pair scored"
+    )
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "esmm-scale")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -242,19 +248,26 @@ def main() -> None:
     report = json.loads((ingest / "report.json").read_text())
     train_rows = report["split_rows"]["train"]
     load = {"before": os.getloadavg()}
-    training = _train(ingest, work)
-    print(f"training: {json.dumps(training, indent=1)}", flush=True)
+    parts = set(args.parts.split(","))
+    training = validation = scoring = None
+    if "training" in parts or not (work / "train-1" / "model.keras").is_file():
+        training = _train(ingest, work)  # its one-worker model is the one scored
+        print(f"training: {json.dumps(training, indent=1)}", flush=True)
     with _BeamServices() as portable:
-        validation = _validate(ingest, work, portable, train_rows)
-        print(f"validation: {json.dumps(validation, indent=1)}", flush=True)
-        scoring = _score(raw, work / "train-1" / "model.keras", work, portable)
-        print(f"scoring: {json.dumps(scoring, indent=1)}", flush=True)
+        if "validation" in parts:
+            validation = _validate(ingest, work, portable, train_rows)
+            print(f"validation: {json.dumps(validation, indent=1)}", flush=True)
+        if "scoring" in parts:
+            model = work / "train-1" / "model.keras"
+            scoring = _score(raw, model, work, portable, args.score_pair)
+            print(f"scoring: {json.dumps(scoring, indent=1)}", flush=True)
     load["after"] = os.getloadavg()
     record = {
         "benchmark": "scale",
         "impressions": args.impressions,
         "train_rows": train_rows,
         "test_impressions": args.test_impressions,
+        "score_pair": args.score_pair,
         "training": training,
         "validation": validation,
         "scoring": scoring,
@@ -262,7 +275,10 @@ def main() -> None:
         "note": "2 cores shared with other jobs; all processes on loopback",
         "machine": machine_info(),
     }
-    print(f"wrote {write_record(args.out, 'scale', record)}")
+    tag = "" if parts == {"training", "validation", "scoring"} else "-".join(sorted(parts))
+    print(
+        f"wrote {write_record(args.out, 'scale', record, tag=tag + ('-' + args.score_pair if 'scoring' in parts and args.score_pair != 'test' else ''))}"
+    )
 
 
 if __name__ == "__main__":

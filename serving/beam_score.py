@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.ml.inference.base import ModelHandler
@@ -211,7 +212,10 @@ class ParsePair(beam.DoFn):
             for pb, _ in _parsed_blocks(skeleton, "skeleton", self.chunk_bytes, report):
                 joined, n_bad = _joined_block(pb, skeleton, contexts, index, bad)
                 for start in range(0, joined.num_rows, self.batch_size):
-                    batch = joined.slice(start, self.batch_size)
+                    # A copy, not a slice: a pickled Arrow slice carries its whole parent's
+                    # buffers (pyarrow 10), so every batch would weigh a whole block.
+                    rows = np.arange(start, min(start + self.batch_size, joined.num_rows))
+                    batch = joined.take(pa.array(rows))
                     yield (skeleton_name, batch, pair, report.rows_scored + start)
                 report.rows_read += pb.n_lines
                 report.rows_scored += joined.num_rows
