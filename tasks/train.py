@@ -36,7 +36,13 @@ from tasks.checkpoints import (
 )
 from tasks.config import TrainConfig
 from tasks.cooccurrence import initialise_from_cooccurrence
-from tasks.distribute import barrier, fix_step_logs, is_chief, shard_train
+from tasks.distribute import (
+    barrier,
+    fix_step_logs,
+    is_chief,
+    multi_worker_strategy,
+    shard_train,
+)
 from tasks.ingest import load_vocabularies
 from tasks.inputs import SplitReader, make_dataset, predict_split
 
@@ -53,7 +59,7 @@ class TrainResult:
     chief: bool = True  # False: a multi-worker run's other worker (the chief saved the model)
 
 
-# Over 80 lines only with its docstring (the arguments, 35 lines); the body is about 50.
+# Over 80 lines only with its docstring (the arguments, 35 lines); the body is about 60.
 def train_esmm(
     ingest_dir: Path,
     out_dir: Path,
@@ -266,8 +272,6 @@ def _strategy(name: str):
     if name == "none":
         return None
     if name == "multi_worker":
-        from tasks.distribute import multi_worker_strategy
-
         return multi_worker_strategy()
     import tensorflow as tf
 
