@@ -260,16 +260,28 @@ def train(
         help="Continue from the checkpoint of an interrupted run with the same config and "
         "data, if there is one; --no-resume starts over.",
     ),
+    worker_index: int = typer.Option(
+        None,
+        "--worker-index",
+        min=0,
+        help="With train.distribute: multi_worker, start worker N of train.workers (0 is the "
+        "chief, which alone writes files). TF_CONFIG, when set, gives the cluster instead.",
+    ),
 ) -> None:
     """Train ESMM on the ingested train split (early stopping on the validation split)."""
     p = _params(params)
     _check(preflight.require_inputs, Layout.from_config(p.paths), "train")
     from tasks import steps
+    from tasks.distribute import configure_worker
 
+    _run(lambda: configure_worker(p.train, worker_index))
     result = _run(lambda: steps.train(p, resume=None if resume else False))
     if result.resumed_from is not None:
         epoch, step = result.resumed_from
         typer.echo(f"resumed from the checkpoint at epoch {epoch + 1}, step {step}")
+    if not result.chief:
+        typer.echo(f"worker done after {result.epochs_run} epochs; the chief saved the model")
+        return
     typer.echo(f"saved {result.model_path} after {result.epochs_run} epochs")
 
 
@@ -566,6 +578,19 @@ def score(
         help="Fail when a larger share of impressions cannot be scored "
         "(default: ingest.max_quarantine_fraction).",
     ),
+    beam_options: str = typer.Option(
+        None,
+        "--beam-options",
+        help="Score as a Beam pipeline (RunInference) with these flags, e.g. '--runner="
+        "PortableRunner --job_endpoint=HOST:PORT --environment_type=EXTERNAL "
+        "--environment_config=HOST:PORT' (no --runner: the DirectRunner). See docs/scale.md.",
+    ),
+    beam_staging: str = typer.Option(
+        "",
+        "--beam-staging",
+        help="With --beam-options: a folder every Beam worker reaches (gs://, s3://, hdfs://, "
+        "a shared mount) where the raw files and the model are copied (default: none).",
+    ),
     params: Path = PARAMS,
 ) -> None:
     """Score raw Ali-CCP files in batch: sample_id, labels and p_ctr/p_cvr/p_ctcvr to Parquet.
@@ -601,12 +626,37 @@ def score(
             model = load_keras_model(uri)
     except MlflowException as err:
         _fail(f"cannot load {uri} (tracking URI {tracking_uri}): {err.message}")
-    report = _run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size))
+    if beam_options is None:
+        report = _run(lambda: score_raw(raw_dir, out, model, batch_size=batch_size))
+    else:
+        report = _run(
+            lambda: _beam_score(raw_dir, out, model, beam_options, beam_staging, batch_size)
+        )
     typer.echo(report.summary())
     limit = p.ingest.max_quarantine_fraction if max_bad_fraction is None else max_bad_fraction
     _check(
         preflight.check_scored, report.rows_scored, report.rows_read, limit, report.bad_lines_path
     )
+
+
+def _beam_score(raw_dir: Path, out: Path, model, options: str, staging: str, batch_size: int):
+    """`esmm score --beam-options`: the loaded model saved as a file the workers load."""
+    import shlex
+    import tempfile
+
+    from serving.beam_score import score_raw_beam
+
+    with tempfile.TemporaryDirectory(prefix="esmm-score-") as tmp:
+        model_path = Path(tmp) / "model.keras"
+        model.save(model_path)
+        return score_raw_beam(
+            raw_dir,
+            out,
+            model_path,
+            shlex.split(options),
+            staging=staging,
+            batch_size=batch_size,
+        )
 
 
 def _run(step):

@@ -50,19 +50,23 @@ def run_fingerprint(ingest_dir: Path, model_cfg: ModelConfig, train_cfg: TrainCo
     return digest.hexdigest()
 
 
-def load_state(ckpt_dir: Path, fingerprint: str, resume: bool) -> dict[str, Any]:
+def load_state(
+    ckpt_dir: Path, fingerprint: str, resume: bool, write: bool = True
+) -> dict[str, Any]:
     """The run state to continue from, and `ckpt_dir` ready for its checkpoints.
 
     The checkpoint's state when resuming and its fingerprint is `fingerprint`; otherwise a
     fresh state (epoch 0, step 0, no early-stopping record, empty history), and whatever
-    `ckpt_dir` held is deleted.
+    `ckpt_dir` held is deleted, unless `write` is false (a multi-worker run's non-chief
+    worker, which only reads the chief's checkpoints).
     """
     state_path = ckpt_dir / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
     if not resume or (state is not None and state.get("fingerprint") != fingerprint):
         state = None
     if state is None:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if write:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         state = {
             "fingerprint": fingerprint,
             "epoch": 0,
@@ -73,7 +77,8 @@ def load_state(ckpt_dir: Path, fingerprint: str, resume: bool) -> dict[str, Any]
             "stopped": False,
             "history": {},
         }
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if write:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
     return state
 
 
@@ -122,10 +127,13 @@ def _improved(value: float, best: float | None, cfg: EarlyStoppingConfig) -> boo
     return value > best + cfg.min_delta
 
 
-def checkpointer(ckpt_dir: Path, state: dict[str, Any], train_cfg: TrainConfig) -> Any:
+def checkpointer(
+    ckpt_dir: Path, state: dict[str, Any], train_cfg: TrainConfig, write: bool = True
+) -> Any:
     """A Keras callback that keeps `state` (position, early stopping, history) up to date,
     saves the checkpoint (every `train_cfg.checkpoint_every_steps` steps and at the end of
-    every epoch), and does early stopping (`train_cfg.early_stopping`)."""
+    every epoch) and does early stopping (`train_cfg.early_stopping`). With `write` false
+    (a multi-worker run's non-chief worker) it keeps the same state but writes nothing."""
     # Keras loads here, not with the module: the `esmm` CLI imports the training step at
     # start-up, and importing TensorFlow takes seconds.
     import keras
@@ -139,6 +147,8 @@ def checkpointer(ckpt_dir: Path, state: dict[str, Any], train_cfg: TrainConfig) 
             self.start = state["step"]  # > 0 only in a resumed epoch
 
         def save(self) -> None:
+            if not write:
+                return
             self.model.save_weights(ckpt_dir / "latest.weights.h5")
             # Dropout's random state is not part of the weights file.
             rng = {str(i): np.asarray(v) for i, v in enumerate(_rng_states(self.model))}
@@ -172,7 +182,8 @@ def checkpointer(ckpt_dir: Path, state: dict[str, Any], train_cfg: TrainConfig) 
                 )
             if _improved(logs[stop.monitor], state["best"], stop):
                 state.update(best=logs[stop.monitor], best_epoch=epoch, wait=0)
-                self.model.save_weights(ckpt_dir / "best.weights.h5")
+                if write:
+                    self.model.save_weights(ckpt_dir / "best.weights.h5")
             else:
                 state["wait"] += 1
                 if state["wait"] >= stop.patience:

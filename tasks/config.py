@@ -98,6 +98,9 @@ class ValidateConfig(_Section):
     beam_runner: str = "DirectRunner"
     # Extra Beam flags (Flink, Spark, Dataflow...); the default is one worker process per core.
     beam_options: list[str] = ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+    # A folder on a filesystem every Beam worker reaches (gs://, s3://, hdfs://, a shared
+    # mount): inputs are copied there and statistics written there. Empty: this machine's paths
+    beam_staging: str = ""
     # `esmm schema infer`: id fields with at most this many distinct values get a bound on it
     max_domain_size: int = Field(100, gt=0)
     # ... and their training values as a domain (off: synthetic ids depend on the seed)
@@ -140,8 +143,12 @@ class TrainConfig(_Section):
     # p_ctr is the click rate and the mean p_ctcvr the conversion rate (rankings unchanged)
     recalibrate: bool = True
     # none: one process, TF's own threads; mirrored: tf.distribute.MirroredStrategy over this
-    # machine's devices (its GPUs), each replica fed whole per-context batches
-    distribute: Literal["none", "mirrored"] = "none"
+    # machine's devices (its GPUs), each replica fed whole per-context batches; multi_worker:
+    # tf.distribute.MultiWorkerMirroredStrategy over worker processes (docs/scale.md)
+    distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    # multi_worker without TF_CONFIG: host:port of every worker, the chief first; each is
+    # started with `esmm train --worker-index N`
+    workers: list[str] = []
 
     @property
     def compile_config(self) -> CompileConfig:

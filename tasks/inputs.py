@@ -128,14 +128,41 @@ class SplitReader:
         # The last row group read, in its drawn order: the input threads share it.
         self._group_lock = threading.Lock()
         self._group: tuple[tuple, pa.Table] | None = None
+        self._shard = (0, 1)  # (index, count): the contexts fed (`shard_contexts`)
+        self._shard_rows: list[int] | None = None
 
     @property
     def num_rows(self) -> int:
         return self.impressions.metadata.num_rows
 
     def _group_rows(self) -> list[int]:
+        if self._shard[1] > 1:
+            if self._shard_rows is None:
+                self._shard_rows = self.shard_group_rows(self._shard[1])[self._shard[0]]
+            return self._shard_rows
         md = self.impressions.metadata
         return [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+
+    def _context_shard(self, table: pa.Table, count: int) -> np.ndarray:
+        """Each impression's shard of `count`: its context's row in common.parquet mod
+        `count`, so that a context's impressions all go to one shard."""
+        rows = self.index.get_indexer(table[COMMON_INDEX_KEY].to_pandas())
+        return np.where(rows < 0, 0, rows) % count
+
+    def shard_group_rows(self, count: int) -> list[list[int]]:
+        """Impressions per row group of each of `count` context shards (one column read)."""
+        out = [[0] * self.impressions.metadata.num_row_groups for _ in range(count)]
+        for g in range(self.impressions.metadata.num_row_groups):
+            shards = self._context_shard(self.read_row_group(g, [COMMON_INDEX_KEY]), count)
+            for k, n in enumerate(np.bincount(shards, minlength=count)):
+                out[k][g] = int(n)
+        return out
+
+    def shard_contexts(self, index: int, count: int) -> None:
+        """Feed only context shard `index` of `count` from now on (multi-worker training:
+        each worker its own). Every impression is in exactly one shard, and a context's
+        impressions are all in the same one; `num_rows` stays the whole split's."""
+        self._shard, self._shard_rows, self._group = (index, count), None, None
 
     def num_batches(self, batch_size: int) -> int:
         return sum(math.ceil(n / batch_size) for n in self._group_rows())
@@ -151,6 +178,9 @@ class SplitReader:
             if self._group is not None and self._group[0] == (g, seed, epoch):
                 return self._group[1]
             table = self.read_row_group(g)
+            if self._shard[1] > 1:
+                mine = self._context_shard(table, self._shard[1]) == self._shard[0]
+                table = table.filter(pa.array(mine))
             if seed is not None:
                 rng = np.random.default_rng([seed, epoch, g])
                 codes, uniques = pd.factorize(table[COMMON_INDEX_KEY].to_pandas())

@@ -36,6 +36,13 @@ from tasks.checkpoints import (
 )
 from tasks.config import TrainConfig
 from tasks.cooccurrence import initialise_from_cooccurrence
+from tasks.distribute import (
+    barrier,
+    fix_step_logs,
+    is_chief,
+    multi_worker_strategy,
+    shard_train,
+)
 from tasks.ingest import load_vocabularies
 from tasks.inputs import SplitReader, make_dataset, predict_split
 
@@ -49,9 +56,10 @@ class TrainResult:
     epochs_run: int
     history: dict[str, list[float]]
     resumed_from: tuple[int, int] | None = None  # (epoch, step) of the checkpoint, if any
+    chief: bool = True  # False: a multi-worker run's other worker (the chief saved the model)
 
 
-# Over 80 lines only with its docstring (the arguments, 35 lines); the body is about 50.
+# Over 80 lines only with its docstring (the arguments, 35 lines); the body is about 60.
 def train_esmm(
     ingest_dir: Path,
     out_dir: Path,
@@ -92,18 +100,25 @@ def train_esmm(
     strategy = _strategy(train_cfg.distribute)
     replicas = strategy.num_replicas_in_sync if strategy is not None else 1
     train_cfg = _fit_settings(train_cfg, strategy)
+    chief = is_chief(strategy)  # multi-worker: only the chief writes files
     ckpt_dir = out_dir / "checkpoints"
     fingerprint = _fingerprint(ingest_dir, model_cfg, train_cfg, split_reader, strategy)
-    state = load_state(ckpt_dir, fingerprint, train_cfg.resume if resume is None else resume)
+    resume = train_cfg.resume if resume is None else resume
+    state = load_state(ckpt_dir, fingerprint, resume, write=chief)
     resumed_from = resumed_position(state)
 
     vocab = load_vocabularies(ingest_dir / "vocab.parquet")
     model = _initial_model(
         model_cfg, train_cfg, vocab, train, strategy, ckpt_dir if resumed_from else None, verbose
     )
+    fix_step_logs(model, strategy)
 
     batch_size = train_cfg.batch_size
-    n_batches = _steps_per_epoch(train, batch_size, replicas)
+    # Batches of the pass per step: mirrored, one per replica; multi-worker, each worker's
+    # reader holds its own contexts and feeds one batch a step.
+    sharded = shard_train(strategy, train, batch_size)
+    n_batches = sharded or _steps_per_epoch(train, batch_size, replicas)
+    per_step = 1 if sharded else replicas
     validation, validation_steps = _validation(valid, model_cfg, train_cfg, strategy, replicas)
 
     def train_pass(epoch: int, start: int):
@@ -116,9 +131,9 @@ def train_esmm(
                 train_cfg.seed,
                 variant=model_cfg.variant,
                 epoch=epoch,
-                start=start * replicas,
-                stop=n_batches * replicas,
-                shard=shard,
+                start=start * per_step,
+                stop=n_batches * per_step,
+                shard=shard if per_step > 1 else (0, 1),
             ),
         )
 
@@ -126,19 +141,29 @@ def train_esmm(
         "validation_data": validation,
         "validation_steps": validation_steps,
         "callbacks": [
-            checkpointer(ckpt_dir, state, train_cfg),
-            *_reporting_callbacks(train_cfg, replicas, out_dir, verbose),
+            checkpointer(ckpt_dir, state, train_cfg, write=chief),
+            *_reporting_callbacks(
+                train_cfg.model_copy(update={"tensorboard": train_cfg.tensorboard and chief}),
+                replicas,
+                out_dir,
+                verbose,
+            ),
             *callbacks,
         ],
         "verbose": verbose,
     }
     _fit_epochs(model, state, train_cfg.epochs, train_pass, n_batches, fit_args)
+    if not chief:
+        barrier(strategy)  # until the chief has saved the model
+        model_path = out_dir / "model.keras"  # the chief's
+        return TrainResult(model_path, state["epoch"], state["history"], resumed_from, False)
 
     if strategy is not None:  # the saved model runs anywhere: rebuild it outside the strategy
         model = _rebuilt(model, model_cfg, train_cfg, vocab, ckpt_dir)
     restore_best(model, ckpt_dir, train_cfg.early_stopping)
     shifts = recalibrate(model, valid) if train_cfg.recalibrate and valid.num_rows else None
     model_path = _save(model, out_dir, state, shifts, replicas)
+    barrier(strategy)
     return TrainResult(model_path, state["epoch"], state["history"], resumed_from)
 
 
@@ -246,6 +271,8 @@ def _strategy(name: str):
     """The tf.distribute strategy of `train.distribute` (None: plain Keras)."""
     if name == "none":
         return None
+    if name == "multi_worker":
+        return multi_worker_strategy()
     import tensorflow as tf
 
     return tf.distribute.MirroredStrategy()

@@ -29,6 +29,7 @@ from models.features import (
     LABEL_KEYS,
     SAMPLE_ID_KEY,
 )
+from tasks.beam_staging import Staging
 from tasks.config import ValidateConfig
 from tasks.progress import FileProgress, record
 
@@ -142,15 +143,20 @@ def generate_statistics(tables: dict[str, Path], out_dir: Path, cfg: ValidateCon
         path.unlink(missing_ok=True)
     rows = sum(pq.ParquetFile(path).metadata.num_rows for path in tables.values())
     progress = FileProgress("validate: statistics", rows, "rows", out_dir / ".progress")
-    with progress, beam.Pipeline(options=pipeline_options(cfg)) as pipeline:
-        for name, parquet_path in tables.items():
-            _ = (
-                pipeline
-                | f"Read[{name}]" >> ReadFromParquetBatched(str(parquet_path))
-                | f"ToRecordBatch[{name}]" >> beam.Map(_counted, str(progress.path))
-                | f"Statistics[{name}]" >> tfdv.GenerateStatistics(tfdv.StatsOptions())
-                | f"Write[{name}]" >> tfdv.WriteStatisticsToBinaryFile(str(paths[name]))
-            )
+    # Remote workers read and write through Beam's filesystems (validate.beam_staging).
+    with Staging(cfg.beam_staging) as staging:
+        with progress, beam.Pipeline(options=pipeline_options(cfg)) as pipeline:
+            for name, parquet_path in tables.items():
+                _ = (
+                    pipeline
+                    | f"Read[{name}]" >> ReadFromParquetBatched(staging.put(parquet_path, name))
+                    | f"ToRecordBatch[{name}]" >> beam.Map(_counted, str(progress.path))
+                    | f"Statistics[{name}]" >> tfdv.GenerateStatistics(tfdv.StatsOptions())
+                    | f"Write[{name}]"
+                    >> tfdv.WriteStatisticsToBinaryFile(staging.path(paths[name]))
+                )
+        for path in paths.values():
+            staging.get(staging.path(path), path)
     return {name: tfdv.load_stats_binary(str(path)) for name, path in paths.items()}
 
 
