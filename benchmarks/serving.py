@@ -14,8 +14,8 @@ a time limit each):
 2. one client, 1,000 candidates per request (candidate form);
 3. 4 concurrent clients, 100-candidate requests: candidates/s and latency;
 4. fuzzing: 10,000 seeded malformed, oversized and valid requests from 2 clients; every
-   answer's status by kind, the valid requests' latency, and the server's RSS before and
-   after;
+   answer's status by kind, the valid requests' latency during it and (1.) again after
+   it, and the server's RSS before and after;
 5. the model alone in process on the same 100-candidate inputs (what HTTP and parsing add).
 
     python -m benchmarks.serving                       # ~5 min on 2 cores
@@ -132,14 +132,23 @@ def _requests(records: list[dict], n: int) -> tuple[dict, list[dict]]:
     return {"context": context, "candidates": candidates}, [{**context, **c} for c in candidates]
 
 
-def _start_server(work: Path, uri: str, port: int) -> subprocess.Popen:
+def _start_server(work: Path, uri: str, port: int, workers: int) -> subprocess.Popen:
     (work / "params.yaml").write_text(yaml.safe_dump({"register": {"tracking_uri": uri}}))
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         cwd=work,
         env=env,
         stdout=open(work / "server.log", "w"),  # noqa: SIM115  (lives as long as the server)
@@ -165,10 +174,12 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 30
 
 
 def _rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
+    """Resident memory of the server: its process and, with --workers, its worker processes."""
+    import psutil
+
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    return round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
 
 
 def _timed(url: str, body: bytes, n: int, clients: int = 1, warmup: int = 10) -> dict[str, Any]:
@@ -235,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     req1000, _ = _requests(records, args.candidates_max)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start_server(work, uri, port)
+    proc = _start_server(work, uri, port, args.workers)
     out: dict[str, Any] = {}
     try:
         out["server_startup_s"] = round(_wait_ready(proc, url, work / "server.log"), 1)
@@ -252,6 +263,8 @@ def run(args: argparse.Namespace) -> dict:
         out["concurrent_4"] = _timed(url, body100, args.requests * 4, clients=4)
         print(f"fuzzing: {args.fuzz} requests, 2 clients", flush=True)
         out["fuzz"] = _fuzz(url, proc.pid, req100, args.fuzz)
+        print("candidate form, 100 candidates, 1 client, after the fuzzing", flush=True)
+        out["candidates_100_after_fuzz"] = _timed(url, body100, args.requests)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -289,7 +302,8 @@ def run(args: argparse.Namespace) -> dict:
         "uncommitted": dirty.splitlines() if dirty else [],
         "profile": args.profile,
         "data": {"train": args.train, "test": args.test, "seed": args.seed},
-        "server": "esmm serve (FastAPI on uvicorn, 1 worker)",
+        "server": f"esmm serve (FastAPI on uvicorn, {args.workers} worker(s))",
+        "workers": args.workers,
         "context_entries": context_entries,
         "candidate_entries_mean": round(float(candidate_entries), 1),
         **out,
@@ -312,7 +326,7 @@ def markdown_rows(results: Path = RESULTS) -> str:
             r["concurrent_4"],
         )
         rows.append(
-            f"| {m['date'][:10]} | {m['cpu']} | {r['commit'][:7]} "
+            f"| {m['date'][:10]} | {m['cpu']} | {r['commit'][:7]} | {r.get('workers', 1)} "
             f"| {c['p50_ms']} / {c['p99_ms']} | {rec['p50_ms']} / {rec['p99_ms']} "
             f"({r['record_over_candidate_p50_ratio']}x) | {k['p50_ms']} / {k['p99_ms']} "
             f"| {conc['candidates_per_s']:,} / {conc['p99_ms']} "
@@ -335,6 +349,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300, help="timed 1-client requests")
     parser.add_argument("--candidates-max", type=int, default=1000, help="the large request")
     parser.add_argument("--fuzz", type=int, default=10_000, help="fuzzing requests")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (esmm serve)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the scratch work folder")
     parser.add_argument("--markdown", action="store_true", help="print the table rows")
@@ -343,7 +358,8 @@ def main() -> None:
         print(markdown_rows(args.out))
         return
     record = run(args)
-    path = write_record(args.out, f"serving-candidates-{args.profile}", record)
+    tag = f"workers{args.workers}" if args.workers > 1 else ""
+    path = write_record(args.out, f"serving-candidates-{args.profile}", record, tag)
     print(json.dumps({k: record[k] for k in ("measured", "met")}, indent=1))
     print(f"record/candidate p50 ratio: {record['record_over_candidate_p50_ratio']}x")
     print(f"fuzz: {json.dumps(record['fuzz'])}")
