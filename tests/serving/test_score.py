@@ -64,8 +64,14 @@ def test_score_names_a_missing_common_file(small_raw, keras_model, tmp_path):
         score_raw(tmp_path, tmp_path / "p.parquet", keras_model, progress=False)
 
 
-def test_esmm_score_command_uses_the_champion(store, small_raw, tmp_path):
-    """`esmm score` loads models:/esmm@champion from the configured store."""
+@pytest.mark.parametrize(
+    "beam",
+    [[], ["--beam-options", "--direct_running_mode=in_memory --direct_num_workers=1"]],
+    ids=["local", "beam"],
+)
+def test_esmm_score_command_uses_the_champion(store, small_raw, tmp_path, beam):
+    """`esmm score` (and `esmm score --beam-options`, a Beam pipeline) loads
+    models:/esmm@champion from the configured store; both write the same predictions."""
     from typer.testing import CliRunner
 
     from flows.cli import app
@@ -78,11 +84,21 @@ def test_esmm_score_command_uses_the_champion(store, small_raw, tmp_path):
         shutil.copy(small_raw / name, raw / name)
     out = tmp_path / "p.parquet"
     result = CliRunner().invoke(
-        app, ["score", str(raw), "--out", str(out), "--params", str(params)]
+        app, ["score", str(raw), "--out", str(out), "--params", str(params), *beam]
     )
     assert result.exit_code == 0, result.output
     assert "scored 1,500 of 1,500 impressions" in result.output
-    assert pq.read_table(out).num_rows == 1500
+    scored = pq.read_table(out).to_pandas()
+    assert len(scored) == 1500
+    if beam:
+        local = tmp_path / "local.parquet"
+        assert (
+            CliRunner()
+            .invoke(app, ["score", str(raw), "--out", str(local), "--params", str(params)])
+            .exit_code
+            == 0
+        )
+        pd.testing.assert_frame_equal(scored, pq.read_table(local).to_pandas(), rtol=1e-6)
 
 
 def test_score_reads_gzip_files_like_plain_ones(small_raw, keras_model, tmp_path):
