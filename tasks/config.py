@@ -142,6 +142,11 @@ class TrainConfig(_Section):
     # none: one process, TF's own threads; mirrored: tf.distribute.MirroredStrategy over this
     # machine's devices (its GPUs), each replica fed whole per-context batches
     distribute: Literal["none", "mirrored"] = "none"
+    # none: a random start; champion: start from the registry's champion, its vocabularies
+    # grown by today's ids (tasks/warm_start.py, docs/nightly.md)
+    warm_start: Literal["none", "champion"] = "none"
+    # with warm_start: drop ids absent from this many consecutive nights' vocabularies (0: never)
+    warm_start_retire_after: int = Field(0, ge=0)
 
     @property
     def compile_config(self) -> CompileConfig:
