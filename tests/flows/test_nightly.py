@@ -71,6 +71,9 @@ def test_the_warm_started_champion_records_its_lineage_and_serves(nightly):
     assert client.get_model_version("esmm", "1").tags["warm_started_from"] == "none"
     lineage = json.loads((project / "artifacts" / "train" / "warm_start.json").read_text())
     assert lineage["from_version"] == "1" and lineage["ids"]["new"] > 0  # day 3's new ids
+    run = client.get_model_version("esmm", "2").run_id
+    logged = {a.path for a in client.list_artifacts(run, "warm_start")}
+    assert logged == {"warm_start/warm_start.json", "warm_start/id_ages.parquet"}
     reader = SplitReader(project / "artifacts" / "ingest" / "test")
     records = table_to_records(joined_table(reader, next(reader.tables(20))))
     with mlflow_uris(uri):

@@ -1,24 +1,17 @@
 """Warm start (tasks/warm_start.py): the grown vocabularies, the champion's rows and weights
-in the new model, identical predictions before the first step, retirement, and a warm
-training run that saves and loads as a plain model. The champion is the tiny model the
-step tests train once (`uninterrupted`); the nightly loop test serves one from a registry."""
+in the new model, identical predictions before the first step, retirement, and a refused
+architecture change. The champion is the tiny model the step tests train once
+(`uninterrupted`). A warm-started training run that is saved, registered with its lineage,
+loaded and served is tested once, end to end, in tests/flows/test_nightly.py."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
-from models.features import ALL_FIELDS
-from tasks.ingest import load_vocabularies
 from tasks.inputs import predict_split
 from tasks.warm_start import (
-    ID_AGES_FILE,
-    WARM_START_FILE,
     WarmStart,
-    lineage_tags,
-    read_ages,
     read_source,
 )
 from tests.tasks.conftest import MODEL, TRAIN
@@ -110,27 +103,3 @@ def test_a_changed_architecture_is_refused_by_name(source):
     wider = MODEL.model_copy(update={"embedding_dim": 6})
     with pytest.raises(ValueError, match="embedding_.*train.warm_start: none"):
         warm.apply(compiled_model(wider, TRAIN, warm.vocab))
-
-
-def test_a_warm_run_trains_saves_loads_and_records_its_lineage(source, ingested, tmp_path):
-    """One epoch from the champion: a plain `.keras` that loads and predicts, its lineage
-    and id ages beside it, and the register step's tag read from them."""
-    import keras
-
-    from tasks.train import train_esmm
-
-    cfg = TRAIN.model_copy(update={"epochs": 1, "early_stopping": None})
-    result = train_esmm(ingested, tmp_path, MODEL, cfg, verbose=0, warm_start=WarmStart(source))
-    lineage = json.loads((tmp_path / WARM_START_FILE).read_text())
-    assert lineage["from_version"] == "7" and lineage["optimizer_state"] == "fresh"
-    assert lineage_tags(tmp_path) == {"warm_started_from": "7"}
-    model = keras.models.load_model(result.model_path, compile=False)
-    frame = predict_split(model, ingested / "test")
-    assert frame["p_ctr"].between(0, 1).all() and frame["p_ctr"].std() > 0
-    today = load_vocabularies(ingested / "vocab.parquet")
-    ages = read_ages(tmp_path / ID_AGES_FILE, today)
-    assert all(int(ages[f].max(initial=0)) == 0 for f in ALL_FIELDS)  # all seen today
-    # It trained: the weights moved away from the champion's.
-    assert not np.allclose(
-        model.get_layer("embedding_205").embeddings.numpy(), source.tables["embedding_205"]
-    )
