@@ -428,22 +428,12 @@ def nightly(
     """Run a day series night by night: esmm data add, then the retraining flow (see
     docs/nightly.md). Refused nights keep the champion; the loop goes on."""
     _params(params)
-    from flows.nightly import run_nightly
+    from flows.nightly import parse_days, run_nightly
 
-    wanted = None
-    if days:
-        try:
-            wanted = [
-                d
-                for part in days.split(",")
-                for d in (
-                    range(int(part.split("-")[0]), int(part.split("-")[1]) + 1)
-                    if "-" in part
-                    else [int(part)]
-                )
-            ]
-        except ValueError:
-            _fail(f"--days {days!r}: expected days such as 1-4 or 2,3")
+    try:
+        wanted = parse_days(days) if days else None
+    except ValueError as err:
+        _fail(str(err))
     try:
         nights = run_nightly(series, wanted, params_path=str(params), log=typer.echo)
     except ValueError as err:

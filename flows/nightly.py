@@ -54,6 +54,22 @@ class Night:
         return f"day {self.day:>2}  {self.outcome:<8} {moved}{auc}  ({self.seconds:.0f} s){why}"
 
 
+def parse_days(text: str) -> list[int]:
+    """Days from `esmm nightly --days`: ranges and single days, e.g. `1-4` or `2,3,7`.
+
+    Raises:
+        ValueError: the text is not of that form.
+    """
+    try:
+        out = []
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            out += list(range(int(first), int(last or first) + 1))
+        return out
+    except ValueError:
+        raise ValueError(f"--days {text!r}: expected days such as 1-4 or 2,3") from None
+
+
 def run_nightly(
     series_dir: Path,
     days: list[int] | None = None,

@@ -81,3 +81,11 @@ def test_the_warm_started_champion_records_its_lineage_and_serves(nightly):
             [{"features": r} for r in records]
         )
     assert len(served) == 20 and served["p_ctr"].between(0, 1).all()
+
+
+def test_days_to_run_are_ranges_or_lists_and_bad_text_is_named():
+    from flows.nightly import parse_days
+
+    assert parse_days("1-3,7") == [1, 2, 3, 7]
+    with pytest.raises(ValueError, match="--days '1-a': expected days such as 1-4"):
+        parse_days("1-a")
