@@ -119,12 +119,50 @@ def synth(
         help="Comma-separated defect kinds (e.g. truncated,empty,crlf) (default: every "
         "defect kind, not crlf).",
     ),
+    days: int = typer.Option(
+        None,
+        "--days",
+        min=1,
+        help="Write a drifting series of N days instead (OUT/day-01, ...; --train/--test per "
+        "day; default OUT: days). See docs/nightly.md.",
+    ),
+    churn: float = typer.Option(
+        0.05, "--churn", min=0.0, max=0.99, help="--days: share of items and users replaced daily."
+    ),
+    drift: float = typer.Option(
+        0.1, "--drift", min=0.0, help="--days: daily random-walk step of item effects (logits)."
+    ),
+    bad_day: int = typer.Option(None, "--bad-day", help="--days: the day written broken."),
+    bad_kind: str = typer.Option(
+        "click_shift", "--bad-kind", help="--days: click_shift or defects (see docs/nightly.md)."
+    ),
     params: Path = PARAMS,
 ) -> None:
     """Generate seeded Ali-CCP-format raw data with ground truth and oracle AUCs."""
     from aliccp.synth import synthesize_ali_ccp
 
     p = _params(params)
+    if days is not None:
+        from aliccp.synth.days import synthesize_days
+
+        try:
+            synthesize_days(
+                out or Path("days"),
+                days,
+                train or p.synth.train,
+                test or p.synth.test,
+                p.synth.seed if seed is None else seed,
+                profile=profile or p.synth.profile,
+                churn=churn,
+                drift=drift,
+                bad_day=bad_day,
+                bad_kind=bad_kind,
+                progress=typer.echo,
+            )
+        except ValueError as err:
+            _fail(str(err))
+        typer.echo(f"wrote {out or Path('days')}/ ({days} days, days.json)")
+        return
     try:
         summary = synthesize_ali_ccp(
             out or Path(p.paths.raw_dir),
@@ -391,6 +429,31 @@ def retrain(params: Path = PARAMS) -> None:
     summary = _run(lambda: retrain_flow(params_path=str(params)))
     typer.echo("\n" + summary.to_text())
     typer.echo("pipeline state: dvc.lock (record it with git add dvc.lock; dvc push)")
+
+
+@app.command()
+def nightly(
+    series: Path = typer.Argument(..., help="A day series written by esmm synth --days N."),
+    days: str = typer.Option(None, "--days", help="Days to run, e.g. 1-4 or 2,3 (default: all)."),
+    params: Path = PARAMS,
+) -> None:
+    """Run a day series night by night: esmm data add, then the retraining flow (see
+    docs/nightly.md). Refused nights keep the champion; the loop goes on."""
+    _params(params)
+    from flows.nightly import parse_days, run_nightly
+
+    try:
+        wanted = parse_days(days) if days else None
+    except ValueError as err:
+        _fail(str(err))
+    try:
+        nights = run_nightly(series, wanted, params_path=str(params), log=typer.echo)
+    except ValueError as err:
+        _fail(str(err))
+    except FileNotFoundError as err:
+        _fail(str(err))
+    refused = sum(n.outcome == "refused" for n in nights)
+    typer.echo(f"{len(nights)} nights, {refused} refused; champion now {nights[-1].champion_after}")
 
 
 @app.command()

@@ -149,6 +149,11 @@ class TrainConfig(_Section):
     # multi_worker without TF_CONFIG: host:port of every worker, the chief first; each is
     # started with `esmm train --worker-index N`
     workers: list[str] = []
+    # none: a random start; champion: start from the registry's champion, its vocabularies
+    # grown by today's ids (tasks/warm_start.py, docs/nightly.md)
+    warm_start: Literal["none", "champion"] = "none"
+    # with warm_start: drop ids absent from this many consecutive nights' vocabularies (0: never)
+    warm_start_retire_after: int = Field(0, ge=0)
 
     @property
     def compile_config(self) -> CompileConfig:

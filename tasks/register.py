@@ -114,6 +114,7 @@ def register_esmm(
     artifacts: list[tuple[str, Path]] | None = None,
     history: dict | None = None,
     raw_dir: Path | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> Registration:
     """Log params, metrics, artefacts and the model to MLflow; register it as a new version
     with `challenger`, and promote it to `champion` (through `promote`) when the gate passed
@@ -130,6 +131,7 @@ def register_esmm(
         artifacts: (artefact folder, file or folder) pairs to log; missing ones are skipped.
         history: training's `history.json` (per-epoch metrics, logged as steps 0, 1, ...).
         raw_dir: the raw data folder, recorded as the run's input data set (`log_input`).
+        extra_tags: more lineage tags for the run and the version (e.g. `warm_started_from`).
 
     Returns:
         The registered version, its aliases and the verdict.
@@ -141,7 +143,7 @@ def register_esmm(
     wait_for_server(tracking_uri)
     with mlflow_uris(tracking_uri):
         mlflow.set_experiment(cfg.experiment)
-        tags = _version_tags(params, verdict, data_version)
+        tags = _version_tags(params, verdict, data_version) | (extra_tags or {})
         run_id, model_uri = _log_run(
             model_path,
             cfg,

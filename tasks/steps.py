@@ -24,6 +24,7 @@ from tasks.register import Registration, register_esmm
 from tasks.tracking import resolve_tracking_uri
 from tasks.train import TrainResult, train_esmm
 from tasks.validate import ValidationResult, validate_data
+from tasks.warm_start import lineage_tags, prepare_warm_start
 
 
 class StepFailed(RuntimeError):
@@ -76,7 +77,8 @@ def validate(params: Params) -> ValidationResult:
 
 def train(params: Params, verbose: int = 1, resume: bool | None = None) -> TrainResult:
     """Fit ESMM on the train split and save it (resuming a matching checkpoint unless
-    `resume` is False or `train.resume` is false)."""
+    `resume` is False or `train.resume` is false), from the champion's weights with
+    `train.warm_start: champion`."""
     layout = _layout(params)
     return train_esmm(
         layout.ingest_dir,
@@ -85,6 +87,7 @@ def train(params: Params, verbose: int = 1, resume: bool | None = None) -> Train
         params.train,
         verbose=verbose,
         resume=resume,
+        warm_start=prepare_warm_start(params, verbose),
     )
 
 
@@ -119,6 +122,8 @@ def register(params: Params) -> Registration:
         ("evaluation/plots", layout.plots_dir),
         ("validation", layout.validate_report_html),
         ("validation", layout.validate_report_text),
+        ("warm_start", layout.train_dir / "warm_start.json"),
+        ("warm_start", layout.train_dir / "id_ages.parquet"),
     ]
     history = json.loads(layout.history_path.read_text()) if layout.history_path.is_file() else {}
     return register_esmm(
@@ -132,6 +137,7 @@ def register(params: Params) -> Registration:
         artifacts=artifacts,
         history=history,
         raw_dir=layout.raw_dir,
+        extra_tags=lineage_tags(layout.train_dir),
     )
 
 

@@ -45,6 +45,7 @@ from tasks.distribute import (
 )
 from tasks.ingest import load_vocabularies
 from tasks.inputs import SplitReader, make_dataset, predict_split
+from tasks.warm_start import WarmStart
 
 # Keras, TensorFlow and models.esmm (which imports Keras) load inside the functions that need
 # them: the `esmm` CLI imports this module at start-up, and importing TensorFlow takes seconds.
@@ -69,6 +70,7 @@ def train_esmm(
     callbacks: Sequence[Any] = (),
     resume: bool | None = None,
     split_reader: type[SplitReader] = SplitReader,
+    warm_start: WarmStart | None = None,
 ) -> TrainResult:
     """Fit ESMM on the train split with early stopping on the validation split; save `.keras`.
 
@@ -87,6 +89,9 @@ def train_esmm(
         resume: overrides `train_cfg.resume` (`esmm train --no-resume`).
         split_reader: the reader of each split, which decides what the model is fed (a
             subclass of `SplitReader`; its checkpoints are its own).
+        warm_start: start from a champion's weights with grown vocabularies
+            (`tasks.warm_start`); None: a random start. Either way `warm_start.json` and
+            `id_ages.parquet` are written beside the model.
 
     Returns:
         Where the model was saved, the training history and the checkpoint resumed from.
@@ -102,14 +107,23 @@ def train_esmm(
     train_cfg = _fit_settings(train_cfg, strategy)
     chief = is_chief(strategy)  # multi-worker: only the chief writes files
     ckpt_dir = out_dir / "checkpoints"
+    warm = warm_start or WarmStart(None)
     fingerprint = _fingerprint(ingest_dir, model_cfg, train_cfg, split_reader, strategy)
+    fingerprint += warm.fingerprint
     resume = train_cfg.resume if resume is None else resume
     state = load_state(ckpt_dir, fingerprint, resume, write=chief)
     resumed_from = resumed_position(state)
 
-    vocab = load_vocabularies(ingest_dir / "vocab.parquet")
+    vocab = warm.grow(load_vocabularies(ingest_dir / "vocab.parquet"))
     model = _initial_model(
-        model_cfg, train_cfg, vocab, train, strategy, ckpt_dir if resumed_from else None, verbose
+        model_cfg,
+        train_cfg,
+        vocab,
+        train,
+        strategy,
+        ckpt_dir if resumed_from else None,
+        verbose,
+        warm,
     )
     fix_step_logs(model, strategy)
 
@@ -163,6 +177,7 @@ def train_esmm(
     restore_best(model, ckpt_dir, train_cfg.early_stopping)
     shifts = recalibrate(model, valid) if train_cfg.recalibrate and valid.num_rows else None
     model_path = _save(model, out_dir, state, shifts, replicas)
+    warm.record(out_dir)
     barrier(strategy)
     return TrainResult(model_path, state["epoch"], state["history"], resumed_from)
 
@@ -295,10 +310,11 @@ def _initial_model(
     strategy: Any,
     resume_from: Path | None,
     verbose: int,
+    warm: WarmStart | None = None,
 ) -> Any:
     """The compiled model, seeded, under `strategy`: the checkpoint in `resume_from` if
-    given, else logit biases at the train split's rates and the co-occurrence start of
-    `model.cooccurrence_init`."""
+    given, else the champion's weights of a warm start, else logit biases at the train
+    split's rates and the co-occurrence start of `model.cooccurrence_init`."""
     import keras
     import tensorflow as tf
 
@@ -309,6 +325,11 @@ def _initial_model(
         model = compiled_model(model_cfg, train_cfg, vocab)
         if resume_from is not None:
             restore(model, resume_from)
+            return model
+        if warm is not None and warm.source is not None:
+            message = warm.apply(model)
+            if verbose:
+                print(message, flush=True)
             return model
         rates = initialise_logit_biases(model, train)
         if verbose:

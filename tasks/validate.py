@@ -5,7 +5,7 @@ are written). Statistics come from TFDV over Apache Beam (`tasks.validate_stats`
 table's schema is the committed one or a first-run proposal (`tasks.validate_schema`), and
 the checks are schema anomalies, label checks, drift from the previous data version and
 skew of the test split from the training split (`tasks.validate_checks`). Training
-statistics of each data version are kept in a history folder, which is how the previous
+statistics of each data version that passed are kept in a history folder, which is how the previous
 version is found. `validate_records` checks in-memory records against one environment of a
 schema.
 """
@@ -238,7 +238,9 @@ def validate_data(
         _check_skew(found, table, statistics, schema, cfg)
         if previous is not None:
             _check_drift(found, table, statistics, schema, cfg, Path(history_dir), previous)
-    if data_version and history_dir:
+    # A refused version never becomes the baseline: the next version's drift is measured
+    # against the last one that passed (else a bad night would also refuse the good next one).
+    if data_version and history_dir and not found.anomalies:
         _save_history(Path(history_dir), data_version, out_dir)
     result = ValidationResult(
         not found.anomalies,

@@ -148,7 +148,11 @@ def _mlflow_uris() -> dict:
 
 
 # Test files whose shared fixtures take minutes (a team stack, pipeline runs).
-LONG_FIRST = ("tests/stack/test_stack.py", "tests/flows/test_retrain.py")
+LONG_FIRST = (
+    "tests/stack/test_stack.py",
+    "tests/flows/test_retrain.py",
+    "tests/flows/test_nightly.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -88,22 +88,53 @@ def synthesize_ali_ccp(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     prof = resolve_profile(profile)
     kinds = resolve_defects(defect_rate, defects)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / DEFECTS_FILE).unlink(missing_ok=True)  # never leave a stale manifest
     sizes = WorldSizes.for_train_size(n_train, prof)
-    ids = layout(sizes, seed)
     world = build_world(sizes, prof, stream_rng(seed, WORLD_STREAM, 0))
     biases = calibrate(world, stream_rng(seed, PILOT_STREAM, 0))
+    return write_data_set(
+        Path(out_dir),
+        world,
+        biases,
+        layout(sizes, seed),
+        (n_train, n_test),
+        seed,
+        defect_rate,
+        kinds,
+    )
 
+
+def write_data_set(
+    out_dir: Path,
+    world: World,
+    biases: tuple[float, float],
+    ids: Mapping[str, range],
+    sizes: tuple[int, int],
+    seed: int,
+    defect_rate: float = 0.0,
+    kinds: tuple[str, ...] = (),
+) -> SynthSummary:
+    """Write both splits of a drawn world, the defects manifest and `oracle.json`.
+
+    Args:
+        out_dir: directory to write into; created if missing, existing files replaced.
+        world: the world the contexts are drawn from.
+        biases: the calibrated (click, conversion) logit biases.
+        ids: the feature-id layout (`layout`).
+        sizes: impressions of the train and test splits.
+        seed: the seed of the contexts, chunks, defects and context keys.
+        defect_rate: share of lines written with a defect (0: none, no `defects.csv`).
+        kinds: the defect kinds (resolved by `resolve_defects`).
+
+    Returns:
+        What `synthesize_ali_ccp` returns.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / DEFECTS_FILE).unlink(missing_ok=True)  # never leave a stale manifest
     files: list[Path] = []
     counts: dict[str, SplitCounts] = {}
     oracle: dict[str, _Oracle] = {}
     manifest: list[_ManifestRow] = []
-    for split_index, (split, n_impressions) in enumerate(
-        zip(RAW_SPLITS, (n_train, n_test), strict=True)
-    ):
+    for split_index, (split, n_impressions) in enumerate(zip(RAW_SPLITS, sizes, strict=True)):
         injector = Defects(defect_rate, kinds, seed, split, split_index) if kinds else None
         writer = SplitWriter(out_dir, split, seed, ids, injector)
         _write_split(writer, world, biases, n_impressions, seed, split_index)
