@@ -73,6 +73,9 @@ def serve(
         max_body_bytes=p.serve.max_body_bytes,
     )
     os.environ[SETTINGS_ENV] = settings.to_env()  # read by each server process
+    if p.serve.tf_threads:  # read when TensorFlow starts its thread pools; a user's own wins
+        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(p.serve.tf_threads))
+        os.environ.setdefault("TF_NUM_INTEROP_THREADS", str(p.serve.tf_threads))
     what = f"{follow} of {cfg.model_name} (followed)" if follow else settings.model_uri
     typer.echo(f"serving {what} on http://{host}:{port}/invocations (Ctrl-C stops it)", err=True)
     uvicorn.run(
