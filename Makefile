@@ -38,11 +38,13 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends postgresql-15 iproute2 >/dev/null; fi
 
-# One pytest-xdist worker per core, a test file per work unit (its fixtures are built once),
-# the long files first (tests/conftest.py). PYTEST_ARGS="-n 0" runs serially.
+# Three pytest-xdist workers (more than the 2 cores CI has: the team-stack, flow and nightly
+# files spend much of their time waiting on servers, heartbeats and subprocesses), a test file
+# per work unit (its fixtures are built once), the long files first (tests/conftest.py).
+# PYTEST_ARGS="-n 0" runs serially.
 PYTEST_ARGS ?=
 test: setup system-deps
-	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 3 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
