@@ -217,10 +217,8 @@ class ServeConfig(_Section):
     follow_interval_s: float = Field(10.0, gt=0, le=3600)
     workers: int = Field(1, ge=1)  # server processes, each with its own copy of the model
     # TensorFlow threads per op and between ops in a server process (0: TF's default, one per
-    # core). Concurrent requests already keep the cores busy, and small ops spread over
-    # threads cost more in hand-offs than they gain: 1 served 4 clients faster
-    # (benchmarks/serving.md).
-    tf_threads: int = Field(1, ge=0)
+    # core). 1 serves many concurrent clients faster, one client slower (benchmarks/serving.md).
+    tf_threads: int = Field(0, ge=0)
 
 
 # Named presets (`preset: paper` at the top of params.yaml): values applied under the
