@@ -227,13 +227,12 @@ def _fuzz(url: str, pid: int, request: dict, n: int) -> dict[str, Any]:
 
 
 def _in_process(request: dict, uri: str, n: int = 200) -> dict[str, float]:
-    import mlflow
-
     from serving.candidates import candidates_to_inputs
+    from serving.pyfunc import load_keras_model
     from tasks.tracking import mlflow_uris
 
     with mlflow_uris(uri):
-        model = mlflow.pyfunc.load_model("models:/esmm@champion").unwrap_python_model().keras_model
+        model = load_keras_model("models:/esmm@champion")
     times = []
     for i in range(n + 10):
         start = time.perf_counter()

@@ -120,12 +120,12 @@ def export(
     from mlflow.exceptions import MlflowException
 
     from serving.export import export_saved_model
-    from serving.follow import load_model
+    from serving.pyfunc import load_keras_model
 
     uri = model_uri or f"models:/{cfg.model_name}@champion"
     try:
         with mlflow_uris(tracking_uri):
-            model = load_model(uri, None, tracking_uri).keras_model
+            model = load_keras_model(uri)
     except MlflowException as err:
         _fail(f"cannot load {uri} (tracking URI {tracking_uri}): {err.message}")
     export_saved_model(model, out, source=uri)

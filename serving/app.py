@@ -38,12 +38,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from models.features import OUTPUT_KEYS
-from serving.candidates import (
-    CANDIDATES_KEY,
-    CONTEXT_KEY,
-    TooManyCandidatesError,
-    candidates_to_inputs,
-)
+from serving.candidates import CANDIDATES_KEY, CONTEXT_KEY, candidates_to_inputs
 from serving.follow import LoadedModel, ModelSource
 from serving.records import (
     FEATURES_KEY,
@@ -152,22 +147,26 @@ def parse_request(payload: Any, max_candidates: int) -> dict[str, np.ndarray]:
             raise InvalidRecordError(f"the request must be a JSON object, {_FORMS}")
         keys = set(payload)
         if keys == {CONTEXT_KEY, CANDIDATES_KEY}:
-            return candidates_to_inputs(
-                payload[CONTEXT_KEY], payload[CANDIDATES_KEY], max_candidates
-            )
+            _check_count(payload[CANDIDATES_KEY], "candidates", max_candidates)
+            return candidates_to_inputs(payload[CONTEXT_KEY], payload[CANDIDATES_KEY])
         if len(keys) == 1 and keys <= set(RECORD_KEYS):
             items = payload[keys.pop()]
-            if isinstance(items, list) and len(items) > max_candidates:
-                raise TooManyCandidatesError(
-                    f"the request holds {len(items)} records, more than this server accepts "
-                    f"({max_candidates}, serve.max_candidates); split it"
-                )
+            _check_count(items, "records", max_candidates)
             return records_to_inputs(model_input_records(items))
         raise InvalidRecordError(f"the request has the keys {sorted(keys)}; {_FORMS}")
-    except TooManyCandidatesError as err:
-        raise RequestError(422, str(err), "RESOURCE_LIMIT_EXCEEDED") from None
     except InvalidRecordError as err:
         raise RequestError(400, str(err)) from None
+
+
+def _check_count(items: Any, label: str, limit: int) -> None:
+    """A 422 for more candidates (or records) than `limit`; other shapes are checked later."""
+    if isinstance(items, list) and len(items) > limit:
+        raise RequestError(
+            422,
+            f"the request holds {len(items)} {label}, more than this server accepts "
+            f"({limit}, serve.max_candidates); split it",
+            "RESOURCE_LIMIT_EXCEEDED",
+        )
 
 
 _FORMS = (

@@ -18,46 +18,31 @@ way gives the same probabilities as a record holding the context and that candid
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from models.features import COMMON_FIELDS, CONTEXT_ROW_KEY, SKELETON_FIELDS
-from serving.records import InvalidRecordError, records_to_arrays
+from serving.records import records_to_arrays
 
 CONTEXT_KEY = "context"
 CANDIDATES_KEY = "candidates"
 
 
-class TooManyCandidatesError(InvalidRecordError):
-    """A candidate request holds more candidates than the server accepts."""
-
-
-def candidates_to_inputs(
-    context: Any, candidates: Any, max_candidates: int | None = None
-) -> dict[str, np.ndarray]:
+def candidates_to_inputs(context: Any, candidates: Any) -> dict[str, np.ndarray]:
     """Model inputs for one context and its candidates (see the module docstring).
 
     Args:
         context: the user-side fields, field name -> `[id, weight]` pairs.
         candidates: a list of impression-side field sets, one per candidate.
-        max_candidates: refuse more candidates than this (None: no limit).
 
     Returns:
         `ids_F`/`wts_F` of every field, user-side ones with one row, impression-side ones
         with a row per candidate, and `context_row` (all 0).
 
     Raises:
-        TooManyCandidatesError: more than `max_candidates` candidates.
         InvalidRecordError: a malformed context or candidate, named precisely.
     """
-    if isinstance(candidates, Sequence) and not isinstance(candidates, str | bytes):
-        if max_candidates is not None and len(candidates) > max_candidates:
-            raise TooManyCandidatesError(
-                f"the request holds {len(candidates)} candidates, more than this server "
-                f"accepts ({max_candidates}, serve.max_candidates); split it"
-            )
     inputs = records_to_arrays([context], COMMON_FIELDS, CONTEXT_KEY, indexed=False)
     inputs.update(records_to_arrays(candidates, SKELETON_FIELDS, "candidate"))
     inputs[CONTEXT_ROW_KEY] = np.zeros(len(candidates), dtype=np.int32)

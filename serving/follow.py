@@ -53,12 +53,11 @@ def load_model(model_uri: str, version: str | None, tracking_uri: str) -> Loaded
     model's own code and `.keras` artifact); it is warmed up on the example record in both
     request forms, so the first real request does not pay for tracing.
     """
-    import mlflow
-
+    from serving.pyfunc import load_keras_model  # MLflow: seconds to import
     from tasks.tracking import mlflow_uris
 
     with mlflow_uris(tracking_uri):
-        keras_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model().keras_model
+        keras_model = load_keras_model(model_uri)
     keras_model.predict_batch(records_to_inputs([EXAMPLE_RECORD]))
     context = {f: v for f, v in EXAMPLE_RECORD.items() if f in COMMON_FIELDS}
     items = {f: v for f, v in EXAMPLE_RECORD.items() if f not in COMMON_FIELDS}
